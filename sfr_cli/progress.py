@@ -1,0 +1,148 @@
+"""How a render tells the user how far it got: a small reporter protocol, a Rich reporter, a silent one.
+
+The engine and pipeline call a `Reporter`; they never import Rich. Everything a reporter shows goes
+to stderr, so stdout carries results only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, runtime_checkable
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.status import Status
+from rich.text import Text
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """What a render reports. Counts are frames, never batches."""
+
+    def loading(self, message: str) -> None:
+        """Show `message` with a spinner while something without a frame count runs (checkpoints load)."""
+
+    def start(self, total_frames: int) -> None:
+        """Begin counting: `total_frames` frames will be rendered."""
+
+    def advance(self, frames: int) -> None:
+        """`frames` more frames are done (a whole batch at once is fine)."""
+
+    def note(self, message: str) -> None:
+        """One line of information for the user, e.g. "source coefficients: first frame of coeffs.mat"."""
+
+    def finish(self) -> None:
+        """Stop any live display. Safe to call more than once."""
+
+
+class SilentReporter:
+    """A reporter that shows nothing (for `--quiet`, `--json` and tests)."""
+
+    def loading(self, message: str) -> None:
+        pass
+
+    def start(self, total_frames: int) -> None:
+        pass
+
+    def advance(self, frames: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def __enter__(self) -> "SilentReporter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.finish()
+        return False
+
+
+class FramesPerSecondColumn(ProgressColumn):
+    """Renders the task's speed as `12.3 frames/s` (or `? frames/s` before there is a measure)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        shown = "?" if speed is None else f"{speed:.1f}"
+        return Text(f"{shown} frames/s", style="progress.data.speed")
+
+
+class RichReporter:
+    """A reporter drawing on stderr: a spinner while loading, then a bar counting frames.
+
+    The bar shows frames done/total, frames per second, elapsed time and the time left. As a
+    context manager it stops the live display on the way out, exceptions included.
+    """
+
+    def __init__(self, console: Optional[Console] = None):
+        self.console = console if console is not None else Console(stderr=True)
+        self._status: Optional[Status] = None
+        self._progress: Optional[Progress] = None
+        self._task_id = None
+
+    def loading(self, message: str) -> None:
+        if self._status is None:
+            self._status = Status(message, console=self.console)
+            self._status.start()
+        else:
+            self._status.update(message)
+
+    def start(self, total_frames: int) -> None:
+        self._stop_status()
+        self._stop_progress()
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("frames"),
+            FramesPerSecondColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._progress.start()
+        self._task_id = self._progress.add_task("rendering", total=total_frames)
+
+    def advance(self, frames: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task_id, frames)
+
+    def note(self, message: str) -> None:
+        # While a live display runs, Rich prints this above it.
+        self.console.print(message, markup=False, highlight=False)
+
+    def finish(self) -> None:
+        self._stop_status()
+        self._stop_progress()
+
+    def _stop_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def _stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._task_id = None
+
+    def __enter__(self) -> "RichReporter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.finish()
+        return False
