@@ -1,0 +1,201 @@
+"""Inference-time rewrites that keep the math: the one place where trained modules are reshaped for speed.
+
+Everything here is exact algebra on the weights (differences are float rounding only), and each rewrite
+is covered by a parity test against the plain modules:
+
+- spectral norm folded into plain conv weights (``weight_orig / sigma`` computed once);
+- batch norm (running statistics) folded into the convolution before it;
+- SPADE: the hidden convs (``mlp_shared``) of every SPADE that reads the same segmentation map at the
+  same resolution run as one wide conv; ``mlp_gamma``/``mlp_beta`` run as one conv with ``1 +`` folded
+  into the gamma bias; ``norm_0``/``norm_s`` share one instance norm of ``x``;
+- a 3x3 conv of a nearest-upsampled map is computed at the low resolution with per-phase kernels
+  (the upsampled map is piecewise constant, so most taps of the 3x3 window read the same pixel).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (INSTANCE_NORM_EPS, LEAKY_SLOPE_SPADE, DownBlock2d, DownBlock3d, SameBlock2d,
+                     SpectralNormConv2d, SPADEResnetBlock, UpBlock3d, Decoder)
+from .generator import OcclusionAwareSPADEGenerator, SPADEDecoder
+
+
+@torch.no_grad()
+def fold_batch_norm(conv: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> None:
+    """Make ``conv`` compute ``norm(conv(x))`` (eval-mode statistics); the caller drops ``norm``."""
+    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+    conv.weight.copy_((conv.weight.double() * scale.view(shape)).to(conv.weight.dtype))
+    new_bias = (bias - norm.running_mean.double()) * scale + norm.bias.double()
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+    else:
+        conv.bias.copy_(new_bias.to(conv.bias.dtype))
+
+
+def _plain_conv(conv: SpectralNormConv2d) -> nn.Conv2d:
+    with torch.no_grad():
+        weight = conv.normalised_weight()
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                      dilation=conv.dilation, bias=conv.bias is not None)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if conv.bias is not None:
+            plain.bias.copy_(conv.bias)
+    return plain.to(weight.device)
+
+
+def _cat_convs(convs: Sequence[nn.Conv2d], bias_offsets: Sequence[float] = ()) -> nn.Conv2d:
+    """One conv whose output channels are the given convs' outputs, concatenated."""
+    first = convs[0]
+    fused = nn.Conv2d(first.in_channels, sum(c.out_channels for c in convs), first.kernel_size,
+                      padding=first.padding, bias=True)
+    offsets = list(bias_offsets) + [0.0] * (len(convs) - len(bias_offsets))
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([c.weight for c in convs]))
+        fused.bias.copy_(torch.cat([c.bias + o for c, o in zip(convs, offsets)]))
+    return fused.to(first.weight.device)
+
+
+class UpsampledConv3x3(nn.Module):
+    """``conv3x3(nearest_upsample(x, factor))`` (zero padding 1) computed at ``x``'s resolution.
+
+    An output pixel at phase ``(a, b)`` of its ``factor x factor`` cell reads, through its 3x3 window,
+    only the low-resolution pixels at row offsets ``floor((a + dy) / factor)`` for ``dy`` in -1, 0, 1
+    (and likewise for columns). Taps that read the same pixel are summed into one weight, so each phase
+    is a small conv on ``x``. Phases whose offset patterns agree share their conv.
+    """
+
+    def __init__(self, conv: nn.Conv2d, factor: int):
+        super().__init__()
+        self.factor = factor
+        patterns = [tuple(sorted({(a + d) // factor for d in (-1, 0, 1)})) for a in range(factor)]
+        self.row_patterns = patterns
+        unique = sorted(set(patterns))
+        self.unique = unique
+        weight = conv.weight.detach().double()
+        kernels = {}
+        for rows in unique:
+            for cols in unique:
+                k = torch.zeros(weight.shape[0], weight.shape[1], len(rows), len(cols), dtype=torch.float64,
+                                device=weight.device)
+                kernels[(rows, cols)] = k
+        for a in range(factor):
+            for b in range(factor):
+                rows, cols = patterns[a], patterns[b]
+                k = torch.zeros_like(kernels[(rows, cols)])
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        k[:, :, rows.index((a + dy) // factor), cols.index((b + dx) // factor)] += weight[:, :, dy + 1, dx + 1]
+                kernels[(rows, cols)] = k  # identical for every phase with this pattern
+        self.keys = list(kernels)
+        for i, key in enumerate(self.keys):
+            self.register_buffer(f"kernel_{i}", kernels[key].to(conv.weight.dtype))
+        self.register_buffer("bias", conv.bias.detach().clone())
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        f = self.factor
+        out = x.new_empty(b, self.bias.shape[0], h, f, w, f)
+        padded = F.pad(x, (1, 1, 1, 1))
+        results = {}
+        for i, (rows, cols) in enumerate(self.keys):
+            kernel = getattr(self, f"kernel_{i}")
+            top, left = rows[0] + 1, cols[0] + 1
+            window = padded[:, :, top: top + h + len(rows) - 1, left: left + w + len(cols) - 1]
+            results[(rows, cols)] = F.conv2d(window, kernel.to(x.dtype), self.bias.to(x.dtype))
+        for a in range(f):
+            for bb in range(f):
+                out[:, :, :, a, :, bb] = results[(self.row_patterns[a], self.row_patterns[bb])]
+        return out.view(b, -1, h * f, w * f)
+
+
+class FusedSPADEResnetBlock(nn.Module):
+    """``SPADEResnetBlock`` with folded spectral norms and fused SPADE convs.
+
+    ``forward(x, actv)`` takes the block's hidden activations (``relu(mlp_shared(seg))`` of each of its
+    SPADEs, concatenated along channels), which the decoder computes for several blocks at once.
+    """
+
+    def __init__(self, block: SPADEResnetBlock):
+        super().__init__()
+        self.learned_shortcut = block.learned_shortcut
+        norms = [block.norm_0, block.norm_1] + ([block.norm_s] if block.learned_shortcut else [])
+        self.hidden = norms[0].mlp_shared[0].out_channels
+        self.shared_convs = [n.mlp_shared[0] for n in norms]
+        self.modulation = nn.ModuleList(_cat_convs([n.mlp_gamma, n.mlp_beta], bias_offsets=[1.0]) for n in norms)
+        self.conv_0 = _plain_conv(block.conv_0)
+        self.conv_1 = _plain_conv(block.conv_1)
+        self.conv_s = _plain_conv(block.conv_s) if block.learned_shortcut else None
+
+    def _modulate(self, normalized, actv, index):
+        scale_shift = self.modulation[index](actv[:, index * self.hidden:(index + 1) * self.hidden])
+        scale, shift = scale_shift.chunk(2, dim=1)
+        return torch.addcmul(shift, normalized, scale)
+
+    def forward(self, x, actv):
+        x_norm = F.instance_norm(x, eps=INSTANCE_NORM_EPS)
+        x_s = self.conv_s(self._modulate(x_norm, actv, 2)) if self.learned_shortcut else x
+        dx = self.conv_0(F.leaky_relu(self._modulate(x_norm, actv, 0), LEAKY_SLOPE_SPADE))
+        dx_norm = F.instance_norm(dx, eps=INSTANCE_NORM_EPS)
+        dx = self.conv_1(F.leaky_relu(self._modulate(dx_norm, actv, 1), LEAKY_SLOPE_SPADE))
+        return x_s + dx
+
+
+class FusedSPADEDecoder(nn.Module):
+    """``SPADEDecoder`` with every SPADE hidden conv at one resolution run as one conv."""
+
+    def __init__(self, decoder: SPADEDecoder):
+        super().__init__()
+        self.fc = decoder.fc
+        self.middle = nn.ModuleList(FusedSPADEResnetBlock(b) for b in decoder.middle_blocks())
+        self.up_0 = FusedSPADEResnetBlock(decoder.up_0)
+        self.up_1 = FusedSPADEResnetBlock(decoder.up_1)
+        self.conv_img = decoder.conv_img
+        self.shared_middle = _cat_convs([c for b in self.middle for c in b.shared_convs])
+        self.shared_up_0 = UpsampledConv3x3(_cat_convs(self.up_0.shared_convs), 2)
+        self.shared_up_1 = UpsampledConv3x3(_cat_convs(self.up_1.shared_convs), 4)
+        for block in [*self.middle, self.up_0, self.up_1]:
+            del block.shared_convs
+
+    def forward(self, seg):
+        x = self.fc(seg)
+        actv = F.relu(self.shared_middle(seg))
+        width = actv.shape[1] // len(self.middle)
+        for i, block in enumerate(self.middle):
+            x = block(x, actv[:, i * width:(i + 1) * width])
+        x = self.up_0(F.interpolate(x, scale_factor=2.0), F.relu(self.shared_up_0(seg)))
+        x = self.up_1(F.interpolate(x, scale_factor=2.0), F.relu(self.shared_up_1(seg)))
+        return torch.sigmoid(self.conv_img(F.leaky_relu(x, LEAKY_SLOPE_SPADE)))
+
+
+def _fold_conv_norm_blocks(module: nn.Module) -> None:
+    """Fold ``norm`` into ``conv`` in every conv-then-norm block below ``module``."""
+    for block in module.modules():
+        if isinstance(block, (SameBlock2d, DownBlock2d, DownBlock3d, UpBlock3d, Decoder)):
+            if isinstance(block.norm, nn.modules.batchnorm._BatchNorm):
+                fold_batch_norm(block.conv, block.norm)
+                block.norm = nn.Identity()
+
+
+def optimize_generator(generator: OcclusionAwareSPADEGenerator) -> OcclusionAwareSPADEGenerator:
+    """Rewrite a loaded generator in place for inference (see the module docstring); returns it."""
+    _fold_conv_norm_blocks(generator)
+    if isinstance(generator.decoder, SPADEDecoder):
+        generator.decoder = FusedSPADEDecoder(generator.decoder)
+    return generator.eval().requires_grad_(False)
+
+
+def optimize_kp_detector(kp_detector: nn.Module) -> nn.Module:
+    _fold_conv_norm_blocks(kp_detector)
+    return kp_detector.eval().requires_grad_(False)
+
+
+def conv_modules(module: nn.Module) -> List[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
