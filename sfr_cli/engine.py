@@ -106,6 +106,8 @@ class Engine:
         self.generator = generator.to(self.device).eval()
         self.mapping = mapping.to(self.device).eval()
         self.decoder = self.generator.decoder
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormal floats slow CPU convolutions ten-fold; they are < 1e-37
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             self.generator.to(memory_format=torch.channels_last)
@@ -157,19 +159,29 @@ class Engine:
     def render_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None) -> np.ndarray:
         """Windows ``(B, C, 27)`` (B counts frames) -> frames ``(B, S, S, 3) uint8``."""
         b = windows.shape[0]
-        with self._stage("mapping_keypoints"):
-            w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
-            angles = {name: None if values is None else torch.from_numpy(np.asarray(values, np.float32)).to(self.device)
-                      for name, values in (("yaw", yaw), ("pitch", pitch), ("roll", roll))}
-            kp_driving = transform_keypoints(source.kp_canonical.expand(b, -1, -1), self.mapping(w), **angles)
-        with self._autocast():
-            with self._stage("dense_motion"):
+        w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
+        angles = {name: None if values is None else torch.from_numpy(np.asarray(values, np.float32)).to(self.device)
+                  for name, values in (("yaw", yaw), ("pitch", pitch), ("roll", roll))}
+        # CPU kernels choose their reduction order by batch size; frame by frame, the mapping and motion
+        # of a frame never depend on the batch it came in (and a CPU loses nothing: its convolutions are
+        # parallel inside one frame). The decoder's convolutions are batch-invariant and run batched.
+        step = 1 if self.device.type == "cpu" else b
+        warped = []
+        for start in range(0, b, step):
+            pick = slice(start, start + step)
+            with self._stage("mapping_keypoints"):
+                pose = self.mapping(w[pick])
+                kp_driving = transform_keypoints(
+                    source.kp_canonical.expand(pose["t"].shape[0], -1, -1), pose,
+                    **{name: None if a is None else a[pick] for name, a in angles.items()})
+            with self._autocast(), self._stage("dense_motion"):
                 motion = self.generator.dense_motion_network.motion(source.dense, kp_driving)
-                warped = self.generator.warp(source.feature_3d, motion)
-            with self._stage("decoder"):
-                if self.device.type == "cuda":
-                    warped = warped.contiguous(memory_format=torch.channels_last)
-                image = self.decoder(warped)
+                warped.append(self.generator.warp(source.feature_3d, motion))
+        with self._autocast(), self._stage("decoder"):
+            features = torch.cat(warped) if len(warped) > 1 else warped[0]
+            if self.device.type == "cuda":
+                features = features.contiguous(memory_format=torch.channels_last)
+            image = self.decoder(features)
         with self._stage("transfer"):
             frames = (image.float().double() * 255).round_().clamp_(0, 255).to(torch.uint8)
             return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()

@@ -1,0 +1,196 @@
+"""The engine with the tiny config: rewrites keep the math, batch size never changes a frame,
+out-of-memory back-off loses nothing, precision rules hold."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sfr_cli.checkpoints import build_networks, load_networks, write_random_checkpoints
+from sfr_cli.coeffs import camera_pose_sequence, prepare_semantics
+from sfr_cli.config import CONFIG_DIR, load_config
+from sfr_cli.engine import Engine, EngineOptions
+from sfr_cli.errors import RenderError
+from sfr_cli.nets.geometry import transform_keypoints
+from sfr_cli.nets.inference import UpsampledConv3x3, optimize_generator, optimize_kp_detector
+
+FRAMES = 7
+
+
+@pytest.fixture(scope="module")
+def tiny_nets(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_ck")
+    files = write_random_checkpoints(directory, load_config(CONFIG_DIR / "tiny.yaml"),
+                                     load_config(CONFIG_DIR / "tiny_still.yaml"), seed=3)
+    return load_networks(load_config(CONFIG_DIR / "tiny.yaml"), files)
+
+
+@pytest.fixture(scope="module")
+def job():
+    rng = np.random.default_rng(7)
+    driving = (rng.normal(size=(FRAMES, 70)) * 0.5).astype(np.float32)
+    source_row = (rng.normal(size=70) * 0.5).astype(np.float32)
+    image = rng.random((3, 256, 256), dtype=np.float32)
+    return image, prepare_semantics(driving, source_row)
+
+
+def render_all(nets, image, semantics, **options):
+    engine = Engine(copy.deepcopy(nets), EngineOptions(device="cpu", **options))
+    source = engine.prepare_source(image, semantics.source_window())
+    return engine, np.stack(list(engine.render(source, semantics)))
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_upsampled_conv_equals_conv_of_upsampled_map(factor):
+    torch.manual_seed(factor)
+    conv = torch.nn.Conv2d(5, 6, 3, padding=1)
+    x = torch.randn(2, 5, 7, 9)
+    want = conv(F.interpolate(x, scale_factor=factor))
+    got = UpsampledConv3x3(conv, factor)(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_rewrites_keep_the_math(tiny_nets, job):
+    image, semantics = job
+    plain = copy.deepcopy(tiny_nets)
+    fast = copy.deepcopy(tiny_nets)
+    optimize_generator(fast.generator)
+    optimize_kp_detector(fast.kp_detector)
+    img = torch.from_numpy(image)[None].expand(3, -1, -1, -1)
+    with torch.no_grad():
+        windows = torch.from_numpy(semantics.windows(0, 3))
+        source_window = torch.from_numpy(semantics.source_window())[None].expand(3, -1, -1)
+        results = []
+        for nets in (plain, fast):
+            kp = nets.kp_detector(img)
+            kp_source = transform_keypoints(kp, nets.mapping(source_window))
+            kp_driving = transform_keypoints(kp, nets.mapping(windows))
+            results.append(nets.generator(img, kp_driving, kp_source)["prediction"])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.generator.modules())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=2e-5)
+    assert results[0].std() > 0.01, "random weights should give frames that vary"
+
+
+def test_optimized_engine_matches_plain_modules(tiny_nets, job):
+    image, semantics = job
+    _, plain = render_all(tiny_nets, image, semantics, batch_size=1, optimize=False)
+    _, fast = render_all(tiny_nets, image, semantics, batch_size=1, optimize=True)
+    diff = np.abs(plain.astype(int) - fast.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_frames_do_not_depend_on_batch_size(tiny_nets, job):
+    image, semantics = job
+    _, reference = render_all(tiny_nets, image, semantics, batch_size=1)
+    assert reference.shape == (FRAMES, 256, 256, 3) and reference.dtype == np.uint8
+    for batch_size in (2, 3, 8):
+        engine, frames = render_all(tiny_nets, image, semantics, batch_size=batch_size)
+        assert engine.stats["batch_sizes"] == [min(batch_size, FRAMES - i) for i in range(0, FRAMES, batch_size)]
+        np.testing.assert_array_equal(frames, reference)
+
+
+def simulate_oom_above(monkeypatch, limit, calls):
+    real = Engine.render_batch
+
+    def render_batch(self, source, windows, *poses):
+        calls.append(len(windows))
+        if len(windows) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(self, source, windows, *poses)
+
+    monkeypatch.setattr(Engine, "render_batch", render_batch)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_frame(tiny_nets, job, monkeypatch):
+    image, semantics = job
+    yaw = camera_pose_sequence([0, 20, -10], FRAMES)
+    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=1))
+    source = engine.prepare_source(image, semantics.source_window())
+    reference = np.stack(list(engine.render(source, semantics, yaw=yaw)))
+
+    calls = []
+    simulate_oom_above(monkeypatch, 2, calls)
+    engine.batch_size = 8
+    done = []
+    frames = np.stack(list(engine.render(source, semantics, yaw=yaw, progress=done.append)))
+    assert calls == [7, 4, 2, 2, 2, 1]  # 8 (7 frames left) -> 4 -> 2, then on at 2
+    assert engine.stats["oom_retries"] == 2
+    assert sum(done) == FRAMES
+    np.testing.assert_array_equal(frames, reference)
+
+
+def test_out_of_memory_at_batch_one_is_a_clear_error(tiny_nets, job, monkeypatch):
+    image, semantics = job
+    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=2))
+    source = engine.prepare_source(image, semantics.source_window())
+    calls = []
+    simulate_oom_above(monkeypatch, 0, calls)
+    with pytest.raises(RenderError, match="out of GPU memory .* batch size 1"):
+        list(engine.render(source, semantics))
+    assert calls == [2, 1]
+
+
+def test_other_errors_are_never_retried(tiny_nets, job, monkeypatch):
+    image, semantics = job
+    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=4))
+    source = engine.prepare_source(image, semantics.source_window())
+    calls = []
+
+    def broken(self, source, windows, *poses):
+        calls.append(len(windows))
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(Engine, "render_batch", broken)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        list(engine.render(source, semantics))
+    assert calls == [4]
+
+
+def test_fp16_on_cpu_is_refused_clearly(tiny_nets):
+    with pytest.raises(RenderError, match="fp16 needs a CUDA GPU"):
+        Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", precision="fp16"))
+
+
+def test_cuda_without_gpu_is_a_clear_error(tiny_nets):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RenderError, match="no CUDA GPU"):
+        Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cuda"))
+
+
+def test_bf16_keeps_keypoints_in_fp32_and_stays_close(tiny_nets, job):
+    image, semantics = job
+    _, reference = render_all(tiny_nets, image, semantics, batch_size=4)
+    engine, frames = render_all(tiny_nets, image, semantics, batch_size=4, precision="bf16")
+    source = engine.prepare_source(image, semantics.source_window())
+    assert source.kp_source.dtype == source.kp_canonical.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in engine.mapping.parameters())
+    mse = np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2)
+    psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+    assert psnr >= 30, f"bf16 PSNR against fp32 is {psnr:.1f} dB"
+
+
+def test_batch_size_below_one_is_refused(tiny_nets):
+    with pytest.raises(RenderError, match="at least 1"):
+        Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=0))
+
+
+def test_camera_pose_overrides_change_the_head(tiny_nets, job):
+    image, semantics = job
+    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=FRAMES))
+    source = engine.prepare_source(image, semantics.source_window())
+    plain = np.stack(list(engine.render(source, semantics)))
+    turned = np.stack(list(engine.render(source, semantics, yaw=camera_pose_sequence([0, 40], FRAMES))))
+    assert np.abs(plain.astype(int) - turned.astype(int)).mean() > 0.5
+    with pytest.raises(RenderError, match="yaw sequence has 3 values for 7 frames"):
+        list(engine.render(source, semantics, yaw=np.zeros(3, np.float32)))
+
+
+def test_windows_mismatching_the_mapping_net_are_refused(tiny_nets, job):
+    image, _ = job
+    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu"))
+    with pytest.raises(RenderError, match="73 columns but the mapping net takes 70"):
+        engine.prepare_source(image, np.zeros((73, 27), np.float32))

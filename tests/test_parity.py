@@ -1,0 +1,147 @@
+"""Frames against SadTalker's own renders (golden-crop), with the full-size model on the CPU.
+
+The golden case was rendered by SadTalker's face-render code from deterministic random weights
+written by ``make_reference_checkpoint.py``; these tests write the same weights in both on-disk
+layouts and require every frame to match within 0.1 uint8 levels on average and 3 at most.
+Full-size frames take seconds each here, so each render is a few frames and runs once.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sfr_cli.checkpoints import find_checkpoints, load_networks
+from sfr_cli.coeffs import prepare_semantics, read_coefficients, read_source_coefficients
+from sfr_cli.config import load_config
+from sfr_cli.engine import Engine, EngineOptions
+from sfr_cli.media import read_source_image
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+GOLDEN = REFERENCE / "golden-crop"
+MEAN_LEVELS = 0.1
+MAX_LEVELS = 3
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/reference (CI has it; a user's clone does not)"),
+]
+
+
+def write_reference_checkpoints(out_dir: Path, layout: str) -> Path:
+    subprocess.run([sys.executable, str(REFERENCE / "make_reference_checkpoint.py"), str(out_dir),
+                    "--layout", layout, "--seed", "0"], check=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def reference_pth(tmp_path_factory):
+    return write_reference_checkpoints(tmp_path_factory.mktemp("ck_pth"), "pth")
+
+
+@pytest.fixture(scope="module")
+def reference_safetensors(tmp_path_factory):
+    return write_reference_checkpoints(tmp_path_factory.mktemp("ck_safetensors"), "safetensors")
+
+
+def golden_frames():
+    return [np.asarray(Image.open(p)) for p in sorted((GOLDEN / "frames").glob("*.png"))]
+
+
+def assert_matches_golden(frames):
+    expected = golden_frames()
+    assert len(frames) == len(expected) == 4
+    for i, (got, want) in enumerate(zip(frames, expected)):
+        assert got.shape == want.shape == (256, 256, 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+        assert diff.mean() <= MEAN_LEVELS and diff.max() <= MAX_LEVELS, \
+            f"frame {i}: mean {diff.mean():.4f}, max {diff.max()} uint8 levels from SadTalker's frame"
+
+
+def golden_job(engine):
+    semantics = prepare_semantics(read_coefficients(GOLDEN / "coeffs.mat"),
+                                  read_source_coefficients(GOLDEN / "source_coeffs.mat"))
+    source = engine.prepare_source(read_source_image(GOLDEN / "source.png", 256), semantics.source_window())
+    return source, semantics
+
+
+@pytest.fixture(scope="module")
+def pth_engine(reference_pth):
+    config = load_config("configs/facerender.yaml")
+    nets = load_networks(config, find_checkpoints(reference_pth))
+    return Engine(nets, EngineOptions(device="cpu", batch_size=1))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_golden_crop_at_every_batch_size(pth_engine, batch_size):
+    pth_engine.batch_size = batch_size
+    source, semantics = golden_job(pth_engine)
+    frames = list(pth_engine.render(source, semantics))
+    assert pth_engine.stats["batch_sizes"][-((4 + batch_size - 1) // batch_size):] == \
+        [min(batch_size, 4 - i) for i in range(0, 4, batch_size)]
+    assert_matches_golden(frames)
+
+
+def test_golden_crop_through_simulated_out_of_memory(pth_engine, monkeypatch):
+    """Batch 4 runs out of memory once: the engine retries the same frames at 2, then carries on at 2."""
+    calls = []
+    real = Engine.render_batch
+
+    def flaky(self, source, windows, *poses):
+        calls.append(len(windows))
+        if len(windows) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, source, windows, *poses)
+
+    monkeypatch.setattr(Engine, "render_batch", flaky)
+    pth_engine.batch_size = 4
+    source, semantics = golden_job(pth_engine)
+    frames = list(pth_engine.render(source, semantics))
+    assert calls == [4, 2, 2]
+    assert_matches_golden(frames)
+
+
+def test_golden_crop_cli_pth_layout(reference_pth, tmp_path):
+    """The issue's own command: pth layout, batch size 3, PNG frames."""
+    from click.testing import CliRunner
+
+    from sfr_cli.cli import cli
+
+    out = tmp_path / "frames"
+    result = CliRunner().invoke(cli, [
+        "render", "--coeffs", str(GOLDEN / "coeffs.mat"), "--source-coeffs", str(GOLDEN / "source_coeffs.mat"),
+        "--source", str(GOLDEN / "source.png"), "--checkpoint-dir", str(reference_pth),
+        "--frames-dir", str(out), "--batch-size", "3", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert_matches_golden([np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))])
+
+
+def test_golden_crop_cli_safetensors_layout(reference_safetensors, tmp_path):
+    from click.testing import CliRunner
+
+    from sfr_cli.cli import cli
+
+    assert (reference_safetensors / "SadTalker_V0.0.2_256.safetensors").is_file()
+    out = tmp_path / "frames"
+    result = CliRunner().invoke(cli, [
+        "render", "--coeffs", str(GOLDEN / "coeffs.mat"), "--source-coeffs", str(GOLDEN / "source_coeffs.mat"),
+        "--source", str(GOLDEN / "source.png"), "--checkpoint-dir", str(reference_safetensors),
+        "--frames-dir", str(out), "--batch-size", "3", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert_matches_golden([np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))])
+
+
+def test_golden_float_prediction_of_plain_modules(reference_pth):
+    """The plain modules (no inference rewrites) against SadTalker's float output, frame 0."""
+    config = load_config("configs/facerender.yaml")
+    engine = Engine(load_networks(config, find_checkpoints(reference_pth)),
+                    EngineOptions(device="cpu", batch_size=1, optimize=False))
+    source, semantics = golden_job(engine)
+    frame = engine.render_batch(source, semantics.windows(0, 1))[0]
+    expected = np.load(GOLDEN / "frames_float.npy")[0].transpose(1, 2, 0)
+    diff = np.abs(frame.astype(np.int16) - np.round(expected * 255).astype(np.int16))
+    assert diff.mean() <= MEAN_LEVELS and diff.max() <= MAX_LEVELS
