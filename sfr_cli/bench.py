@@ -1,0 +1,279 @@
+"""``sfr bench``: sfr's engine against a plain sequential loop in the style of SadTalker's renderer.
+
+Both run in one process on the same weights, source and coefficients:
+
+- ``plain``: SadTalker's way: one frame at a time, fp32, the plain modules (spectral norm recomputed,
+  no folding or fusion), the generator's source encoding redone for every frame;
+- ``sfr``: the engine as ``sfr render`` runs it (source work once, batches, rewrites, the requested
+  precision), its frames encoded to H.264 by a writer thread like the real pipeline.
+
+Reported per run: frames/s, ms per frame by stage (mapping and keypoints, dense motion, decoder,
+transfer and encode), start-up time, peak RSS (sampled) and peak CUDA memory; for reduced precision
+also the PSNR of its frames against sfr at fp32. Stage times need a synchronisation after each stage,
+so they come from a second, timed pass over the same frames and do not slow the frames/s figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .checkpoints import Networks, build_networks, find_checkpoints, load_networks, random_state_dict
+from .coeffs import prepare_semantics
+from .config import ModelConfig
+from .engine import Engine, EngineOptions, peak_rss_mib, resolve_device
+from .nets.geometry import transform_keypoints
+
+STAGES = ("mapping_keypoints", "dense_motion", "decoder", "transfer")
+
+
+class RssSampler:
+    """Peak resident memory of this process during a block, sampled from /proc every 10 ms."""
+
+    def __init__(self):
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current_mib() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2 ** 20
+        except OSError:
+            return peak_rss_mib()
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak_mib = max(self.peak_mib, self.current_mib())
+
+    def __enter__(self):
+        self.peak_mib = self.current_mib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.current_mib())
+
+
+def random_networks(config: ModelConfig, seed: int = 0) -> Networks:
+    nets = build_networks(config)
+    for name, prefix in (("generator", "generator."), ("kp_detector", "kp_detector."), ("mapping", "mapping.")):
+        module = getattr(nets, name)
+        module.load_state_dict(random_state_dict(module, prefix, seed))
+    return nets
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_cuda(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_cuda_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0.0
+
+
+def _job(coeff_nc: int, frames: int, size_px: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 2 * np.pi, frames, dtype=np.float32)[:, None]
+    phase = rng.uniform(0, 2 * np.pi, size=(1, coeff_nc)).astype(np.float32)
+    driving = (0.5 * np.sin(t + phase)).astype(np.float32)
+    source_row = (0.3 * rng.standard_normal(coeff_nc)).astype(np.float32)
+    semantics = prepare_semantics(driving[:, :70], source_row, preprocess="full" if coeff_nc == 73 else "crop")
+    image = rng.random((3, size_px, size_px), dtype=np.float32)
+    return image, semantics
+
+
+def run_plain(nets: Networks, device: torch.device, image: np.ndarray, semantics) -> Dict:
+    """SadTalker-style loop: batch 1, fp32, plain modules, generator source encoding every frame."""
+    nets = copy.deepcopy(nets)
+    kp_detector, generator, mapping = (m.to(device).eval() for m in (nets.kp_detector, nets.generator, nets.mapping))
+    stage_ms = dict.fromkeys(STAGES, 0.0)
+    frames_out = []
+    _reset_cuda(device)
+    with RssSampler() as rss, torch.inference_mode():
+        t0 = time.perf_counter()
+        src = torch.from_numpy(image)[None].to(device)
+        kp_canonical = kp_detector(src)
+        kp_source = transform_keypoints(kp_canonical, mapping(torch.from_numpy(semantics.source_window())[None].to(device)))
+        _sync(device)
+        startup = time.perf_counter() - t0
+        t_render = time.perf_counter()
+        for i in range(semantics.frame_count):
+            t = time.perf_counter()
+            kp_driving = transform_keypoints(kp_canonical, mapping(torch.from_numpy(semantics.windows(i, i + 1)).to(device)))
+            _sync(device)
+            stage_ms["mapping_keypoints"] += (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            feature_3d = generator.encode_source(src)
+            motion = generator.dense_motion_network(feature_3d, kp_driving, kp_source)
+            warped = generator.warp(feature_3d, motion)
+            _sync(device)
+            stage_ms["dense_motion"] += (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            prediction = generator.decoder(warped)
+            _sync(device)
+            stage_ms["decoder"] += (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            frames_out.append((prediction[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+            stage_ms["transfer"] += (time.perf_counter() - t) * 1000
+        seconds = time.perf_counter() - t_render
+    n = semantics.frame_count
+    return {"name": "plain", "precision": "fp32", "batch_size": 1, "frames": n, "seconds": seconds,
+            "frames_per_second": n / seconds, "startup_seconds": startup,
+            "stage_ms_per_frame": {k: v / n for k, v in stage_ms.items()},
+            "peak_rss_mib": rss.peak_mib, "peak_cuda_mib": _peak_cuda_mib(device), "_frames": frames_out}
+
+
+def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics, encode: bool = True) -> Dict:
+    """The engine as ``sfr render`` runs it; frames go to an H.264 writer thread (bounded queue)."""
+    from .media import Mp4Writer, find_ffmpeg
+
+    _reset_cuda(resolve_device(options.device))
+    frames_out = []
+    with RssSampler() as rss, tempfile.TemporaryDirectory(prefix="sfr-bench-") as tmp:
+        t0 = time.perf_counter()
+        engine = Engine(copy.deepcopy(nets), options)
+        source = engine.prepare_source(image, semantics.source_window())
+        _sync(engine.device)
+        startup = time.perf_counter() - t0
+        size = image.shape[-1]
+        writer = Mp4Writer(Path(tmp) / "bench.mp4", width_px=size, height_px=size,
+                           frame_count=semantics.frame_count, ffmpeg=find_ffmpeg()) if encode else None
+        t_render = time.perf_counter()
+        encode_seconds = _stream(engine.render(source, semantics), writer, frames_out)
+        seconds = time.perf_counter() - t_render
+        # the timed pass for the stage split
+        engine.time_stages = True
+        list(engine.render(source, semantics))
+    n = semantics.frame_count
+    stage_ms = {k: engine.stats["stage_ms"].get(k, 0.0) / n for k in STAGES}
+    stage_ms["transfer"] += encode_seconds * 1000 / n
+    return {"name": "sfr", "precision": engine.precision, "batch_size": max(engine.stats["batch_sizes"] or [0]),
+            "frames": n, "seconds": seconds, "frames_per_second": n / seconds, "startup_seconds": startup,
+            "stage_ms_per_frame": stage_ms, "encode_overlapped": encode,
+            "peak_rss_mib": rss.peak_mib, "peak_cuda_mib": _peak_cuda_mib(engine.device), "_frames": frames_out}
+
+
+def _stream(frames, writer, keep) -> float:
+    """Feed frames to ``writer`` on a thread through a bounded queue; returns the writer's busy seconds."""
+    import queue
+
+    if writer is None:
+        keep.extend(frames)
+        return 0.0
+    pending: "queue.Queue" = queue.Queue(maxsize=8)
+    busy = [0.0]
+    failure = []
+
+    def drain():
+        try:
+            while True:
+                frame = pending.get()
+                if frame is None:
+                    break
+                t = time.perf_counter()
+                writer.write(frame)
+                busy[0] += time.perf_counter() - t
+            writer.close()
+        except BaseException as exc:  # handed to the main thread below
+            failure.append(exc)
+            writer.abort()
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        for frame in frames:
+            keep.append(frame)
+            pending.put(frame)
+    finally:
+        pending.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+    return busy[0]
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.stack(a).astype(np.float64) - np.stack(b).astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def run_benchmark(config: ModelConfig, *, device: str = "auto", precision: str = "fp32",
+                  batch_size: Optional[int] = None, frames: int = 8, size_px: int = 256,
+                  checkpoint_dir=None, compile: bool = False, plain: bool = True) -> Dict:
+    """Run the plain loop and sfr on the same job; returns a JSON-ready report."""
+    resolved = resolve_device(device)
+    if resolved.type == "cpu":
+        torch.set_flush_denormal(True)  # as the engine does; the plain loop must not pay for denormals alone
+    t = time.perf_counter()
+    if checkpoint_dir is not None:
+        nets = load_networks(config, find_checkpoints(checkpoint_dir, size_px=size_px,
+                                                      preprocess="full" if config.mapping.coeff_nc == 73 else "crop"))
+        weights = str(checkpoint_dir)
+    else:
+        nets = random_networks(config)
+        weights = "random"
+    load_seconds = time.perf_counter() - t
+    image, semantics = _job(config.mapping.coeff_nc, frames, size_px)
+    options = EngineOptions(device=device, precision=precision, batch_size=batch_size, compile=compile)
+    runs = [run_plain(nets, resolved, image, semantics)] if plain else []
+    runs.append(run_sfr(nets, options, image, semantics))
+    if precision != "fp32":
+        reference = run_sfr(nets, EngineOptions(device=device, batch_size=batch_size), image, semantics, encode=False)
+        runs[-1]["psnr_db_vs_fp32"] = psnr(runs[-1]["_frames"], reference["_frames"])
+    if plain:
+        runs[-1]["psnr_db_vs_plain"] = psnr(runs[-1]["_frames"], runs[0]["_frames"])
+        runs[-1]["speedup_vs_plain"] = runs[-1]["frames_per_second"] / runs[0]["frames_per_second"]
+    for run in runs:
+        del run["_frames"]
+    return {"device": _device_name(resolved), "config": config.name, "weights": weights, "size_px": size_px,
+            "frames": frames, "load_seconds": load_seconds, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "runs": runs}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_report(report: Dict) -> str:
+    """A plain-text table of a ``run_benchmark`` report."""
+    lines = [f"device {report['device']}, config {report['config']}, weights {report['weights']}, "
+             f"{report['frames']} frames at {report['size_px']}px, torch {report['torch']}"]
+    header = (f"{'run':6} {'prec':5} {'batch':>5} {'frames/s':>9} {'start s':>8} {'map+kp':>8} {'motion':>8} "
+              f"{'decoder':>8} {'xfer+enc':>9} {'RSS MiB':>8} {'CUDA MiB':>9}")
+    lines += [header, "-" * len(header)]
+    for run in report["runs"]:
+        ms = run["stage_ms_per_frame"]
+        lines.append(f"{run['name']:6} {run['precision']:5} {run['batch_size']:>5} {run['frames_per_second']:>9.3f} "
+                     f"{run['startup_seconds']:>8.2f} {ms['mapping_keypoints']:>8.1f} {ms['dense_motion']:>8.1f} "
+                     f"{ms['decoder']:>8.1f} {ms['transfer']:>9.1f} {run['peak_rss_mib']:>8.0f} "
+                     f"{run['peak_cuda_mib']:>9.0f}")
+    lines.append("(stage columns: ms per frame)")
+    last = report["runs"][-1]
+    for key, label in (("speedup_vs_plain", "sfr speed-up over the plain loop: {:.2f}x"),
+                       ("psnr_db_vs_plain", "PSNR of sfr's frames against the plain loop's: {:.1f} dB"),
+                       ("psnr_db_vs_fp32", "PSNR of sfr's frames against sfr at fp32: {:.1f} dB")):
+        if key in last:
+            lines.append(label.format(last[key]))
+    return "\n".join(lines)
