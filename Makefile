@@ -1,0 +1,39 @@
+# sfr: `make demo` renders a short clip with random weights; `make test` runs the test suite.
+# Every pip call is constrained by constraints.txt so pip never swaps in a newer (CUDA) torch.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.sfr-installed
+TORCH := torch==2.13.0
+DEMO_OUT := demo-out
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt '$(TORCH)'
+	$(PIP) install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/pytest -q
+
+demo: install
+	$(BIN)/sfr checkpoints random $(DEMO_OUT)/checkpoints --config tiny --layout pth >/dev/null
+	$(BIN)/sfr render --coeffs demo/coeffs.npy --source demo/source.png --audio demo/speech.wav \
+		--checkpoint-dir $(DEMO_OUT)/checkpoints --config tiny -o $(DEMO_OUT)/demo.mp4 >/dev/null
+	@echo "Rendered with random weights (SadTalker's file layout, tiny widths), so the frames are abstract."
+	@echo "For real faces, download SadTalker's checkpoints and run:"
+	@echo "  $(BIN)/sfr render --coeffs demo/coeffs.npy --source demo/source.png --audio demo/speech.wav --checkpoint-dir path/to/SadTalker/checkpoints -o out.mp4"
+	@echo "$(DEMO_OUT)/demo.mp4"
+
+bench: install
+	$(BIN)/sfr bench --config tiny --frames 16
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache build dist
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
