@@ -105,31 +105,21 @@ def test_golden_crop_through_simulated_out_of_memory(pth_engine, monkeypatch):
     assert_matches_golden(frames)
 
 
-def test_golden_crop_cli_pth_layout(reference_pth, tmp_path):
-    """The issue's own command: pth layout, batch size 3, PNG frames."""
+@pytest.mark.parametrize("layout", ["pth", "safetensors"])
+def test_golden_crop_cli_batch_size_3(layout, request, tmp_path):
+    """The issue's own command: PNG frames at batch size 3, from either on-disk layout."""
     from click.testing import CliRunner
 
-    from sfr_cli.cli import cli
+    from sfr_cli.cli import sfr
 
+    checkpoint_dir = request.getfixturevalue(f"reference_{layout}")
+    if layout == "safetensors":
+        assert (checkpoint_dir / "SadTalker_V0.0.2_256.safetensors").is_file()
+        assert not (checkpoint_dir / "facevid2vid_00189-model.pth.tar").exists()
     out = tmp_path / "frames"
-    result = CliRunner().invoke(cli, [
+    result = CliRunner().invoke(sfr, [
         "render", "--coeffs", str(GOLDEN / "coeffs.mat"), "--source-coeffs", str(GOLDEN / "source_coeffs.mat"),
-        "--source", str(GOLDEN / "source.png"), "--checkpoint-dir", str(reference_pth),
-        "--frames-dir", str(out), "--batch-size", "3", "--device", "cpu", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert_matches_golden([np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))])
-
-
-def test_golden_crop_cli_safetensors_layout(reference_safetensors, tmp_path):
-    from click.testing import CliRunner
-
-    from sfr_cli.cli import cli
-
-    assert (reference_safetensors / "SadTalker_V0.0.2_256.safetensors").is_file()
-    out = tmp_path / "frames"
-    result = CliRunner().invoke(cli, [
-        "render", "--coeffs", str(GOLDEN / "coeffs.mat"), "--source-coeffs", str(GOLDEN / "source_coeffs.mat"),
-        "--source", str(GOLDEN / "source.png"), "--checkpoint-dir", str(reference_safetensors),
+        "--source", str(GOLDEN / "source.png"), "--checkpoint-dir", str(checkpoint_dir),
         "--frames-dir", str(out), "--batch-size", "3", "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
     assert_matches_golden([np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))])
