@@ -171,43 +171,39 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
             "peak_rss_mib": rss.peak_mib, "peak_cuda_mib": _peak_cuda_mib(engine.device), "_frames": frames_out}
 
 
+class _TimedSink:
+    """A frame sink that adds up the seconds its ``write`` takes (the encoder's share of the work)."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.seconds = 0.0
+
+    def write(self, frame):
+        start = time.perf_counter()
+        self.sink.write(frame)
+        self.seconds += time.perf_counter() - start
+
+
 def _stream(frames, writer, keep) -> float:
-    """Feed frames to ``writer`` on a thread through a bounded queue; returns the writer's busy seconds."""
-    import queue
+    """Feed frames to ``writer`` through sfr's writer thread, as ``sfr render`` does; returns its busy seconds."""
+    from .pipeline import FrameWriterThread
 
     if writer is None:
         keep.extend(frames)
         return 0.0
-    pending: "queue.Queue" = queue.Queue(maxsize=8)
-    busy = [0.0]
-    failure = []
-
-    def drain():
-        try:
-            while True:
-                frame = pending.get()
-                if frame is None:
-                    break
-                t = time.perf_counter()
-                writer.write(frame)
-                busy[0] += time.perf_counter() - t
-            writer.close()
-        except BaseException as exc:  # handed to the main thread below
-            failure.append(exc)
-            writer.abort()
-
-    thread = threading.Thread(target=drain, daemon=True)
-    thread.start()
+    sink = _TimedSink(writer)
+    thread = FrameWriterThread([sink])
     try:
         for frame in frames:
             keep.append(frame)
-            pending.put(frame)
-    finally:
-        pending.put(None)
-        thread.join()
-    if failure:
-        raise failure[0]
-    return busy[0]
+            thread.put(frame)
+        thread.finish()
+        writer.close()
+    except BaseException:
+        thread.stop(unblock=writer.abort)
+        writer.abort()
+        raise
+    return sink.seconds
 
 
 def psnr(a, b) -> float:

@@ -197,7 +197,9 @@ class Engine:
         for name, seq in (("yaw", yaw), ("pitch", pitch), ("roll", roll)):
             if seq is not None and len(seq) != total:
                 raise RenderError(f"{name} sequence has {len(seq)} values for {total} frames")
-        batch = self.batch_size or self._auto_cuda_batch(source, semantics)
+        if not self.batch_size:
+            self.batch_size = self._auto_cuda_batch(source, semantics)
+        batch = self.batch_size
         start = 0
         while start < total:
             stop = min(start + batch, total)

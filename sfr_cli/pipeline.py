@@ -269,7 +269,7 @@ def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, outp
         if frames_dir is not None:
             png = media.PngFrameWriter(frames_dir)
             sinks.append(png)
-        writer = _WriterThread(sinks)
+        writer = FrameWriterThread(sinks)
         reporter.start(frame_count)
         for frame in engine.render(state, semantics, yaw=yaw, pitch=pitch, roll=roll, progress=reporter.advance):
             writer.put(frame)
@@ -290,7 +290,7 @@ def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, outp
         raise
 
 
-class _WriterThread:
+class FrameWriterThread:
     """Feeds frames from a bounded queue to the sinks in a background thread.
 
     `put` blocks while the queue is full (so memory stays flat) and re-raises the writer's error, if any,
