@@ -281,7 +281,10 @@ def random_state_dict(module: nn.Module, prefix: str, seed: int) -> Dict[str, to
         else:
             weight_key = own + ("weight" if own + "weight" in template else "weight_orig")
             fan_in = math.prod(template[weight_key].shape[1:]) if len(shape) == 1 else math.prod(shape[1:])
-            bound = 1 / math.sqrt(max(fan_in, 1))
+            # The keypoint detector's ReLU hourglass loses its signal at small widths (tiny.yaml) with
+            # 1/sqrt(fan_in) weights, and flat heatmaps put every keypoint at the centre: He-uniform there.
+            he = prefix == "kp_detector." and len(shape) > 1
+            bound = math.sqrt((6 if he else 1) / max(fan_in, 1))
             value = torch.empty(shape).uniform_(-bound, bound, generator=gen)
         if name in RANDOM_GAINS:
             value = value * RANDOM_GAINS[name]

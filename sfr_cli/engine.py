@@ -23,7 +23,7 @@ from .nets.geometry import transform_keypoints
 from .nets.inference import optimize_generator, optimize_kp_detector
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CPU_AUTO_BATCH = 2  # on a CPU larger batches only cost memory: convolutions are already parallel
+CPU_AUTO_BATCH = 1  # a CPU gains nothing from batching (its convolutions use every core on one frame)
 CUDA_MAX_AUTO_BATCH = 64
 CUDA_MEMORY_HEADROOM = 0.8  # share of free memory an automatic batch may plan to use
 

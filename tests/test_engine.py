@@ -70,7 +70,8 @@ def test_inference_rewrites_keep_the_math(tiny_nets, job):
             kp_driving = transform_keypoints(kp, nets.mapping(windows))
             results.append(nets.generator(img, kp_driving, kp_source)["prediction"])
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.generator.modules())
-    torch.testing.assert_close(results[1], results[0], rtol=0, atol=2e-5)
+    # within SadTalker's own batch-1-vs-2 noise floor (4.4e-5, ../shared/reference/README.md)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=4.4e-5)
     assert results[0].std() > 0.01, "random weights should give frames that vary"
 
 
