@@ -136,14 +136,16 @@ def find_checkpoints(checkpoint_dir=None, *, size_px: int = 256, preprocess: str
     return CheckpointFiles(renderer, mapping_file)
 
 
-def read_state_dicts(path) -> Dict[str, Dict[str, torch.Tensor]]:
+def read_state_dicts(path, parts: Iterable[str] = ("generator", "kp_detector", "he_estimator", "mapping")
+                     ) -> Dict[str, Dict[str, torch.Tensor]]:
     """Read one checkpoint file into ``{part: state_dict}`` without running any code from it.
 
-    Parts found: ``generator``, ``kp_detector``, ``he_estimator`` (renderer files) or ``mapping``.
+    Parts found: ``generator``, ``kp_detector``, ``he_estimator`` (renderer files) or ``mapping``;
+    a safetensors file is read for the asked ``parts`` only.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _read_safetensors(path, parts)
     data = _torch_load(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: holds a {type(data).__name__}, not SadTalker's dict of state dicts")
@@ -170,24 +172,24 @@ def _torch_load(path: Path):
                               "download it again") from exc
 
 
-def _read_safetensors(path: Path) -> Dict[str, Dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path, parts: Iterable[str]) -> Dict[str, Dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
 
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
     try:
-        flat = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            keys = list(file.keys())
+            present = {part for part, prefix in SAFETENSORS_PREFIXES.items() if any(k.startswith(prefix) for k in keys)}
+            if not {"generator", "kp_detector"} <= present:
+                raise CheckpointError(f"{path}: no keys starting with 'generator.' and 'kp_extractor.'; "
+                                      "this is not SadTalker's face-render safetensors file")
+            for part in present & set(parts):
+                prefix = SAFETENSORS_PREFIXES[part]
+                out[part] = {k[len(prefix):]: file.get_tensor(k) for k in keys if k.startswith(prefix)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot be read as safetensors, it looks truncated or corrupt "
                               f"({exc}); download it again") from exc
-    parts: Dict[str, Dict[str, torch.Tensor]] = {}
-    for part, prefix in SAFETENSORS_PREFIXES.items():
-        sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-        if sd:
-            parts[part] = sd
-    if "generator" not in parts or "kp_detector" not in parts:
-        raise CheckpointError(f"{path}: no keys starting with 'generator.' and 'kp_extractor.'; "
-                              "this is not SadTalker's face-render safetensors file")
-    return parts
+    return out
 
 
 def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], where: str, config_name: str) -> None:
@@ -218,9 +220,14 @@ def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], whe
 
 
 def load_networks(config: ModelConfig, files: CheckpointFiles) -> Networks:
-    """Build the networks for ``config`` and fill them from ``files``, strictly."""
-    nets = build_networks(config)
-    renderer = read_state_dicts(files.renderer)
+    """Build the networks for ``config`` and fill them from ``files``, strictly.
+
+    The modules are built on the meta device and take the loaded tensors as they are (``assign``):
+    no random initialisation to throw away, and no copy of memory-mapped weights.
+    """
+    with torch.device("meta"):
+        nets = build_networks(config)
+    renderer = read_state_dicts(files.renderer, parts=("generator", "kp_detector"))
     for part in ("generator", "kp_detector"):
         if part not in renderer:
             raise CheckpointError(f"{files.renderer}: no '{part}' state dict inside")
@@ -234,10 +241,14 @@ def load_networks(config: ModelConfig, files: CheckpointFiles) -> Networks:
 
 def _load_into(module: nn.Module, state_dict, where: str, config_name: str) -> None:
     check_state_dict(module, state_dict, where, config_name)
+    tensors = {}
     for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{where}: {key} holds NaN or infinite values; the file is damaged")
-    module.load_state_dict(state_dict, strict=True)
+        if tensor.is_floating_point():
+            if not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{where}: {key} holds NaN or infinite values; the file is damaged")
+            tensor = tensor.float()  # a half-precision file renders in fp32 like the rest
+        tensors[key] = tensor
+    module.load_state_dict(tensors, strict=True, assign=True)
 
 
 # ---------------------------------------------------------------------------------------------------
