@@ -195,3 +195,20 @@ def test_windows_mismatching_the_mapping_net_are_refused(tiny_nets, job):
     engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu"))
     with pytest.raises(RenderError, match="73 columns but the mapping net takes 70"):
         engine.prepare_source(image, np.zeros((73, 27), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
+    """On a GPU: fp32 frames agree with the CPU's; reduced precision stays within 40 dB of them."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    image, semantics = job
+    _, reference = render_all(tiny_nets, image, semantics, batch_size=1)
+    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cuda", precision=precision))
+    source = engine.prepare_source(image, semantics.source_window())
+    frames = np.stack(list(engine.render(source, semantics)))
+    assert engine.batch_size >= 1 and source.kp_source.dtype == torch.float32
+    mse = np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2)
+    psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+    assert psnr >= (50 if precision == "fp32" else 40), f"{precision}: {psnr:.1f} dB against the CPU's fp32"

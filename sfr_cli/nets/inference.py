@@ -116,6 +116,11 @@ class UpsampledConv3x3(nn.Module):
         return out.view(b, -1, h * f, w * f)
 
 
+def _instance_norm_fp32(x):
+    """Instance statistics in fp32 whatever the compute precision (bf16 means lose detail)."""
+    return F.instance_norm(x.float(), eps=INSTANCE_NORM_EPS).to(x.dtype)
+
+
 class FusedSPADEResnetBlock(nn.Module):
     """``SPADEResnetBlock`` with folded spectral norms and fused SPADE convs.
 
@@ -140,10 +145,10 @@ class FusedSPADEResnetBlock(nn.Module):
         return torch.addcmul(shift, normalized, scale)
 
     def forward(self, x, actv):
-        x_norm = F.instance_norm(x, eps=INSTANCE_NORM_EPS)
+        x_norm = _instance_norm_fp32(x)
         x_s = self.conv_s(self._modulate(x_norm, actv, 2)) if self.learned_shortcut else x
         dx = self.conv_0(F.leaky_relu(self._modulate(x_norm, actv, 0), LEAKY_SLOPE_SPADE))
-        dx_norm = F.instance_norm(dx, eps=INSTANCE_NORM_EPS)
+        dx_norm = _instance_norm_fp32(dx)
         dx = self.conv_1(F.leaky_relu(self._modulate(dx_norm, actv, 1), LEAKY_SLOPE_SPADE))
         return x_s + dx
 
