@@ -37,6 +37,7 @@ STDERR_TAIL_LINES = 15
 STDERR_KEEP_BYTES = 64 * 1024
 PNG_INDEX_DIGITS = 6
 PNG_COMPRESS_LEVEL = 3
+FRAME_FILE = re.compile(r"\d{6}\.png")  # 000000.png, 000001.png, ...
 DEFAULT_CRF = 18
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 SIXTEEN_BIT_MAX = 65535
@@ -160,7 +161,27 @@ def write_png(path: PathLike, frame: np.ndarray) -> Path:
     return target
 
 
-class PngFrameWriter:
+class _Sink:
+    """A writer used in a `with` block: closed (committed) on success, aborted (removed) on any error."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class PngFrameWriter(_Sink):
     """Writes frames as `000000.png`, `000001.png`, ... in one folder, each one atomically.
 
     Use as a context manager: leaving the block with an exception calls `abort()`, which removes the
@@ -207,16 +228,6 @@ class PngFrameWriter:
             except OSError:
                 break
 
-    def __enter__(self) -> "PngFrameWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
-
 
 def _missing_dirs(directory: Path) -> List[Path]:
     """The folders from the topmost missing ancestor of `directory` down to it (empty if it exists)."""
@@ -243,12 +254,35 @@ def check_output_writable(path: PathLike) -> None:
     folder = target.absolute().parent
     if not folder.is_dir():
         raise MediaError(f"{target}: output folder {folder} does not exist; create it first")
+    _probe_writable(folder, f"{target}: output folder {folder} is not writable")
+
+
+def check_frames_dir(frames_dir: PathLike) -> None:
+    """Raise MediaError unless PNG frames can go to `frames_dir`: creatable or writable, and holding no
+    frames from an earlier render (old and new frames must never mix)."""
+    frames_dir = Path(frames_dir)
+    if frames_dir.exists() and not frames_dir.is_dir():
+        raise MediaError(f"{frames_dir}: exists and is not a folder; cannot write PNG frames there")
+    if frames_dir.is_dir():
+        old = [p.name for p in frames_dir.iterdir() if FRAME_FILE.fullmatch(p.name)]
+        if old:
+            raise MediaError(f"{frames_dir}: already holds {len(old)} frame(s) like {min(old)} from an earlier "
+                             "render; remove them or choose another --frames-dir")
+    existing = frames_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MediaError(f"{frames_dir}: {existing} is not a folder; cannot create the frames folder")
+    _probe_writable(existing, f"{frames_dir}: cannot write in {existing}")
+
+
+def _probe_writable(folder: Path, message: str) -> None:
     try:
         handle, probe = tempfile.mkstemp(prefix=".sfr-write-check-", dir=folder)
         os.close(handle)
         os.remove(probe)
     except OSError as exc:
-        raise MediaError(f"{target}: output folder {folder} is not writable ({exc.strerror or exc})") from exc
+        raise MediaError(f"{message} ({exc.strerror or exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +440,7 @@ class _StderrDrain:
             return b"".join(self._chunks).decode("utf-8", "replace")
 
 
-class Mp4Writer:
+class Mp4Writer(_Sink):
     """Encodes streamed frames to an H.264 MP4 with one ffmpeg process, muxing audio in the same pass.
 
     Frames `(height_px, width_px, 3) uint8 RGB` go to ffmpeg's stdin as raw rgb24; the video is
@@ -557,13 +591,3 @@ class Mp4Writer:
         self.abort()
         tail = _stderr_tail(stderr)
         raise MediaError(f"{self.path}: {reason}" + (f"; ffmpeg said:\n{tail}" if tail else ""))
-
-    def __enter__(self) -> "Mp4Writer":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +31,6 @@ QUEUE_POLL_SECONDS = 0.1
 STOP_WAIT_SECONDS = 5.0  # how long a stopping writer may take to finish its frame before ffmpeg is killed
 BUILTIN_CONFIGS = ("facerender", "tiny")  # families: NAME.yaml (70 coefficients) and NAME_still.yaml (73)
 SIZES_PX = (256, 512)
-FRAME_FILE = re.compile(r"\d{6}\.png")
 
 
 @dataclass(frozen=True)
@@ -127,28 +124,6 @@ def resolve_config(name_or_path: Optional[str], preprocess: str) -> ModelConfig:
     return config
 
 
-def _check_frames_dir(frames_dir: Path) -> None:
-    """The frames folder must be creatable or writable, and hold no frames from an earlier render."""
-    if frames_dir.exists() and not frames_dir.is_dir():
-        raise MediaError(f"{frames_dir}: exists and is not a folder; cannot write PNG frames there")
-    if frames_dir.is_dir():
-        old = [p.name for p in frames_dir.iterdir() if FRAME_FILE.fullmatch(p.name)]
-        if old:
-            raise MediaError(f"{frames_dir}: already holds {len(old)} frame(s) like {min(old)} from an earlier "
-                             "render; remove them or choose another --frames-dir")
-    existing = frames_dir.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise MediaError(f"{frames_dir}: {existing} is not a folder; cannot create the frames folder")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".sfr-write-check-", dir=existing)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as exc:
-        raise MediaError(f"{frames_dir}: cannot write in {existing} ({exc.strerror or exc})") from exc
-
-
 def output_paths(job: RenderJob) -> Tuple[Optional[Path], Optional[Path]]:
     """(MP4 path or None, frames folder or None): `<coeffs stem>.mp4` here when neither is given."""
     output = Path(job.output) if job.output is not None else None
@@ -213,7 +188,7 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
                 note(f"{job.audio}: {audio.duration_seconds:.2f} s of audio for {video_seconds:.2f} s of video; "
                      "the end is silent")
     if frames_dir is not None:
-        _check_frames_dir(frames_dir)
+        media.check_frames_dir(frames_dir)
 
     from . import checkpoints  # torch from here on
 

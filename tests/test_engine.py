@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfr_cli.checkpoints import build_networks, load_networks, write_random_checkpoints
+from sfr_cli.checkpoints import load_networks, write_random_checkpoints
 from sfr_cli.coeffs import camera_pose_sequence, prepare_semantics
 from sfr_cli.config import CONFIG_DIR, load_config
 from sfr_cli.engine import Engine, EngineOptions

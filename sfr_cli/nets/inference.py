@@ -14,7 +14,7 @@ is covered by a parity test against the plain modules:
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +200,3 @@ def optimize_generator(generator: OcclusionAwareSPADEGenerator) -> OcclusionAwar
 def optimize_kp_detector(kp_detector: nn.Module) -> nn.Module:
     _fold_conv_norm_blocks(kp_detector)
     return kp_detector.eval().requires_grad_(False)
-
-
-def conv_modules(module: nn.Module) -> List[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
