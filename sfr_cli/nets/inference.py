@@ -7,7 +7,8 @@ is covered by a parity test against the plain modules:
 - batch norm (running statistics) folded into the convolution before it;
 - SPADE: the hidden convs (``mlp_shared``) of every SPADE that reads the same segmentation map at the
   same resolution run as one wide conv; ``mlp_gamma``/``mlp_beta`` run as one conv with ``1 +`` folded
-  into the gamma bias; ``norm_0``/``norm_s`` share one instance norm of ``x``;
+  into the gamma bias; ``norm_0``/``norm_s`` share one instance norm of ``x``; the learned shortcut's
+  1x1 conv is folded into its ``mlp_beta`` (one 3x3 conv with the shortcut's fewer output channels);
 - a 3x3 conv of a nearest-upsampled map is computed at the low resolution with per-phase kernels
   (the upsampled map is piecewise constant, so most taps of the 3x3 window read the same pixel).
 """
@@ -27,16 +28,20 @@ from .generator import OcclusionAwareSPADEGenerator, SPADEDecoder
 
 @torch.no_grad()
 def fold_batch_norm(conv: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> None:
-    """Make ``conv`` compute ``norm(conv(x))`` (eval-mode statistics); the caller drops ``norm``."""
+    """Make ``conv`` compute ``norm(conv(x))`` (eval-mode statistics); the caller drops ``norm``.
+
+    The per-channel scale and shift are computed in float64; the weights are scaled in their own dtype
+    (one rounding, as the unfolded path's multiply has).
+    """
     scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
     shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-    conv.weight.copy_((conv.weight.double() * scale.view(shape)).to(conv.weight.dtype))
-    new_bias = (bias - norm.running_mean.double()) * scale + norm.bias.double()
+    conv.weight.mul_(scale.to(conv.weight.dtype).view(shape))
+    new_bias = ((bias - norm.running_mean.double()) * scale + norm.bias.double()).to(conv.weight.dtype)
     if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+        conv.bias = nn.Parameter(new_bias, requires_grad=False)
     else:
-        conv.bias.copy_(new_bias.to(conv.bias.dtype))
+        conv.bias.copy_(new_bias)
 
 
 def _plain_conv(conv: SpectralNormConv2d) -> nn.Conv2d:
@@ -134,19 +139,36 @@ class FusedSPADEResnetBlock(nn.Module):
         norms = [block.norm_0, block.norm_1] + ([block.norm_s] if block.learned_shortcut else [])
         self.hidden = norms[0].mlp_shared[0].out_channels
         self.shared_convs = [n.mlp_shared[0] for n in norms]
-        self.modulation = nn.ModuleList(_cat_convs([n.mlp_gamma, n.mlp_beta], bias_offsets=[1.0]) for n in norms)
+        self.modulation = nn.ModuleList(_cat_convs([n.mlp_gamma, n.mlp_beta], bias_offsets=[1.0])
+                                        for n in norms[:2])
         self.conv_0 = _plain_conv(block.conv_0)
         self.conv_1 = _plain_conv(block.conv_1)
-        self.conv_s = _plain_conv(block.conv_s) if block.learned_shortcut else None
+        if block.learned_shortcut:
+            # conv_s is 1x1 and linear: conv_s(n * g + b) = conv_s(n * g) + (conv_s o mlp_beta)(actv), and
+            # conv_s o mlp_beta is one 3x3 conv straight to conv_s's (fewer) output channels.
+            self.conv_s = _plain_conv(block.conv_s)
+            beta = block.norm_s.mlp_beta
+            mix = self.conv_s.weight.detach()[:, :, 0, 0].double()
+            shortcut_beta = nn.Conv2d(beta.in_channels, mix.shape[0], 3, padding=1).to(mix.device)
+            with torch.no_grad():
+                shortcut_beta.weight.copy_(torch.einsum("oc,chij->ohij", mix, beta.weight.double()))
+                shortcut_beta.bias.copy_(mix @ beta.bias.double())
+            self.shortcut_modulation = _cat_convs([block.norm_s.mlp_gamma, shortcut_beta], bias_offsets=[1.0])
+            self.shortcut_channels = block.norm_s.mlp_gamma.out_channels
 
     def _modulate(self, normalized, actv, index):
         scale_shift = self.modulation[index](actv[:, index * self.hidden:(index + 1) * self.hidden])
         scale, shift = scale_shift.chunk(2, dim=1)
         return torch.addcmul(shift, normalized, scale)
 
+    def _shortcut(self, x_norm, actv):
+        scale_shift = self.shortcut_modulation(actv[:, 2 * self.hidden:3 * self.hidden])
+        scale, shift = scale_shift.split([self.shortcut_channels, scale_shift.shape[1] - self.shortcut_channels], 1)
+        return self.conv_s(x_norm * scale) + shift
+
     def forward(self, x, actv):
         x_norm = _instance_norm_fp32(x)
-        x_s = self.conv_s(self._modulate(x_norm, actv, 2)) if self.learned_shortcut else x
+        x_s = self._shortcut(x_norm, actv) if self.learned_shortcut else x
         dx = self.conv_0(F.leaky_relu(self._modulate(x_norm, actv, 0), LEAKY_SLOPE_SPADE))
         dx_norm = _instance_norm_fp32(dx)
         dx = self.conv_1(F.leaky_relu(self._modulate(dx_norm, actv, 1), LEAKY_SLOPE_SPADE))
