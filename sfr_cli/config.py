@@ -18,6 +18,9 @@ import yaml
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Sections of facevid2vid-style training configs that say nothing about the model's shape: accepted so
+# such a file loads unchanged, and ignored. Any other unknown key is an error.
+TRAINING_SECTIONS = ("dataset_params", "train_params", "visualizer_params")
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def parse_config(data: Any, path: Optional[Path] = None) -> ModelConfig:
     """Build a ModelConfig from the parsed YAML mapping (``{"model_params": {...}}``)."""
     where = str(path) if path else "config"
     top = _mapping(data, where, "the top level")
-    _reject_unknown(top, {"model_params"}, where, "")
+    _reject_unknown(top, {"model_params", *TRAINING_SECTIONS}, where, "")
     params = _mapping(top.get("model_params"), where, "model_params")
     known = {"common_params", "kp_detector_params", "he_estimator_params", "generator_params",
              "discriminator_params", "mapping_params"}

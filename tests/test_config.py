@@ -58,3 +58,13 @@ def test_missing_key_and_bad_files(tmp_path):
     bad.write_text("model_params: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_training_sections_of_a_sadtalker_style_yaml_are_accepted_and_ignored():
+    data = raw()
+    data["train_params"] = {"num_epochs": 100, "lr_generator": 2e-4}
+    data["dataset_params"] = {"root_dir": "data"}
+    assert parse_config(data).mapping.coeff_nc == 70
+    data["training"] = {}
+    with pytest.raises(ConfigError, match="unknown key training"):
+        parse_config(data)
