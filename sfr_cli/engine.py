@@ -35,6 +35,7 @@ class EngineOptions:
     batch_size: Optional[int] = None  # None: chosen from the device's free memory
     optimize: bool = True  # inference rewrites that keep the math (nets/inference.py)
     compile: bool = False  # torch.compile the decoder (start-up cost; pays on long CUDA clips)
+    channels_last: Optional[bool] = None  # the decoder in NHWC; None: on CUDA (tensor cores), off on a CPU
 
 
 @dataclass
@@ -114,7 +115,9 @@ class Engine:
             torch.set_flush_denormal(True)  # denormal floats slow CPU convolutions ten-fold; they are < 1e-37
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            self.generator.to(memory_format=torch.channels_last)
+        self.channels_last = self.device.type == "cuda" if options.channels_last is None else options.channels_last
+        if self.channels_last:  # 2D convolutions only: the dense motion network's 3D ones have no NHWC
+            self.decoder.to(memory_format=torch.channels_last)
         if options.compile:
             self.decoder = torch.compile(self.decoder, dynamic=False)
         self.batch_size = options.batch_size or (CPU_AUTO_BATCH if self.device.type == "cpu" else 0)
@@ -183,7 +186,7 @@ class Engine:
                 warped.append(self.generator.warp(source.feature_3d, motion))
         with self._autocast(self.dtype), self._stage("decoder"):
             features = torch.cat(warped) if len(warped) > 1 else warped[0]
-            if self.device.type == "cuda":
+            if self.channels_last:
                 features = features.contiguous(memory_format=torch.channels_last)
             image = self.decoder(features)
         with self._stage("transfer"):
@@ -217,7 +220,7 @@ class Engine:
                 if batch == 1:
                     raise RenderError(f"out of GPU memory on {self.device} even at batch size 1; free the GPU "
                                       "or use --precision fp16 or --device cpu")
-                batch = max(1, batch // 2)
+                batch = self.batch_size = max(1, batch // 2)  # later clips start from what fitted
                 self.stats["oom_retries"] += 1
                 self._release_cached_memory()
                 continue
@@ -234,7 +237,15 @@ class Engine:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        self.render_batch(source, semantics.windows(0, 1))
+        try:
+            self.render_batch(source, semantics.windows(0, 1))
+        except torch.cuda.OutOfMemoryError:
+            fits = False
+        else:
+            fits = True
+        if not fits:
+            raise RenderError(f"out of GPU memory on {self.device} rendering one frame; free the GPU or use "
+                              "--precision fp16 or --device cpu")
         per_frame = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
         free, _ = torch.cuda.mem_get_info(self.device)
         batch = int(free * CUDA_MEMORY_HEADROOM // per_frame)

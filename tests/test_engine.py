@@ -150,6 +150,16 @@ def test_other_errors_are_never_retried(tiny_nets, job, monkeypatch):
     assert calls == [4]
 
 
+def test_channels_last_decoder_as_on_cuda_gives_the_same_frames(tiny_nets, job):
+    """CUDA runs the decoder in NHWC; the conversion must take (no 3D conv may be converted) and agree."""
+    image, semantics = job
+    _, reference = render_all(tiny_nets, image, semantics, batch_size=2)
+    engine, frames = render_all(tiny_nets, image, semantics, batch_size=2, channels_last=True)
+    assert engine.channels_last
+    assert engine.decoder.fc.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.abs(frames.astype(int) - reference.astype(int)).max() <= 1
+
+
 def test_fp16_on_cpu_is_refused_clearly(tiny_nets):
     with pytest.raises(RenderError, match="fp16 needs a CUDA GPU"):
         Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", precision="fp16"))
