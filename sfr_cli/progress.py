@@ -123,7 +123,7 @@ class RichReporter:
 
     def note(self, message: str) -> None:
         # While a live display runs, Rich prints this above it.
-        self.console.print(message, markup=False, highlight=False)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)  # one line, for logs
 
     def finish(self) -> None:
         self._stop_status()
