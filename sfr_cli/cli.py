@@ -143,7 +143,7 @@ def sfr() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Compute precision (fp16/bf16 on CUDA; keypoint and pose math stays fp32).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the networks (CUDA; slow first batch).")
+              help="torch.compile the decoder (CUDA; slow first batch).")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result and timings.")
 @debug_option
@@ -249,7 +249,7 @@ def checkpoints_inspect(path: Path, config: Optional[str]) -> None:
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="Checkpoints to time [default: random weights shaped by --config].")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the engine's networks (CUDA).")
+              help="torch.compile the engine's decoder (CUDA).")
 @click.option("--plain/--no-plain", default=True, show_default=True,
               help="Also time a plain one-frame-at-a-time loop in SadTalker's style, for the speed-up.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")

@@ -47,7 +47,6 @@ class SourceState:
     kp_source: torch.Tensor  # (1, K, 3) float32
     feature_3d: torch.Tensor  # (1, C, D, h, w)
     dense: Dict[str, torch.Tensor]
-    size_px: int
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,7 +101,6 @@ class Engine:
         # The dense motion network predicts the warp's sampling grid: fp16 keeps it (51 dB against fp32 with
         # random weights), bf16's 8-bit mantissa does not (36 dB), so under bf16 it stays in fp32 (40 dB).
         self.motion_dtype = self.dtype if self.dtype == torch.float16 else torch.float32
-        self.options = options
         kp_detector, generator, mapping = nets.kp_detector, nets.generator, nets.mapping
         if options.optimize:
             kp_detector = optimize_kp_detector(kp_detector)
@@ -160,7 +158,7 @@ class Engine:
             kp_source = transform_keypoints(kp_canonical, self.mapping(window))
             feature_3d = self.generator.encode_source(img)
             dense = self.generator.dense_motion_network.prepare_source(feature_3d, kp_source)
-        return SourceState(kp_canonical, kp_source, feature_3d, dense, image.shape[-1])
+        return SourceState(kp_canonical, kp_source, feature_3d, dense)
 
     @torch.inference_mode()
     def render_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None) -> np.ndarray:
@@ -239,13 +237,9 @@ class Engine:
         before = torch.cuda.memory_allocated(self.device)
         try:
             self.render_batch(source, semantics.windows(0, 1))
-        except torch.cuda.OutOfMemoryError:
-            fits = False
-        else:
-            fits = True
-        if not fits:
+        except torch.cuda.OutOfMemoryError as exc:  # nothing to retry: no smaller batch exists
             raise RenderError(f"out of GPU memory on {self.device} rendering one frame; free the GPU or use "
-                              "--precision fp16 or --device cpu")
+                              "--precision fp16 or --device cpu") from exc
         per_frame = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
         free, _ = torch.cuda.mem_get_info(self.device)
         batch = int(free * CUDA_MEMORY_HEADROOM // per_frame)
