@@ -1,4 +1,5 @@
 # sfr: `make demo` renders a short clip with random weights; `make test` runs the test suite.
+# `make install` includes the `ray` extra, so the tests run `sfr batch --ray local` for real.
 # Every pip call is constrained by constraints.txt so pip never swaps in a newer (CUDA) torch.
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt '$(TORCH)'
-	$(PIP) install -c constraints.txt -e '.[test]'
+	$(PIP) install -c constraints.txt -e '.[test,ray]'
 	touch $(STAMP)
 
 test: install
