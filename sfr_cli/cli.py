@@ -18,11 +18,11 @@ import click
 
 from . import __version__
 from .errors import CheckpointError, SfrError
+from .options import PREPROCESS_MODES, ROW_TYPES, BatchSize, Degrees
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEBUG_KEY = "sfr.debug"
-PREPROCESS_MODES = ("crop", "resize", "extcrop", "full", "extfull")
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
 CONFIG_HELP = ("Model config: a built-in name (facerender, tiny; their _still siblings for 73 coefficients) "
                "or a YAML path, e.g. SadTalker's src/config/facerender.yaml.")
@@ -56,42 +56,6 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, callbac
                             help="Show the full traceback for errors.")
 
 
-class BatchSize(click.ParamType):
-    """`auto` (None) or a whole number of frames >= 1."""
-
-    name = "auto|N"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, int):
-            number = value
-        elif str(value).strip().lower() == "auto":
-            return None
-        else:
-            try:
-                number = int(str(value).strip())
-            except ValueError:
-                self.fail(f"{value!r} is neither 'auto' nor a whole number", param, ctx)
-        if number is not None and number < 1:
-            self.fail(f"{number} is below 1; give a batch size of at least 1, or auto", param, ctx)
-        return number
-
-
-class Degrees(click.ParamType):
-    """A comma-separated list of degrees like `0,20,-10`."""
-
-    name = "DEG[,DEG...]"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        from .coeffs import parse_degrees
-
-        try:
-            return tuple(parse_degrees(str(value)))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 def _reporter(quiet: bool):
     from .progress import RichReporter, SilentReporter
 
@@ -117,7 +81,7 @@ def sfr() -> None:
 @click.option("--frames-dir", type=click.Path(path_type=Path),
               help="Also (or, without -o, only) write frames as DIR/000000.png, 000001.png, ...")
 @click.option("--audio", type=click.Path(path_type=Path), help="Audio to mux into the MP4 (cut to the video).")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=25.0, show_default=True,
+@click.option("--fps", type=ROW_TYPES["fps"], default=25.0, show_default=True,
               help="Frames per second of the MP4.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="SadTalker's checkpoints folder [default: $SFR_CHECKPOINT_DIR or ./checkpoints].")
@@ -158,19 +122,169 @@ def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], outpu
     JSON object: output, frames_dir, frames, seconds, frames_per_second, peak_rss_mib, peak_cuda_mib,
     device, precision, batch_size.
     """
-    from .pipeline import RenderJob, render_job
+    from .renderer import Renderer
 
-    job = RenderJob(coeffs=coeffs_path, source=source, source_coeffs=source_coeffs, output=output,
-                    frames_dir=frames_dir, audio=audio, fps=fps, checkpoint_dir=checkpoint_dir,
-                    checkpoint=checkpoint, mapping=mapping, config=config, size_px=int(size_px),
-                    preprocess=preprocess, still=still, expression_scale=expression_scale, yaw=yaw, pitch=pitch,
-                    roll=roll, batch_size=batch_size, device=device, precision=precision, compile=compile_)
+    renderer = Renderer(checkpoint_dir=checkpoint_dir, config=config, device=device, precision=precision,
+                        batch_size=batch_size, size=int(size_px), checkpoint=checkpoint, mapping=mapping,
+                        compile=compile_)
     with _reporter(quiet or as_json) as reporter:
-        report = render_job(job, reporter)
+        report = renderer.render(coeffs_path, source, output=output, frames_dir=frames_dir, audio=audio,
+                                 reporter=reporter, source_coeffs=source_coeffs, fps=fps, preprocess=preprocess,
+                                 still=still, expression_scale=expression_scale, yaw=yaw, pitch=pitch, roll=roll)
     if as_json:
         click.echo(report.to_json())
     else:
         click.echo(str(report.output if report.output is not None else report.frames_dir))
+
+
+class Shard(click.ParamType):
+    """`K/N`: the K-th of N shards."""
+
+    name = "K/N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from .batch import parse_shard
+
+        try:
+            return parse_shard(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@sfr.command(context_settings={"max_content_width": 100})
+@click.argument("manifest_or_coeffs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--coeffs", "coeffs_globs", multiple=True, metavar="GLOB",
+              help="Without a manifest: coefficient files, e.g. 'results/*.mat' (quoted, or expanded by the shell).")
+@click.option("--source", help="Without a manifest: the source face for every clip (a row's default otherwise).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True,
+              help="Where a row without `output` writes <coeffs stem>.mp4.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Report to append one JSON line per row to [default: <manifest stem>.report.jsonl beside the "
+                   "manifest, or sfr-batch.report.jsonl in --output-dir].")
+@click.option("--source-coeffs", type=click.Path(path_type=Path), help="Default for rows without source_coeffs.")
+@click.option("--fps", type=ROW_TYPES["fps"], default=25.0, show_default=True, help="Default frames per second.")
+@click.option("--preprocess", type=ROW_TYPES["preprocess"], default="crop", show_default=True,
+              help="Default preprocess mode.")
+@click.option("--still/--no-still", default=False, show_default=True, help="Default for rows without still.")
+@click.option("--expression-scale", type=float, default=1.0, show_default=True, help="Default expression scale.")
+@click.option("--yaw", type=Degrees(), help="Default camera yaw sweep, as sfr render's.")
+@click.option("--pitch", type=Degrees(), help="Default camera pitch sweep.")
+@click.option("--roll", type=Degrees(), help="Default camera roll sweep.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path),
+              help="SadTalker's checkpoints folder [default: $SFR_CHECKPOINT_DIR or ./checkpoints].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="The renderer file, as sfr render's.")
+@click.option("--mapping", type=click.Path(path_type=Path), help="The mapping file, as sfr render's.")
+@click.option("--config", "config", metavar="NAME|PATH", help=CONFIG_HELP + " [default: facerender]")
+@click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
+              help="Frame size in pixels.")
+@click.option("--batch-size", type=BatchSize(), default="auto", show_default=True, help="Frames per batch.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Compute precision.")
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+              help="torch.compile the decoder (CUDA).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes, each loading the models once [default: one per visible GPU, else 1].")
+@click.option("--devices", help="GPUs for the workers, e.g. cuda:0,cuda:2 [default: every visible GPU].")
+@click.option("--shard", type=Shard(), help="Render only shard K of N (rows K, K+N, ...): 1/4, 2/4, ...")
+@click.option("--ray", "ray_address", metavar="local|auto|ADDRESS",
+              help="Run rows on Ray actors: local (start a local instance), auto or ADDRESS (join a cluster).")
+@click.option("--overwrite", is_flag=True, help="Render rows whose outputs exist again (default: skip them).")
+@click.option("--dry-run", is_flag=True, help="Check every row and say what would run; render nothing.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document at the end: totals and every row.")
+@debug_option
+@click.pass_context
+def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_dir: Path, report_path, source_coeffs,
+          fps, preprocess, still, expression_scale, yaw, pitch, roll, checkpoint_dir, checkpoint, mapping, config,
+          size_px, batch_size, device, precision, compile_, workers, devices, shard, ray_address, overwrite, dry_run,
+          quiet, as_json) -> None:
+    """Render many clips with models loaded once: MANIFEST (.csv with a header row, or .jsonl) has one row
+    per clip (coeffs, source; optional output, frames_dir, source_coeffs, audio, fps, preprocess, still,
+    expression_scale, yaw, pitch, roll), or `--coeffs GLOB --source FACE` gives one clip per file.
+
+    Rows whose outputs exist are skipped (rerun the same command to resume). Exit 0 when every row is
+    done or skipped, 1 when any failed, 2 for a usage error.
+    """
+    import json
+
+    from . import batch as batching
+    from .pipeline import RenderJob
+    from .progress import BatchProgress
+
+    manifest = None
+    if coeffs_globs:
+        patterns = list(coeffs_globs) + [str(p) for p in manifest_or_coeffs]  # the shell expanded the glob
+        if not source:
+            raise click.UsageError("--coeffs needs --source FACE (the face of every clip)")
+        rows = batching.rows_from_globs(patterns, source)
+        prefix = "clip"
+    else:
+        if len(manifest_or_coeffs) != 1:
+            raise click.UsageError("give one MANIFEST (.csv or .jsonl), or --coeffs GLOB --source FACE")
+        manifest = manifest_or_coeffs[0]
+        if not manifest.is_file():
+            raise click.UsageError(f"{manifest}: no such manifest file")
+        try:
+            rows = batching.read_manifest(manifest)
+        except batching.ManifestError as exc:
+            raise click.UsageError(str(exc)) from None
+        if source:
+            for row in rows:
+                row.values.setdefault("source", source)
+        prefix = "row"
+    template = RenderJob(coeffs=Path("."), source=Path("."), source_coeffs=source_coeffs, fps=fps,
+                         checkpoint_dir=checkpoint_dir, checkpoint=checkpoint, mapping=mapping, config=config,
+                         size_px=int(size_px), preprocess=preprocess, still=still, expression_scale=expression_scale,
+                         yaw=yaw, pitch=pitch, roll=roll, batch_size=batch_size, device=device, precision=precision,
+                         compile=compile_)
+    defaults = batching.BatchDefaults(template, output_dir=output_dir, overwrite=overwrite)
+    rows = batching.select_shard(rows, shard)
+    plan = batching.plan_batch(rows, defaults, prefix=prefix, dry_run=dry_run)
+    progress = BatchProgress(quiet=quiet or as_json)
+    if dry_run:
+        summary = batching.dry_run_summary(plan)
+    else:
+        report = batching.ReportFile(report_path or batching.default_report_path(manifest, output_dir))
+        settings = batching.renderer_settings(template)
+        debug = bool(ctx.meta.get(DEBUG_KEY))
+        try:
+            backend = _batch_backend(settings, workers, devices, ray_address, debug)
+            summary = batching.run_batch(plan, backend, report, progress)
+        finally:
+            report.close()
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+    else:
+        counts = summary.counts
+        click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
+                   f"of {len(summary.rows)} rows", err=quiet)
+    if not summary.ok:
+        ctx.exit(EXIT_ERROR)
+
+
+def _batch_backend(settings, workers, devices, ray_address, debug: bool):
+    """In-process for one worker on one device; worker processes for more; Ray actors with --ray."""
+    from .batch import InProcessBackend
+
+    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+    if ray_address is not None:
+        from .cluster import RayBackend
+
+        return RayBackend(settings, address=ray_address, workers=workers, debug=debug)
+    if device_list is None and (settings["device"] in ("auto", "cuda") and workers is None):
+        from .workers import visible_cuda_devices
+
+        found = visible_cuda_devices()
+        device_list = found if len(found) > 1 else None
+    count = workers or (len(device_list) if device_list else 1)
+    if count == 1 and not device_list:
+        return InProcessBackend(settings, debug=debug)
+    from .workers import WorkerPoolBackend
+
+    return WorkerPoolBackend(settings, workers=count, devices=device_list)
 
 
 @sfr.group()

@@ -105,6 +105,12 @@ def _load_npy(path: Path) -> np.ndarray:
                                 f"save the coefficients again with numpy.save") from exc
 
 
+def check_coefficients(array: np.ndarray, name: str = "coefficients") -> np.ndarray:
+    """An in-memory coefficient array checked as a file's would be (``name`` starts its messages):
+    ``(N, C)`` or ``(N, C, 27)`` float32, ``C`` 70 or 73. Raises ``CoefficientsError``."""
+    return _checked(Path(name), np.asarray(array))
+
+
 def _checked(path: Path, array: np.ndarray) -> np.ndarray:
     """Validate dtype, shape and values; ``(N, C)`` or ``(N, C, 27)`` float32."""
     if array.dtype.kind not in "iuf":

@@ -74,6 +74,24 @@ def read_source_image(path: PathLike, size_px: int) -> np.ndarray:
     return np.ascontiguousarray(resized.transpose(2, 0, 1))
 
 
+def source_from_array(image: np.ndarray, size_px: int) -> np.ndarray:
+    """A source face given as an RGB array, `(H, W, 3)` uint8 (or float in [0, 1]), read as
+    `read_source_image` reads a file: `(3, size_px, size_px) float32 in [0, 1]`."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise MediaError(f"source array of shape {image.shape}: give an (H, W, 3) RGB image")
+    if image.dtype == np.uint8:
+        rgb = np.multiply(image, 1.0 / 255, dtype=np.float32)
+    elif image.dtype.kind == "f":
+        rgb = image.astype(np.float32)
+        if not np.isfinite(rgb).all() or rgb.min() < 0 or rgb.max() > 1:
+            raise MediaError("source array: float values must be finite and in [0, 1] (or pass uint8)")
+    else:
+        raise MediaError(f"source array of type {image.dtype}: pass uint8 RGB, or float in [0, 1]")
+    resized = resize_image(np.ascontiguousarray(rgb), size_px, size_px)
+    return np.ascontiguousarray(resized.transpose(2, 0, 1))
+
+
 def _read_rgb_float32(path: Path) -> np.ndarray:
     """Read any Pillow image as `(H, W, 3) float32 in [0, 1]`, exactly like `img_as_float32`."""
     if not path.exists():
@@ -227,6 +245,20 @@ class PngFrameWriter(_Sink):
                 folder.rmdir()
             except OSError:
                 break
+
+
+def frame_files(frames_dir: PathLike) -> List[Path]:
+    """The frames (`000000.png`, ...) in a folder, in order; empty when the folder is missing."""
+    folder = Path(frames_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if FRAME_FILE.fullmatch(p.name))
+
+
+def remove_frames(frames_dir: PathLike) -> None:
+    """Remove the frames an earlier render left in `frames_dir` (only files named like frames)."""
+    for path in frame_files(frames_dir):
+        _remove_quietly(path)
 
 
 def _missing_dirs(directory: Path) -> List[Path]:

@@ -141,41 +141,100 @@ def _pose(degrees: Optional[Sequence[float]], frame_count: int) -> Optional[np.n
 # The job
 
 
-def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
-    """Check everything, load the model, render `job` into its MP4 and/or PNG frames; return a report.
+@dataclass
+class PreparedJob:
+    """A job after every check, before any model: what `render_job` streams and `Renderer.frames` yields.
 
-    Raises SfrError kinds for anything the user can fix; nothing is left at the outputs on failure.
-    """
+    `image` is the source `(3, S, S) float32 in [0, 1]`; `output`/`frames_dir` are where it will write
+    (both None for frames kept in memory); `files` are the checkpoint files found."""
+
+    job: RenderJob
+    config: ModelConfig
+    files: object  # checkpoints.CheckpointFiles
+    semantics: object  # coeffs.Semantics
+    image: np.ndarray
+    yaw: Optional[np.ndarray]
+    pitch: Optional[np.ndarray]
+    roll: Optional[np.ndarray]
+    output: Optional[Path]
+    frames_dir: Optional[Path]
+    ffmpeg: Optional[str]
+    notes: List[str]
+
+    @property
+    def frame_count(self) -> int:
+        return self.semantics.frame_count
+
+
+class FreshModels:
+    """The plain model source: load the networks for this one job, prepare its source, keep nothing.
+    `renderer.ModelCache` is the one that keeps models and source work between jobs."""
+
+    def engine(self, prepared: PreparedJob):
+        from . import checkpoints
+        from .engine import Engine, EngineOptions
+
+        job = prepared.job
+        nets = checkpoints.load_networks(prepared.config, prepared.files)
+        return Engine(nets, EngineOptions(device=job.device, precision=job.precision, batch_size=job.batch_size,
+                                          compile=job.compile))
+
+    def source_state(self, engine, prepared: PreparedJob):
+        return engine.prepare_source(prepared.image, prepared.semantics.source_window())
+
+
+def read_driving(value) -> Tuple[np.ndarray, str]:
+    """Coefficients from a file path, or an `(N, 70|73)` / `(N, C, 27)` array; (array, name for messages)."""
+    if isinstance(value, np.ndarray):
+        return coeffs.check_coefficients(value, "coefficients array"), "the coefficients array"
+    return coeffs.read_coefficients(value), str(value)
+
+
+def read_source(value, size_px: int) -> np.ndarray:
+    """The source face from an image path, or an `(H, W, 3)` RGB array (uint8, or float in [0, 1])."""
+    if isinstance(value, np.ndarray):
+        return media.source_from_array(value, size_px)
+    return media.read_source_image(value, size_px)
+
+
+def prepare_job(job: RenderJob, note=lambda message: None, *, in_memory: bool = False) -> PreparedJob:
+    """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds.
+
+    With `in_memory`, the job writes no files (its frames are kept by the caller)."""
     notes: List[str] = []
 
-    def note(message: str) -> None:
+    def noted(message: str) -> None:
         notes.append(message)
-        reporter.note(message)
+        note(message)
 
-    # 1. Everything checkable, cheapest first; nothing here imports torch.
     if job.size_px not in SIZES_PX:
         raise ConfigError(f"size {job.size_px} px is not supported; SadTalker renders 256 or 512")
     if job.batch_size is not None and job.batch_size < 1:
         raise RenderError(f"batch size {job.batch_size}: must be at least 1 (or auto)")
     if not job.fps > 0:
         raise MediaError(f"fps {job.fps}: must be positive")
-    output, frames_dir = output_paths(job)
+    if in_memory:
+        output = frames_dir = None
+    else:
+        if isinstance(job.coeffs, np.ndarray) and job.output is None and job.frames_dir is None:
+            raise MediaError("coefficients given as an array: name the output (output= or frames_dir=)")
+        output, frames_dir = output_paths(job)
     if job.audio is not None and output is None:
         raise MediaError(f"{job.audio}: --audio needs an MP4 output; add -o/--output PATH.mp4")
     config = resolve_config(job.config, job.preprocess)
 
-    driving = coeffs.read_coefficients(job.coeffs)
+    driving, driving_name = read_driving(job.coeffs)
     if job.source_coeffs is not None:
         source_row = coeffs.read_source_coefficients(job.source_coeffs)
     else:
         first = driving[0] if driving.ndim == 2 else driving[0, :, coeffs.SEMANTIC_RADIUS]
         source_row = np.array(first, dtype=np.float32)
-        note(f"source coefficients: first frame of {job.coeffs} (pass --source-coeffs for the source's own)")
+        noted(f"source coefficients: first frame of {driving_name} (pass --source-coeffs for the source's own)")
     semantics = coeffs.prepare_semantics(driving, source_row, preprocess=job.preprocess, still=job.still,
                                          expression_scale=job.expression_scale)
     frame_count = semantics.frame_count
     yaw, pitch, roll = (_pose(d, frame_count) for d in (job.yaw, job.pitch, job.roll))
-    image = media.read_source_image(job.source, job.size_px)
+    image = read_source(job.source, job.size_px)
 
     ffmpeg = None
     if output is not None:
@@ -185,8 +244,8 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
             audio = media.probe_audio(job.audio, ffmpeg)
             video_seconds = frame_count / job.fps
             if audio.duration_seconds is not None and audio.duration_seconds < video_seconds - 0.1:
-                note(f"{job.audio}: {audio.duration_seconds:.2f} s of audio for {video_seconds:.2f} s of video; "
-                     "the end is silent")
+                noted(f"{job.audio}: {audio.duration_seconds:.2f} s of audio for {video_seconds:.2f} s of video; "
+                      "the end is silent")
     if frames_dir is not None:
         media.check_frames_dir(frames_dir)
 
@@ -194,30 +253,55 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
 
     files = checkpoints.find_checkpoints(job.checkpoint_dir, size_px=job.size_px, preprocess=job.preprocess,
                                          checkpoint=job.checkpoint, mapping=job.mapping)
-    from .engine import Engine, EngineOptions, check_precision, peak_rss_mib, resolve_device
+    from .engine import check_precision, resolve_device
 
     check_precision(job.precision, resolve_device(job.device))  # an unavailable device or precision fails here
+    return PreparedJob(job=job, config=config, files=files, semantics=semantics, image=image, yaw=yaw,
+                       pitch=pitch, roll=roll, output=output, frames_dir=frames_dir, ffmpeg=ffmpeg, notes=notes)
 
-    # 2. The model.
-    reporter.loading(f"loading {files.renderer.name} and {files.mapping.name} ({config.name})")
-    nets = checkpoints.load_networks(config, files)
-    engine = Engine(nets, EngineOptions(device=job.device, precision=job.precision, batch_size=job.batch_size,
-                                        compile=job.compile))
-    state = engine.prepare_source(image, semantics.source_window())
+
+def render_job(job: RenderJob, reporter: Reporter, models=None) -> RenderReport:
+    """Check everything, load the model, render `job` into its MP4 and/or PNG frames; return a report.
+
+    `models` gives the engine and the source work (`FreshModels` by default: load for this job only;
+    `Renderer` passes its cache). Raises SfrError kinds for anything the user can fix; nothing is left
+    at the outputs on failure.
+    """
+    # 1. Everything checkable, cheapest first; no model loads.
+    prepared = prepare_job(job, reporter.note)
+    return render_prepared(prepared, reporter, models)
+
+
+def render_prepared(prepared: PreparedJob, reporter: Reporter, models=None) -> RenderReport:
+    """Steps 2 and 3 of `render_job` for a job `prepare_job` has checked."""
+    from .engine import peak_rss_mib
+
+    models = models if models is not None else FreshModels()
+    notes = prepared.notes
+    files, frame_count = prepared.files, prepared.frame_count
+
+    # 2. The model (loaded, or found in the caller's cache) and the source work.
+    reporter.loading(f"loading {files.renderer.name} and {files.mapping.name} ({prepared.config.name})")
+    engine = models.engine(prepared)
+    state = models.source_state(engine, prepared)
     reporter.finish()
-    note(f"{frame_count} frames on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}")
+    message = f"{frame_count} frames on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}"
+    notes.append(message)
+    reporter.note(message)
 
     # 3. Frames: engine -> bounded queue -> writer thread -> MP4 and/or PNG frames.
     started = time.perf_counter()
-    written = _stream(engine, state, semantics, yaw, pitch, roll, reporter, output, frames_dir, ffmpeg, job)
+    job = prepared.job
+    written = _stream(engine, state, prepared.semantics, prepared.yaw, prepared.pitch, prepared.roll, reporter,
+                      prepared.output, prepared.frames_dir, prepared.ffmpeg, job)
     seconds = time.perf_counter() - started
     reporter.finish()
 
     stats = engine.stats
     batch_sizes = stats.get("batch_sizes") or [engine.batch_size]  # CUDA auto decides in render()
     return RenderReport(
-        output=output,
-        frames_dir=frames_dir,
+        output=prepared.output,
+        frames_dir=prepared.frames_dir,
         frames=written,
         seconds=seconds,
         frames_per_second=written / seconds if seconds > 0 else 0.0,

@@ -6,6 +6,7 @@ to stderr, so stdout carries results only.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Protocol, runtime_checkable
 
 from rich.console import Console
@@ -146,3 +147,64 @@ class RichReporter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.finish()
         return False
+
+
+class BatchProgress:
+    """What `sfr batch` shows on stderr: clips done/failed/total, frames per second, ETA and the clip in
+    flight on a live bar when stderr is a terminal; one line per settled clip when it is not (a log file,
+    CI); nothing when `quiet`. Rows arrive as `batch.RowResult`s (status, row, output, frames, seconds, error).
+    """
+
+    def __init__(self, console: Optional[Console] = None, quiet: bool = False):
+        self.console = console if console is not None else Console(stderr=True)
+        self.quiet = quiet
+        self.live = self.console.is_terminal and not quiet
+        self._progress: Optional[Progress] = None
+        self._task_id = None
+        self._total = 0
+        self._settled = 0
+        self._failed = 0
+        self._in_flight: dict = {}
+
+    def begin(self, total_clips: int, total_frames: int) -> None:
+        self._total = total_clips
+        if not self.live:
+            return
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("frames"), FramesPerSecondColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console)
+        self._progress.start()
+        self._task_id = self._progress.add_task(self._describe(), total=max(total_frames, 1))
+
+    def _describe(self) -> str:
+        flight = ", ".join(sorted(self._in_flight.values()))[:60]
+        done = self._settled - self._failed
+        return f"clips {done}/{self._total} done, {self._failed} failed" + (f" | {flight}" if flight else "")
+
+    def started(self, task) -> None:
+        self._in_flight[task.row] = Path(str(task.job.coeffs)).name
+        if self._progress is not None:
+            self._progress.update(self._task_id, description=self._describe())
+
+    def settled(self, result, frames: int = 0) -> None:
+        self._settled += 1
+        self._failed += result.status == "failed"
+        self._in_flight.pop(result.row, None)
+        if self._progress is not None:
+            self._progress.update(self._task_id, advance=frames, description=self._describe())
+        if self.quiet:
+            return
+        where = result.output or result.frames_dir or result.coeffs
+        if result.status == "failed":
+            self.console.print(f"[{self._settled}/{self._total}] failed: {result.error}", markup=False,
+                               highlight=False, soft_wrap=True)
+        elif not self.live or result.status == "done":
+            detail = f" ({result.frames} frames, {result.seconds:.1f} s)" if result.status == "done" else ""
+            self.console.print(f"[{self._settled}/{self._total}] {result.status} {where}{detail}", markup=False,
+                               highlight=False, soft_wrap=True)
+
+    def end(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -12,7 +12,7 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 
 # Which sfr_cli modules each module may import (STYLE.md's table); nets/* may import each other only.
 ALLOWED_INTERNAL = {
-    "sfr_cli": set(),
+    "sfr_cli": {"renderer"},  # lazily, in a module __getattr__
     "sfr_cli.errors": set(),
     "sfr_cli.config": {"errors"},
     "sfr_cli.checkpoints": {"nets", "config", "errors"},
@@ -76,7 +76,8 @@ def test_import_directions(path):
 
     assert "cli" not in internal, f"{name} imports sfr_cli.cli; nothing may"
     if name == "sfr_cli":
-        assert imports == set(), f"sfr_cli/__init__.py must import nothing, imports {imports}"
+        # Only the public Renderer, lazily (module __getattr__), so `import sfr_cli` stays torch-free.
+        assert imports <= {"sfr_cli.renderer"}, f"sfr_cli/__init__.py must import nothing, imports {imports}"
     if name.startswith("sfr_cli.nets"):
         assert internal <= {"nets"}, f"{name} imports {internal - {'nets'}}; nets import only torch and each other"
         assert external - STDLIB <= {"torch"}, f"{name} imports {external - STDLIB - {'torch'}}"
@@ -95,11 +96,22 @@ def test_the_rules_see_relative_imports():
     assert "sfr_cli.errors" in imports and "sfr_cli.nets.mapping" in imports
 
 
+def test_renderer_is_importable_from_the_package_without_importing_torch_early():
+    code = ("import sys\n"
+            "import sfr_cli\n"
+            "assert 'torch' not in sys.modules\n"
+            "from sfr_cli import Renderer\n"
+            "assert Renderer.__module__ == 'sfr_cli.renderer'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_cli_and_help_do_not_import_torch():
     code = ("import sys\n"
             "import sfr_cli.cli as cli\n"
             "assert 'torch' not in sys.modules, 'import sfr_cli.cli imported torch'\n"
-            "for args in (['--help'], ['render', '--help'], ['checkpoints', '--help'], ['bench', '--help']):\n"
+            "for args in (['--help'], ['render', '--help'], ['batch', '--help'], ['checkpoints', '--help'],\n"
+            "             ['bench', '--help']):\n"
             "    try:\n"
             "        cli.sfr.main(args, prog_name='sfr')\n"
             "    except SystemExit as exc:\n"

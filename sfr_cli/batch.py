@@ -1,0 +1,461 @@
+"""Many clips in one run: manifest rows, their checks, shards, resume, scheduling and the report.
+
+Where rows run is not this module's business: a backend (`InProcessBackend` here, worker processes in
+`workers.py`, Ray actors in `cluster.py`) takes the checked tasks, longest first, and hands back one
+`RowResult` per task. Everything else (which rows, which are done, in what order, what the report
+says) is decided here, the same for every backend.
+
+A row's life: parsed (a bad cell fails the row, tagged with its row number) -> a `RenderJob` with the
+batch's defaults -> skipped when its outputs exist (resume) -> checked by `pipeline.prepare_job`, the
+checks `sfr render` makes, before any model loads -> rendered by a backend -> one report line.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import media
+from .errors import SfrError
+from .pipeline import RenderJob, output_paths, prepare_job
+
+PATH_FIELDS = ("coeffs", "source", "output", "frames_dir", "source_coeffs", "audio")
+OPTION_FIELDS = ("fps", "preprocess", "still", "expression_scale", "yaw", "pitch", "roll")
+ROW_FIELDS = PATH_FIELDS + OPTION_FIELDS
+REQUIRED_FIELDS = ("coeffs", "source")
+MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+GLOB_REPORT_NAME = "sfr-batch.report.jsonl"
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+TODO = "todo"  # --dry-run: would render
+
+
+class ManifestError(SfrError):
+    """The manifest as a whole cannot be used (unreadable, no header, unknown columns): a usage error."""
+
+
+@dataclass
+class ManifestRow:
+    """One clip as the manifest wrote it: `number` counts data rows from 1; `values` are the raw cells
+    (relative paths already made relative to the manifest's folder); `error` a parse failure."""
+
+    number: int
+    values: Dict[str, object]
+    error: Optional[str] = None
+
+
+@dataclass
+class Task:
+    """A checked row, ready for a backend: its job (outputs resolved) and its length in frames."""
+
+    row: int
+    job: RenderJob
+    frames: int
+    attempts: int = 0
+
+
+@dataclass
+class RowResult:
+    """One report line."""
+
+    row: int
+    coeffs: Optional[str]
+    output: Optional[str]
+    status: str  # done | skipped | failed
+    frames: Optional[int] = None
+    seconds: Optional[float] = None
+    error: Optional[str] = None
+    frames_dir: Optional[str] = None
+
+    def to_dict(self) -> Dict:
+        data = asdict(self)
+        if data["seconds"] is not None:
+            data["seconds"] = round(data["seconds"], 3)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def manifest_format(path: Path) -> str:
+    kind = MANIFEST_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ManifestError(f"{path}: unknown manifest type '{path.suffix}'; use .csv (with a header row) "
+                            "or .jsonl (one JSON object per line)")
+    return kind
+
+
+def read_manifest(path: Path) -> List[ManifestRow]:
+    """The rows of a CSV (header row) or JSONL manifest; relative paths are taken from the manifest's
+    folder. A row that cannot be parsed comes back with its `error`; the manifest as a whole failing
+    (unreadable, no header, unknown column) raises ManifestError."""
+    path = Path(path)
+    kind = manifest_format(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read the manifest ({exc})") from exc
+    rows = _csv_rows(path, text) if kind == "csv" else _jsonl_rows(text)
+    base = path.parent
+    for row in rows:
+        if row.error is None:
+            row.error = _check_cells(row.values)
+        for name in PATH_FIELDS:
+            value = row.values.get(name)
+            if isinstance(value, str) and value:
+                row.values[name] = str(base / Path(value).expanduser())
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> List[ManifestRow]:
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if not header:
+        raise ManifestError(f"{path}: empty manifest; the first row names the columns (coeffs,source,...)")
+    header = [name.strip() for name in header]
+    unknown = [name for name in header if name not in ROW_FIELDS]
+    if unknown:
+        raise ManifestError(f"{path}: unknown column(s) {', '.join(unknown)}; columns are {', '.join(ROW_FIELDS)}")
+    missing = [name for name in REQUIRED_FIELDS if name not in header]
+    if missing:
+        raise ManifestError(f"{path}: no {' or '.join(missing)} column; every row needs coeffs and source")
+    rows = []
+    for cells in reader:
+        if not any(cell.strip() for cell in cells):
+            continue  # blank lines
+        number = len(rows) + 1
+        if len(cells) != len(header):
+            rows.append(ManifestRow(number, {}, f"{len(cells)} cells for {len(header)} columns; quote cells "
+                                                "holding commas (\"0,20,-10\")"))
+            continue
+        rows.append(ManifestRow(number, {k: v.strip() for k, v in zip(header, cells) if v.strip() != ""}))
+    return rows
+
+
+def _jsonl_rows(text: str) -> List[ManifestRow]:
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        number = len(rows) + 1
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rows.append(ManifestRow(number, {}, f"not a JSON object ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(values, dict):
+            rows.append(ManifestRow(number, {}, "not a JSON object; write {\"coeffs\": ..., \"source\": ...}"))
+            continue
+        unknown = [name for name in values if name not in ROW_FIELDS]
+        error = f"unknown key(s) {', '.join(unknown)}; keys are {', '.join(ROW_FIELDS)}" if unknown else None
+        rows.append(ManifestRow(number, {k: v for k, v in values.items() if v is not None}, error))
+    return rows
+
+
+def _check_cells(values: Dict) -> Optional[str]:
+    missing = [name for name in REQUIRED_FIELDS if not values.get(name)]
+    if missing:
+        return f"no {' or '.join(missing)}; every row needs coeffs and source"
+    for name in PATH_FIELDS:
+        if name in values and not isinstance(values[name], str):
+            return f"{name}: {values[name]!r} is not a path"
+    return None
+
+
+def rows_from_globs(patterns: Sequence[str], source: Optional[str]) -> List[ManifestRow]:
+    """Rows for `--coeffs 'results/*.mat' --source face.png`: every file a pattern matches (a pattern
+    matching nothing is taken as a path, so its row fails with `sfr render`'s message), sorted, once."""
+    paths: List[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+        paths.extend(p for p in matched if p not in paths)
+    rows = [ManifestRow(number, {"coeffs": path, "source": source}) for number, path in enumerate(paths, 1)]
+    for row in rows:
+        row.error = _check_cells({k: v for k, v in row.values.items() if v is not None})
+    return rows
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """`"2/4"` -> (2, 4); raises ValueError."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not K/N like 1/4") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"shard {text}: K must be 1..N")
+    return k, n
+
+
+def select_shard(rows: Sequence[ManifestRow], shard: Optional[Tuple[int, int]]) -> List[ManifestRow]:
+    """Rows K, K+N, K+2N, ... (by row number): N shards together cover every row exactly once, whatever
+    each row holds, and a shard's rows do not change when other rows are fixed."""
+    if shard is None:
+        return list(rows)
+    k, n = shard
+    return [row for row in rows if (row.number - 1) % n == k - 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# From rows to tasks
+
+
+@dataclass
+class BatchDefaults:
+    """What applies to every row unless the row says otherwise: a `RenderJob` template (shared settings
+    and per-clip defaults) and where outputs go without an `output` cell."""
+
+    template: RenderJob
+    output_dir: Path = Path(".")
+    overwrite: bool = False
+
+
+def row_job(row: ManifestRow, defaults: BatchDefaults) -> RenderJob:
+    """The row's `RenderJob`; a bad cell raises SfrError with `sfr render`'s message for that option."""
+    import click
+
+    from .options import convert_row_value
+
+    changes: Dict[str, object] = {}
+    for name, value in row.values.items():
+        if name in OPTION_FIELDS:
+            try:
+                changes[name] = convert_row_value(name, value)
+            except click.BadParameter as exc:
+                raise SfrError(f"{name.replace('_', '-')}: {exc.format_message()}") from None
+        elif name in PATH_FIELDS:
+            changes[name] = Path(value)
+    job = replace(defaults.template, **changes)
+    if job.output is None and job.frames_dir is None:
+        job = replace(job, output=defaults.output_dir / f"{Path(job.coeffs).stem}.mp4")
+    return job
+
+
+def outputs_done(job: RenderJob) -> bool:
+    """Whether a row's outputs are all there. Outputs appear only complete: the MP4 is renamed into place
+    after its last frame (and after every PNG frame), so its presence means the row finished; a
+    frames-only row is done when its folder holds one frame per coefficient frame."""
+    output, frames_dir = output_paths(job)
+    if output is not None:
+        return output.is_file()
+    if frames_dir is None or not frames_dir.is_dir():
+        return False
+    from .coeffs import read_coefficients
+
+    try:
+        frame_count = read_coefficients(job.coeffs).shape[0]
+    except SfrError:
+        return False  # prepare_job reports it
+    return len(media.frame_files(frames_dir)) == frame_count
+
+
+@dataclass
+class Plan:
+    """What a batch will do: tasks to render (longest first) and rows already settled (skipped/failed)."""
+
+    tasks: List[Task] = field(default_factory=list)
+    settled: List[RowResult] = field(default_factory=list)
+    total: int = 0
+
+
+def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: str = "row",
+               dry_run: bool = False) -> Plan:
+    """Check every row, as `sfr render` would, before any model loads; skip rows already done (unless
+    `overwrite`); fail bad rows and output clashes alone; order the rest longest first. Unless
+    `dry_run`, frames an unfinished earlier render left in a row's frames folder are removed."""
+    plan = Plan(total=len(rows))
+    claimed: Dict[Path, int] = {}
+    for row in rows:
+        coeffs = row.values.get("coeffs")
+
+        def failed(message: str, output=None) -> None:
+            plan.settled.append(RowResult(row.number, coeffs, output, FAILED, error=f"{prefix} {row.number}: {message}"))
+
+        if row.error is not None:
+            failed(row.error)
+            continue
+        try:
+            job = row_job(row, defaults)
+        except SfrError as exc:
+            failed(str(exc))
+            continue
+        output, frames_dir = output_paths(job)
+        shown = str(output) if output is not None else None
+        clash = next((claimed[_key(p)] for p in (output, frames_dir) if p is not None and _key(p) in claimed), None)
+        if clash is not None:
+            failed(f"writes {output or frames_dir}, as row {clash} does; give each row its own output", shown)
+            continue
+        for p in (output, frames_dir):
+            if p is not None:
+                claimed[_key(p)] = row.number
+        if not defaults.overwrite and outputs_done(job):
+            plan.settled.append(RowResult(row.number, str(job.coeffs), shown, SKIPPED,
+                                          frames_dir=_str(frames_dir)))
+            continue
+        try:
+            if frames_dir is not None and not dry_run:
+                _clear_earlier_output(job)
+            prepared = prepare_job(job)
+        except SfrError as exc:
+            failed(str(exc), shown)
+            continue
+        plan.tasks.append(Task(row.number, job, prepared.frame_count))
+    plan.tasks.sort(key=lambda task: (-task.frames, task.row))
+    return plan
+
+
+def _key(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def _str(path) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def _clear_earlier_output(job: RenderJob) -> None:
+    """Before re-rendering a row: remove the frames an earlier, unfinished (or, with --overwrite, finished)
+    render left in its frames folder; an existing MP4 is replaced atomically at the end."""
+    _, frames_dir = output_paths(job)
+    if frames_dir is not None:
+        media.remove_frames(frames_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running tasks
+
+
+def run_task(renderer, task: Task, *, reraise: bool = False) -> RowResult:
+    """Render one task with `renderer` (a `Renderer`); any failure becomes the row's failed result.
+    `reraise` (in-process with --debug) lets an unexpected error out with its traceback."""
+    job = task.job
+    output, frames_dir = output_paths(job)
+    started = time.perf_counter()
+    base = dict(row=task.row, coeffs=str(job.coeffs), output=_str(output), frames_dir=_str(frames_dir))
+    try:
+        report = renderer.render_job(job)
+    except SfrError as exc:
+        return RowResult(status=FAILED, error=f"row {task.row}: {exc}", seconds=time.perf_counter() - started,
+                         **base)
+    except Exception as exc:  # a bug, not the user's: reported on its row, loud with --debug
+        if reraise:
+            raise
+        return RowResult(status=FAILED, seconds=time.perf_counter() - started, **base,
+                         error=f"row {task.row}: internal error {type(exc).__name__}: {exc} (a bug in sfr; "
+                               "rerun with --debug for the traceback)")
+    return RowResult(status=DONE, frames=report.frames, seconds=time.perf_counter() - started, **base)
+
+
+class InProcessBackend:
+    """Rows one after another in this process, with one `Renderer` (models loaded once)."""
+
+    def __init__(self, renderer_settings: Dict, *, debug: bool = False):
+        self.renderer_settings = renderer_settings
+        self.debug = debug
+
+    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None]):
+        from .renderer import Renderer
+
+        renderer = Renderer(**self.renderer_settings)
+        for task in tasks:
+            on_start(task)
+            on_done(task, run_task(renderer, task, reraise=self.debug))
+
+
+def renderer_settings(template: RenderJob) -> Dict:
+    """`Renderer(**settings)` for a batch's shared options (picklable, for worker processes and actors)."""
+    return dict(checkpoint_dir=template.checkpoint_dir, config=template.config, device=template.device,
+                precision=template.precision, batch_size=template.batch_size, size=template.size_px,
+                checkpoint=template.checkpoint, mapping=template.mapping, compile=template.compile)
+
+
+class ReportFile:
+    """Appends one JSON line per settled row and flushes it, so a killed batch keeps every line written."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        self._handle = None
+        if path is not None:
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._handle = open(path, "a", encoding="utf-8")
+            except OSError as exc:
+                raise SfrError(f"{path}: cannot write the report ({exc.strerror or exc}); choose --report PATH") from exc
+
+    def write(self, result: RowResult) -> None:
+        if self._handle is not None:
+            self._handle.write(json.dumps(result.to_dict()) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+@dataclass
+class BatchSummary:
+    rows: List[RowResult]
+    seconds: float
+
+    @property
+    def counts(self) -> Dict[str, int]:
+        counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
+        for row in self.rows:
+            counts[row.status] = counts.get(row.status, 0) + 1
+        return counts
+
+    @property
+    def ok(self) -> bool:
+        return self.counts[FAILED] == 0
+
+    def to_dict(self) -> Dict:
+        frames = sum(row.frames or 0 for row in self.rows if row.status == DONE)
+        return {"total": len(self.rows), **self.counts, "frames": frames, "seconds": round(self.seconds, 3),
+                "rows": [row.to_dict() for row in sorted(self.rows, key=lambda r: r.row)]}
+
+
+def run_batch(plan: Plan, backend, report: ReportFile, progress) -> BatchSummary:
+    """Write the settled rows' lines, run the tasks on `backend`, write each result as it comes."""
+    started = time.perf_counter()
+    results: List[RowResult] = []
+    progress.begin(plan.total, sum(task.frames for task in plan.tasks))
+    for result in sorted(plan.settled, key=lambda r: r.row):
+        report.write(result)
+        results.append(result)
+        progress.settled(result)
+
+    def on_done(task: Task, result: RowResult) -> None:
+        report.write(result)
+        results.append(result)
+        progress.settled(result, task.frames)
+
+    backend.run(plan.tasks, progress.started, on_done)
+    progress.end()
+    return BatchSummary(results, time.perf_counter() - started)
+
+
+def dry_run_summary(plan: Plan) -> BatchSummary:
+    """What `--dry-run` reports: settled rows as they are, each task as status "todo" with its frames."""
+    todo = [RowResult(task.row, str(task.job.coeffs), _str(output_paths(task.job)[0]), TODO, frames=task.frames,
+                      frames_dir=_str(output_paths(task.job)[1])) for task in plan.tasks]
+    return BatchSummary(list(plan.settled) + todo, 0.0)
+
+
+def default_report_path(manifest: Optional[Path], output_dir: Path) -> Path:
+    if manifest is not None:
+        return manifest.with_name(f"{manifest.stem}.report.jsonl")
+    return output_dir / GLOB_REPORT_NAME
+
+
+def iter_lines(path: Path) -> Iterable[Dict]:
+    """The report's lines (for tests and scripts); a last line cut by a kill is skipped."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue

@@ -1,0 +1,157 @@
+"""The public Python API: a `Renderer` that loads models once and renders many clips.
+
+    from sfr_cli import Renderer
+
+    renderer = Renderer(checkpoint_dir="checkpoints", device="auto")
+    for frame in renderer.frames(coeffs="talk.mat", source="face.png"):   # (256, 256, 3) uint8
+        ...
+    report = renderer.render(coeffs="talk.mat", source="face.png", output="talk.mp4", audio="talk.wav")
+
+`sfr render`, `sfr batch` (every backend) and notebooks all go through it: the same checks
+(`pipeline.prepare_job`), the same frames, the same files. Models load on the first clip that needs
+them, once per (config, checkpoint files, device, precision); the source work of a face (keypoints,
+feature volume, dense-motion source features) is kept in a small LRU, so memory stays flat over any
+number of clips.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+from .errors import ConfigError
+from .pipeline import PreparedJob, RenderJob, RenderReport, prepare_job, render_prepared
+from .progress import Reporter, SilentReporter
+
+SOURCE_CACHE_ENTRIES = 8  # source states kept (a 256 px source state is a few MiB)
+# RenderJob fields that are the Renderer's, not a clip's: set once in the constructor.
+SHARED_FIELDS = ("checkpoint_dir", "checkpoint", "mapping", "config", "size_px", "batch_size", "device",
+                 "precision", "compile")
+PER_CLIP_FIELDS = tuple(f.name for f in fields(RenderJob) if f.name not in SHARED_FIELDS)
+
+
+class ModelCache:
+    """Engines keyed by what they were loaded from, and source work keyed by what it was computed from.
+
+    Passed to `pipeline.render_prepared` as its `models`."""
+
+    def __init__(self, source_entries: int = SOURCE_CACHE_ENTRIES):
+        self._engines: Dict[Tuple, object] = {}
+        self._sources: "collections.OrderedDict[Tuple, object]" = collections.OrderedDict()
+        self._source_entries = max(0, source_entries)
+        self.loads = 0  # models loaded so far (for tests and the benchmark)
+        self.source_hits = 0
+
+    @staticmethod
+    def _engine_key(prepared: PreparedJob) -> Tuple:
+        job, files = prepared.job, prepared.files
+        return (str(prepared.config.path), str(files.renderer), str(files.mapping), job.device, job.precision,
+                job.batch_size, job.compile)
+
+    def engine(self, prepared: PreparedJob):
+        key = self._engine_key(prepared)
+        engine = self._engines.get(key)
+        if engine is None:
+            from .pipeline import FreshModels
+
+            engine = self._engines[key] = FreshModels().engine(prepared)
+            self.loads += 1
+        engine.stats["batch_sizes"] = []  # per clip: the report gives this clip's batch
+        return engine
+
+    def source_state(self, engine, prepared: PreparedJob):
+        window = np.ascontiguousarray(prepared.semantics.source_window(), dtype=np.float32)
+        digest = hashlib.blake2b(prepared.image.tobytes(), digest_size=16)
+        digest.update(window.tobytes())
+        key = (id(engine), digest.hexdigest())
+        state = self._sources.get(key)
+        if state is not None:
+            self._sources.move_to_end(key)
+            self.source_hits += 1
+            return state
+        state = engine.prepare_source(prepared.image, window)
+        if self._source_entries:
+            self._sources[key] = state
+            while len(self._sources) > self._source_entries:
+                self._sources.popitem(last=False)
+        return state
+
+
+class Renderer:
+    """Renders clips with models loaded once. Settings shared by every clip go here; per-clip options
+    (`preprocess`, `still`, `expression_scale`, `yaw`, `pitch`, `roll`, `fps`, `source_coeffs`, ...) go
+    to `frames`/`render` under `sfr render`'s names.
+
+    `size` is 256 or 512 px; `device` auto/cpu/cuda/cuda:N; `precision` fp32/fp16/bf16; `batch_size`
+    None picks from free memory; `config` a built-in family (facerender, tiny) or a YAML path.
+    Errors are `sfr_cli.errors.SfrError` kinds, with `sfr render`'s messages.
+    """
+
+    def __init__(self, checkpoint_dir=None, config: Optional[str] = None, device: str = "auto",
+                 precision: str = "fp32", batch_size: Optional[int] = None, size: int = 256, *,
+                 checkpoint=None, mapping=None, compile: bool = False,
+                 source_cache_entries: int = SOURCE_CACHE_ENTRIES):
+        self.settings = dict(checkpoint_dir=_path(checkpoint_dir), checkpoint=_path(checkpoint),
+                             mapping=_path(mapping), config=None if config is None else str(config),
+                             size_px=int(size), batch_size=batch_size, device=device, precision=precision,
+                             compile=compile)
+        self.models = ModelCache(source_cache_entries)
+
+    def job(self, coeffs, source, **options) -> RenderJob:
+        """The `RenderJob` of one clip: this renderer's settings and `options` (`sfr render`'s names)."""
+        unknown = sorted(set(options) - set(PER_CLIP_FIELDS))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; per-clip options are "
+                              f"{', '.join(name for name in PER_CLIP_FIELDS if name not in ('coeffs', 'source'))}")
+        for name in ("source_coeffs", "output", "frames_dir", "audio"):
+            if options.get(name) is not None:
+                options[name] = Path(options[name])
+        for name in ("yaw", "pitch", "roll"):
+            if options.get(name) is not None:
+                options[name] = _degrees(options[name])
+        coeffs = coeffs if isinstance(coeffs, np.ndarray) else Path(coeffs)
+        source = source if isinstance(source, np.ndarray) else Path(source)
+        return RenderJob(coeffs=coeffs, source=source, **options, **self.settings)
+
+    def frames(self, coeffs, source, **options) -> Iterator[np.ndarray]:
+        """Yield the clip's frames in order, `(H, W, 3) uint8 RGB`: what `sfr render --frames-dir` writes.
+        Everything is checked before the first frame (this is not lazy about errors)."""
+        prepared = prepare_job(self.job(coeffs, source, **options), in_memory=True)
+        engine = self.models.engine(prepared)
+        state = self.models.source_state(engine, prepared)
+        return engine.render(state, prepared.semantics, yaw=prepared.yaw, pitch=prepared.pitch, roll=prepared.roll)
+
+    def render(self, coeffs, source, output=None, frames_dir=None, audio=None, *,
+               reporter: Optional[Reporter] = None, **options) -> RenderReport:
+        """Write the clip like `sfr render` (MP4 and/or PNG frames, atomically) and return its report."""
+        job = self.job(coeffs, source, output=output, frames_dir=frames_dir, audio=audio, **options)
+        return self.render_job(job, reporter)
+
+    def render_job(self, job: RenderJob, reporter: Optional[Reporter] = None) -> RenderReport:
+        """Render a ready `RenderJob` (its shared settings replaced by this renderer's)."""
+        reporter = reporter if reporter is not None else SilentReporter()
+        job = replace(job, **self.settings)
+        prepared = prepare_job(job, reporter.note)
+        return render_prepared(prepared, reporter, self.models)
+
+
+def _path(value) -> Optional[Path]:
+    return None if value is None else Path(value)
+
+
+def _degrees(value) -> Tuple[float, ...]:
+    if isinstance(value, str):
+        from .coeffs import parse_degrees
+
+        try:
+            return tuple(parse_degrees(value))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    if isinstance(value, (int, float)):
+        return (float(value),)
+    return tuple(float(v) for v in value)

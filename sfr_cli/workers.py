@@ -1,0 +1,157 @@
+"""A batch backend of worker processes on one machine: each loads the models once (its own `Renderer`)
+and pulls tasks from one shared queue, longest first (the order `batch.plan_batch` gives).
+
+On CUDA each worker gets one device (`--devices`, default every visible GPU); on a CPU the workers split
+the cores (each uses cores // workers threads). A worker that dies (killed, segfault, out of memory) has
+its clip put back on the queue once for another worker (a fresh worker takes the dead one's place);
+a second death fails the row and the batch goes on. Frames do not depend on which worker renders them.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import queue
+import time
+from typing import Callable, Dict, List, Optional
+
+from .batch import FAILED, RowResult, Task, run_task
+from .pipeline import output_paths
+
+POLL_SECONDS = 0.2
+JOIN_SECONDS = 10.0
+RETRIES = 1  # a dead worker's clip is tried once more
+START_FAILURES = 3  # workers dying without a task before the batch gives up on worker processes
+
+
+def visible_cuda_devices() -> List[str]:
+    """`cuda:0`, `cuda:1`, ... for the GPUs torch sees (empty without CUDA)."""
+    import torch
+
+    return [f"cuda:{index}" for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _worker_main(settings: Dict, threads: Optional[int], inbox, results) -> None:
+    """A worker: one Renderer; says "ready", takes a task from its inbox (None: stop), renders it, reports."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from .renderer import Renderer
+
+    renderer = Renderer(**settings)
+    pid = os.getpid()
+    while True:
+        results.put(("ready", pid, None))
+        task = inbox.get()
+        if task is None:
+            return
+        results.put(("done", pid, run_task(renderer, task)))
+
+
+class WorkerPoolBackend:
+    """Worker processes pulling tasks: an idle worker asks, the driver hands it the longest task left."""
+
+    def __init__(self, renderer_settings: Dict, *, workers: int, devices: Optional[List[str]] = None):
+        self.renderer_settings = renderer_settings
+        self.workers = workers
+        self.devices = devices
+        cores = os.cpu_count() or 1
+        self.threads = None if devices else max(1, cores // workers)
+        self.idle_deaths = 0
+
+    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None]):
+        if not tasks:
+            return
+        context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+        results = context.Queue()
+        pending = collections.deque(tasks)  # longest first
+        workers: Dict[int, tuple] = {}  # pid -> (process, inbox)
+        assigned: Dict[int, Task] = {}  # pid -> its task
+        remaining = len(tasks)
+        started = 0
+
+        def start_worker() -> None:
+            nonlocal started
+            settings = dict(self.renderer_settings)
+            if self.devices:
+                settings["device"] = self.devices[started % len(self.devices)]
+            started += 1
+            inbox = context.Queue()
+            process = context.Process(target=_worker_main, args=(settings, self.threads, inbox, results),
+                                      name=f"sfr-worker-{started}", daemon=True)
+            process.start()
+            workers[process.pid] = (process, inbox)
+
+        for _ in range(min(self.workers, len(tasks))):
+            start_worker()
+        try:
+            while remaining:
+                try:
+                    kind, pid, result = results.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    remaining -= self._reap(workers, assigned, pending, on_done, start_worker)
+                    continue
+                if pid not in workers:
+                    continue  # a message from a worker already reaped
+                if kind == "done":
+                    task = assigned.pop(pid)
+                    remaining -= 1
+                    on_done(task, result)
+                    continue
+                inbox = workers[pid][1]
+                if pending:
+                    task = pending.popleft()
+                    assigned[pid] = task
+                    inbox.put(task)
+                    on_start(task)
+                else:
+                    inbox.put(None)
+        finally:
+            for process, inbox in workers.values():
+                inbox.put(None)
+            deadline = time.monotonic() + JOIN_SECONDS
+            for process, _ in workers.values():
+                process.join(timeout=max(0.1, deadline - time.monotonic()))
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+
+    def _reap(self, workers, assigned, pending, on_done, start_worker) -> int:
+        """Handle dead workers: put a dead worker's clip back once, else fail it. Returns rows settled."""
+        settled = 0
+        for pid, (process, _) in list(workers.items()):
+            if process.is_alive():
+                continue
+            del workers[pid]
+            task = assigned.pop(pid, None)
+            if task is None:
+                self.idle_deaths += 1  # died before or between tasks (could not start?)
+                if self.idle_deaths > START_FAILURES:
+                    while pending:
+                        lost = pending.popleft()
+                        settled += 1
+                        on_done(lost, _failed(lost, f"no worker process could start (exit code {process.exitcode}); "
+                                                    "run without --workers, with --debug, to see why"))
+            else:
+                task.attempts += 1
+                if task.attempts <= RETRIES:
+                    pending.appendleft(task)
+                else:
+                    settled += 1
+                    on_done(task, _failed(task, f"the worker rendering it died twice (exit code "
+                                                f"{process.exitcode}); see the system log (out of memory?)"))
+            if pending and len(workers) < self.workers:
+                start_worker()
+        if pending and not workers:
+            start_worker()
+        return settled
+
+
+def _failed(task: Task, message: str) -> RowResult:
+    """The failed result of a task that no worker could finish."""
+    output, frames_dir = output_paths(task.job)
+    return RowResult(task.row, str(task.job.coeffs), None if output is None else str(output), FAILED,
+                     error=f"row {task.row}: {message}", frames_dir=None if frames_dir is None else str(frames_dir))
