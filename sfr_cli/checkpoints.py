@@ -31,24 +31,19 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .modes import MAPPING_CROP, MAPPING_FULL, describe_coeff_count, get_mode
 from .nets.generator import OcclusionAwareSPADEGenerator
 from .nets.he_estimator import HEEstimator
 from .nets.keypoint_detector import KPDetector
 from .nets.mapping import MappingNet
 
 RENDERER_PTH = "facevid2vid_00189-model.pth.tar"
-MAPPING_CROP = "mapping_00229-model.pth.tar"
-MAPPING_FULL = "mapping_00109-model.pth.tar"
 CHECKPOINT_DIR_ENV = "SFR_CHECKPOINT_DIR"
 SAFETENSORS_PREFIXES = {"kp_detector": "kp_extractor.", "generator": "generator.", "he_estimator": "he_estimator."}
 
 
 def renderer_safetensors_name(size_px: int) -> str:
     return f"SadTalker_V0.0.2_{size_px}.safetensors"
-
-
-def mapping_name(preprocess: str) -> str:
-    return MAPPING_FULL if "full" in preprocess else MAPPING_CROP
 
 
 @dataclass
@@ -129,7 +124,7 @@ def find_checkpoints(checkpoint_dir=None, *, size_px: int = 256, preprocess: str
         if not renderer.is_file():
             raise CheckpointError(f"{directory}: holds neither {safetensors_file.name} nor {RENDERER_PTH}; "
                                   "download SadTalker's checkpoints into it or pass --checkpoint FILE")
-    mapping_file = Path(mapping) if mapping is not None else directory / mapping_name(preprocess)
+    mapping_file = Path(mapping) if mapping is not None else directory / get_mode(preprocess).mapping_file
     for path in (renderer, mapping_file):
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint file not found")
@@ -205,7 +200,7 @@ def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], whe
             hint = ""
             if key == "first.0.weight" and len(found) == 3 and found[1] in (70, 73):
                 hint = (f"; this mapping net takes {found[1]} coefficients "
-                        f"({'full/extfull' if found[1] == 73 else 'crop/resize/extcrop'} mode), "
+                        f"({describe_coeff_count(found[1])} mode), "
                         f"the config takes {tensor.shape[1]}: use the matching --preprocess or --mapping file")
             raise CheckpointError(f"{where}: {key} has shape {found} but {config_name} expects "
                                   f"{list(tensor.shape)}{hint}")

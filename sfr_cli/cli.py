@@ -18,11 +18,11 @@ import click
 
 from . import __version__
 from .errors import CheckpointError, SfrError
+from .modes import DEFAULT_MODE, MODE_NAMES
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEBUG_KEY = "sfr.debug"
-PREPROCESS_MODES = ("crop", "resize", "extcrop", "full", "extfull")
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
 CONFIG_HELP = ("Model config: a built-in name (facerender, tiny; their _still siblings for 73 coefficients) "
                "or a YAML path, e.g. SadTalker's src/config/facerender.yaml.")
@@ -128,7 +128,7 @@ def sfr() -> None:
 @click.option("--config", "config", metavar="NAME|PATH", help=CONFIG_HELP + " [default: facerender]")
 @click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
               help="Frame size in pixels (picks SadTalker_V0.0.2_<size>.safetensors).")
-@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default="crop", show_default=True,
+@click.option("--preprocess", type=click.Choice(MODE_NAMES), default=DEFAULT_MODE, show_default=True,
               help="SadTalker's preprocess mode of the coefficients: crop/resize/extcrop use 70, full/extfull 73.")
 @click.option("--still/--no-still", default=False, show_default=True,
               help="Keep the source's head pose (SadTalker's --still).")
@@ -192,8 +192,7 @@ def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_
     """Write deterministic random weights under SadTalker's file names into OUT_DIR (the renderer and
     both mapping files). Random weights render abstract frames; they are for tests, demos and benches."""
     from .checkpoints import write_random_checkpoints
-    from .config import load_config
-    from .pipeline import config_pair, config_path
+    from .config import config_pair, config_path, load_config
 
     config_70, config_73 = config_pair(load_config(config_path(config)))
     write_random_checkpoints(out_dir, config_70, config_73, layout=layout, seed=seed, size_px=int(size_px))
@@ -208,8 +207,8 @@ def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_
 def checkpoints_inspect(path: Path, config: Optional[str]) -> None:
     """Say what a checkpoint file holds and whether it fits a config (exit 1 naming the first mismatch)."""
     from .checkpoints import build_networks, check_state_dict, read_state_dicts
-    from .config import load_config
-    from .pipeline import config_path
+    from .config import config_path, load_config
+    from .modes import describe_coeff_count, modes_taking
 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -222,12 +221,13 @@ def checkpoints_inspect(path: Path, config: Optional[str]) -> None:
         line = f"  {part}: {len(state_dict)} tensors, {values:,} parameters"
         if part == "mapping" and "first.0.weight" in state_dict:
             coeff_nc = int(state_dict["first.0.weight"].shape[1])
-            mode = "full/extfull" if coeff_nc == 73 else "crop/resize/extcrop"
-            line += f", takes {coeff_nc} coefficients ({mode})"
+            line += f", takes {coeff_nc} coefficients ({describe_coeff_count(coeff_nc)})"
         if part == "he_estimator":
             line += " (not used by sfr)"
         click.echo(line)
-    model = load_config(config_path(config, "full" if config is None and coeff_nc == 73 else "crop"))
+    # Without --config, the default family's member that fits the mapping net (facerender_still for 73).
+    fitting = next((mode.name for mode in modes_taking(coeff_nc)), DEFAULT_MODE) if config is None else DEFAULT_MODE
+    model = load_config(config_path(config, fitting))
     nets = build_networks(model, with_he_estimator=True)
     for part, state_dict in parts.items():
         module = getattr(nets, part, None)
@@ -261,8 +261,7 @@ def bench(device: str, precision: str, batch_size: Optional[int], frames: int, s
     import json
 
     from .bench import format_report, run_benchmark
-    from .config import load_config
-    from .pipeline import config_path
+    from .config import config_path, load_config
 
     model = load_config(config_path(config))
     report = run_benchmark(model, device=device, precision=precision, batch_size=batch_size, frames=frames,

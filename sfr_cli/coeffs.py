@@ -20,15 +20,12 @@ import scipy.io
 from scipy.io.matlab import MatReadError
 
 from sfr_cli.errors import CoefficientsError
+from sfr_cli.modes import COEFF_COUNTS, CROP_COEFFS, FULL_COEFFS, get_mode
 
 SEMANTIC_RADIUS = 13
 WINDOW = 2 * SEMANTIC_RADIUS + 1  # 27 frames: frame i and 13 either side
 EXPRESSION_COEFFS = 64
-CROP_COEFFS = 70
-FULL_COEFFS = 73
-COEFF_COUNTS = (CROP_COEFFS, FULL_COEFFS)
 MAT_KEY = "coeff_3dmm"
-PREPROCESS_MODES = ("crop", "resize", "extcrop", "full", "extfull")
 FINITE_CHECK_FRAMES = 1024  # frames checked for NaN/inf at a time, so a memory-mapped file stays on disk
 
 _NPY_HEADER_READERS = {
@@ -209,8 +206,7 @@ def prepare_semantics(driving: np.ndarray, source_row: np.ndarray, *, preprocess
     3 crop columns appended to every driving frame. No copy of ``driving`` is made. Raises
     ``CoefficientsError`` when a full mode gets a 70-column source, ``ValueError`` for bad arguments.
     """
-    if preprocess not in PREPROCESS_MODES:
-        raise ValueError(f"preprocess {preprocess!r} is not one of {', '.join(PREPROCESS_MODES)}")
+    coeff_count = get_mode(preprocess).coeff_count  # UnknownModeError, a ValueError, for other names
     if not math.isfinite(expression_scale):
         raise ValueError(f"expression scale {expression_scale} is not a finite number")
     driving = np.asarray(driving, dtype=np.float32)
@@ -221,7 +217,6 @@ def prepare_semantics(driving: np.ndarray, source_row: np.ndarray, *, preprocess
                          f"got {driving.shape}")
     if source_row.shape not in ((CROP_COEFFS,), (FULL_COEFFS,)):
         raise ValueError(f"source coefficients must be (70,) or (73,), got {source_row.shape}")
-    coeff_count = FULL_COEFFS if "full" in preprocess else CROP_COEFFS
     if source_row.shape[0] < coeff_count:
         raise CoefficientsError(f"preprocess '{preprocess}' needs the source's {FULL_COEFFS} coefficients "
                                 f"({CROP_COEFFS} + 3 crop parameters) but the source has {CROP_COEFFS}; "

@@ -11,25 +11,23 @@ no partial MP4, no temporary files, no ffmpeg left running.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import coeffs, media
-from .config import CONFIG_DIR, ModelConfig, load_config
+from .config import resolve_config
 from .errors import ConfigError, MediaError, RenderError
 from .progress import Reporter
 
 QUEUE_FRAMES = 8  # frames between the renderer and the writer thread
 QUEUE_POLL_SECONDS = 0.1
 STOP_WAIT_SECONDS = 5.0  # how long a stopping writer may take to finish its frame before ffmpeg is killed
-BUILTIN_CONFIGS = ("facerender", "tiny")  # families: NAME.yaml (70 coefficients) and NAME_still.yaml (73)
 SIZES_PX = (256, 512)
 
 
@@ -92,36 +90,6 @@ class RenderReport:
 
 # ---------------------------------------------------------------------------------------------------
 # Checks that run before anything loads
-
-
-def config_path(name_or_path: Optional[str], preprocess: str = "crop") -> Path:
-    """The YAML file for `--config`: a built-in family name (facerender, tiny) gives NAME.yaml, or its
-    73-coefficient NAME_still.yaml sibling for full/extfull (as SadTalker picks facerender_still.yaml);
-    another built-in name (e.g. tiny_still) or a path is taken as given. None means facerender."""
-    value = name_or_path or "facerender"
-    bare_name = "/" not in value and os.sep not in value and not value.endswith((".yaml", ".yml"))
-    if value in BUILTIN_CONFIGS:
-        return CONFIG_DIR / f"{value}{'_still' if 'full' in preprocess else ''}.yaml"
-    if bare_name and (CONFIG_DIR / f"{value}.yaml").is_file():
-        return CONFIG_DIR / f"{value}.yaml"
-    if bare_name and not Path(value).exists():
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise ConfigError(f"{value}: no such built-in config or config file; built-in names are {names}, "
-                          "or pass a YAML path")
-    return Path(value)
-
-
-def resolve_config(name_or_path: Optional[str], preprocess: str) -> ModelConfig:
-    """Load the config for `preprocess` (see `config_path`); its mapping net must take the mode's
-    coefficient count (70 crop/resize/extcrop, 73 full/extfull). Raises ConfigError."""
-    path = config_path(name_or_path, preprocess)
-    config = load_config(path)
-    wanted = coeffs.FULL_COEFFS if "full" in preprocess else coeffs.CROP_COEFFS
-    if config.mapping.coeff_nc != wanted:
-        fits = "a 73-coefficient config such as facerender_still" if wanted == 73 else "a 70-coefficient config"
-        raise ConfigError(f"{path}: mapping_params.coeff_nc is {config.mapping.coeff_nc} but --preprocess "
-                          f"{preprocess} needs {wanted}; use {fits}, or the mode that fits this config")
-    return config
 
 
 def output_paths(job: RenderJob) -> Tuple[Optional[Path], Optional[Path]]:
@@ -328,9 +296,3 @@ class FrameWriterThread:
             unblock()
         self._thread.join()
 
-
-def config_pair(config: ModelConfig) -> Tuple[ModelConfig, ModelConfig]:
-    """(70-coefficient, 73-coefficient) configs differing only in the mapping net's input, for writing both
-    of SadTalker's mapping files from one config."""
-    return (replace(config, mapping=replace(config.mapping, coeff_nc=coeffs.CROP_COEFFS)),
-            replace(config, mapping=replace(config.mapping, coeff_nc=coeffs.FULL_COEFFS)))
