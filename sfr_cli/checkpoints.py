@@ -24,7 +24,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import CheckpointError
 from .modes import MAPPING_CROP, MAPPING_FULL, describe_coeff_count, get_mode
+from .outputs import atomic_path
 from .nets.generator import OcclusionAwareSPADEGenerator
 from .nets.he_estimator import HEEstimator
 from .nets.keypoint_detector import KPDetector
@@ -309,6 +310,14 @@ def random_state_dict(module: nn.Module, prefix: str, seed: int) -> Dict[str, to
     return {k: out[k] for k in template}
 
 
+def random_checkpoint_paths(out_dir, *, layout: str = "pth", size_px: int = 256) -> List[Path]:
+    """The files `write_random_checkpoints` writes into `out_dir`: both mapping files, then the renderer."""
+    if layout not in ("pth", "safetensors"):
+        raise CheckpointError(f"unknown checkpoint layout {layout!r}; use pth or safetensors")
+    renderer = renderer_safetensors_name(size_px) if layout == "safetensors" else RENDERER_PTH
+    return [Path(out_dir) / name for name in (MAPPING_CROP, MAPPING_FULL, renderer)]
+
+
 def write_random_checkpoints(out_dir, config_70: ModelConfig, config_73: ModelConfig, *, layout: str = "pth",
                              seed: int = 0, size_px: int = 256) -> CheckpointFiles:
     """Write random weights under SadTalker's file names: the renderer in ``layout`` and both mapping
@@ -339,10 +348,5 @@ def write_random_checkpoints(out_dir, config_70: ModelConfig, config_73: ModelCo
 
 
 def _atomic_save(path: Path, save) -> None:
-    tmp = path.with_name(f".{path.name}.sfr-tmp-{os.getpid()}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as temporary:
+        save(temporary)

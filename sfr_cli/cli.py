@@ -24,6 +24,7 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEBUG_KEY = "sfr.debug"
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+OVERWRITE_HELP = "Replace outputs that already exist (never an input of the job, never a non-regular file)."
 CONFIG_HELP = ("Model config: a built-in name (facerender, tiny; their _still siblings for 73 coefficients) "
                "or a YAML path, e.g. SadTalker's src/config/facerender.yaml.")
 
@@ -144,14 +145,16 @@ def sfr() -> None:
               help="Compute precision (fp16/bf16 on CUDA; keypoint and pose math stays fp32).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the decoder (CUDA; slow first batch).")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result and timings.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@click.option("--quiet", is_flag=True, help="No progress or notes on stderr.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object with the result and timings (no progress or notes on stderr).")
 @debug_option
 def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], output: Optional[Path],
            frames_dir: Optional[Path], audio: Optional[Path], fps: float, checkpoint_dir: Optional[Path],
            checkpoint: Optional[Path], mapping: Optional[Path], config: Optional[str], size_px: str,
            preprocess: str, still: bool, expression_scale: float, yaw, pitch, roll, batch_size: Optional[int],
-           device: str, precision: str, compile_: bool, quiet: bool, as_json: bool) -> None:
+           device: str, precision: str, compile_: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
     """Render a talking-head MP4 (and/or PNG frames) from coefficients and one source face.
 
     Prints the MP4 path (or the frames folder when only --frames-dir is given), or with --json one
@@ -164,7 +167,8 @@ def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], outpu
                     frames_dir=frames_dir, audio=audio, fps=fps, checkpoint_dir=checkpoint_dir,
                     checkpoint=checkpoint, mapping=mapping, config=config, size_px=int(size_px),
                     preprocess=preprocess, still=still, expression_scale=expression_scale, yaw=yaw, pitch=pitch,
-                    roll=roll, batch_size=batch_size, device=device, precision=precision, compile=compile_)
+                    roll=roll, batch_size=batch_size, device=device, precision=precision, compile=compile_,
+                    overwrite=overwrite)
     with _reporter(quiet or as_json) as reporter:
         report = render_job(job, reporter)
     if as_json:
@@ -187,14 +191,22 @@ def checkpoints() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
               help="The size in the safetensors file name.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @debug_option
-def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_px: str) -> None:
+def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_px: str, overwrite: bool) -> None:
     """Write deterministic random weights under SadTalker's file names into OUT_DIR (the renderer and
     both mapping files). Random weights render abstract frames; they are for tests, demos and benches."""
-    from .checkpoints import write_random_checkpoints
+    from .checkpoints import random_checkpoint_paths, write_random_checkpoints
     from .config import config_pair, config_path, load_config
+    from .outputs import JobInput, check_output, describe_leftovers, remove_leftovers
 
-    config_70, config_73 = config_pair(load_config(config_path(config)))
+    model_file = config_path(config)
+    config_70, config_73 = config_pair(load_config(model_file))
+    for path in random_checkpoint_paths(out_dir, layout=layout, size_px=int(size_px)):
+        removed = remove_leftovers(path)
+        if removed:
+            click.echo(describe_leftovers(path, removed), err=True)
+        check_output(path, [JobInput(model_file, "--config")], overwrite=overwrite)
     write_random_checkpoints(out_dir, config_70, config_73, layout=layout, seed=seed, size_px=int(size_px))
     click.echo(str(out_dir))
 

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import coeffs, media
+from . import coeffs, media, outputs
 from .config import resolve_config
 from .errors import ConfigError, MediaError, RenderError
 from .progress import Reporter
@@ -56,7 +56,8 @@ class RenderJob:
     batch_size: Optional[int] = None  # None: the engine picks from free memory
     device: str = "auto"
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool = False  # CUDA only; ignored with a note on the CPU
+    overwrite: bool = False  # replace an existing MP4 / earlier frames in frames_dir
 
 
 @dataclass
@@ -101,6 +102,33 @@ def output_paths(job: RenderJob) -> Tuple[Optional[Path], Optional[Path]]:
     return output, frames_dir
 
 
+def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outputs.JobInput]:
+    """The files `job` reads that the user named, with their options (the config's YAML too)."""
+    named = [(job.coeffs, "--coeffs"), (job.source, "--source"), (job.source_coeffs, "--source-coeffs"),
+             (job.audio, "--audio"), (job.checkpoint, "--checkpoint"), (job.mapping, "--mapping"),
+             (config_file, "--config")]
+    return [outputs.JobInput(Path(path), role) for path, role in named if path is not None]
+
+
+def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Sequence[outputs.JobInput], *,
+                  overwrite: bool, note=None) -> None:
+    """Refuse outputs that are inputs, not regular files, or already there (unless `overwrite`); with
+    `note`, first remove the leftovers of killed earlier runs for these outputs and say so."""
+    if output is not None:
+        if note is not None:
+            removed = outputs.remove_leftovers(output)
+            if removed:
+                note(outputs.describe_leftovers(output, removed))
+        outputs.check_output(output, inputs, overwrite=overwrite)
+    if frames_dir is not None:
+        if note is not None:
+            removed = outputs.remove_leftovers_in(frames_dir, media.is_frame_name)
+            if removed:
+                note(outputs.describe_leftovers(frames_dir, removed))
+        outputs.check_folder_holds_no_input(frames_dir, inputs, media.is_frame_name)
+        media.check_frames_dir(frames_dir, overwrite=overwrite)
+
+
 def _pose(degrees: Optional[Sequence[float]], frame_count: int) -> Optional[np.ndarray]:
     return None if degrees is None else coeffs.camera_pose_sequence(degrees, frame_count)
 
@@ -131,6 +159,8 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
     if job.audio is not None and output is None:
         raise MediaError(f"{job.audio}: --audio needs an MP4 output; add -o/--output PATH.mp4")
     config = resolve_config(job.config, job.preprocess)
+    inputs = job_inputs(job, config.path)
+    check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=note)
 
     driving = coeffs.read_coefficients(job.coeffs)
     if job.source_coeffs is not None:
@@ -155,22 +185,26 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
             if audio.duration_seconds is not None and audio.duration_seconds < video_seconds - 0.1:
                 note(f"{job.audio}: {audio.duration_seconds:.2f} s of audio for {video_seconds:.2f} s of video; "
                      "the end is silent")
-    if frames_dir is not None:
-        media.check_frames_dir(frames_dir)
 
     from . import checkpoints  # torch from here on
 
     files = checkpoints.find_checkpoints(job.checkpoint_dir, size_px=job.size_px, preprocess=job.preprocess,
                                          checkpoint=job.checkpoint, mapping=job.mapping)
+    found = [outputs.JobInput(files.renderer, "checkpoint"), outputs.JobInput(files.mapping, "mapping")]
+    check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
     from .engine import Engine, EngineOptions, check_precision, peak_rss_mib, resolve_device
 
-    check_precision(job.precision, resolve_device(job.device))  # an unavailable device or precision fails here
+    device = resolve_device(job.device)
+    check_precision(job.precision, device)  # an unavailable device or precision fails here
+    compile_decoder = job.compile and device.type == "cuda"
+    if job.compile and not compile_decoder:
+        note(f"--compile is ignored on {device.type}: torch.compile speeds up CUDA renders only")
 
     # 2. The model.
     reporter.loading(f"loading {files.renderer.name} and {files.mapping.name} ({config.name})")
     nets = checkpoints.load_networks(config, files)
     engine = Engine(nets, EngineOptions(device=job.device, precision=job.precision, batch_size=job.batch_size,
-                                        compile=job.compile))
+                                        compile=compile_decoder))
     state = engine.prepare_source(image, semantics.source_window())
     reporter.finish()
     note(f"{frame_count} frames on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}")
@@ -210,7 +244,7 @@ def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, outp
                                   audio=job.audio, frame_count=frame_count, ffmpeg=ffmpeg)
             sinks.append(mp4)
         if frames_dir is not None:
-            png = media.PngFrameWriter(frames_dir)
+            png = media.PngFrameWriter(frames_dir, replace_existing=job.overwrite)
             sinks.append(png)
         writer = FrameWriterThread(sinks)
         reporter.start(frame_count)
