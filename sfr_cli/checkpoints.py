@@ -160,8 +160,12 @@ def _torch_load(path: Path):
         mmap = zipfile.is_zipfile(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: holds pickled objects other than tensors; sfr never runs code from a "
-                              f"checkpoint file ({str(exc).splitlines()[0]})") from exc
+        # torch's own message advises weights_only=False, which a CLI user cannot and must not act on.
+        raise CheckpointError(f"{path}: holds pickled objects other than tensors, code or objects that sfr will "
+                              "not run; sfr never runs code from a checkpoint file. It accepts SadTalker's "
+                              f"{renderer_safetensors_name(256)} / _512.safetensors, {RENDERER_PTH}, "
+                              f"{MAPPING_CROP} and {MAPPING_FULL}, or any file holding only tensors "
+                              "(safetensors, or torch.save of state dicts)") from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint, it looks truncated or corrupt "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "

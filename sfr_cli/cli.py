@@ -77,8 +77,32 @@ class BatchSize(click.ParamType):
         return number
 
 
+class CheckedFloat(click.ParamType):
+    """A number that a library check accepts (the check owns the limits; this turns its error into a usage
+    error naming the option, exit 2). `check` is "module:function", imported when a value arrives so
+    that `sfr --help` stays light."""
+
+    name = "FLOAT"
+
+    def __init__(self, check: str):
+        self.check = check
+
+    def convert(self, value, param, ctx):
+        import importlib
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        module, _, function = self.check.partition(":")
+        try:
+            return getattr(importlib.import_module(module, __package__), function)(number)
+        except SfrError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class Degrees(click.ParamType):
-    """A comma-separated list of degrees like `0,20,-10`."""
+    """A comma-separated list of degrees like `0,20,-10`, each finite and within one turn."""
 
     name = "DEG[,DEG...]"
 
@@ -118,8 +142,8 @@ def sfr() -> None:
 @click.option("--frames-dir", type=click.Path(path_type=Path),
               help="Also (or, without -o, only) write frames as DIR/000000.png, 000001.png, ...")
 @click.option("--audio", type=click.Path(path_type=Path), help="Audio to mux into the MP4 (cut to the video).")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=25.0, show_default=True,
-              help="Frames per second of the MP4.")
+@click.option("--fps", type=CheckedFloat(".media:check_fps"), default=25.0, show_default=True,
+              help="Frames per second of the MP4 (above 0, at most 1000).")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="SadTalker's checkpoints folder [default: $SFR_CHECKPOINT_DIR or ./checkpoints].")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
@@ -133,9 +157,9 @@ def sfr() -> None:
               help="SadTalker's preprocess mode of the coefficients: crop/resize/extcrop use 70, full/extfull 73.")
 @click.option("--still/--no-still", default=False, show_default=True,
               help="Keep the source's head pose (SadTalker's --still).")
-@click.option("--expression-scale", type=float, default=1.0, show_default=True,
-              help="Multiply the 64 expression coefficients.")
-@click.option("--yaw", type=Degrees(), help="Camera yaw in degrees, swept over the clip: 0,20,-10.")
+@click.option("--expression-scale", type=CheckedFloat(".coeffs:check_expression_scale"), default=1.0,
+              show_default=True, help="Multiply the 64 expression coefficients (finite, within ±1000).")
+@click.option("--yaw", type=Degrees(), help="Camera yaw in degrees (each within ±360), swept over the clip: 0,20,-10.")
 @click.option("--pitch", type=Degrees(), help="Camera pitch in degrees, as --yaw.")
 @click.option("--roll", type=Degrees(), help="Camera roll in degrees, as --yaw.")
 @click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,

@@ -26,6 +26,8 @@ SEMANTIC_RADIUS = 13
 WINDOW = 2 * SEMANTIC_RADIUS + 1  # 27 frames: frame i and 13 either side
 EXPRESSION_COEFFS = 64
 MAT_KEY = "coeff_3dmm"
+MAX_ABS_DEGREES = 360.0  # a camera angle beyond a full turn is a typo, and 1e308 overflowed the sweep
+MAX_ABS_EXPRESSION_SCALE = 1000.0  # SadTalker users pass 0..3; larger is a typo that overflows float32
 FINITE_CHECK_FRAMES = 1024  # frames checked for NaN/inf at a time, so a memory-mapped file stays on disk
 
 _NPY_HEADER_READERS = {
@@ -189,7 +191,12 @@ class Semantics:
         its order: expression scale, then the source's crop columns (full), then still mode."""
         out = np.empty((block.shape[0], self.coeff_count, WINDOW), dtype=np.float32)
         out[:, :CROP_COEFFS] = block[:, :CROP_COEFFS]
-        out[:, :EXPRESSION_COEFFS] *= self.expression_scale
+        with np.errstate(over="raise"):
+            try:
+                out[:, :EXPRESSION_COEFFS] *= self.expression_scale
+            except FloatingPointError:
+                raise CoefficientsError(f"expression scale {self.expression_scale:g} takes expression "
+                                        "coefficients beyond float32's range; use a smaller scale") from None
         if self.coeff_count == FULL_COEFFS:
             out[:, CROP_COEFFS:] = self.source_row[CROP_COEFFS:, None]
         if self.still:
@@ -237,7 +244,7 @@ def camera_pose_sequence(degrees: Sequence[float], frame_count: int) -> np.ndarr
     ±rate)`` in float64, the segments are joined, then cut or padded with the last value to
     ``frame_count``. Where SadTalker divides by zero, this does what a user expects instead: a segment
     with no change adds no frames, and with no change at all or a single frame the first value is held.
-    Raises ``CoefficientsError`` for non-finite degrees, ``ValueError`` for no degrees or no frames.
+    Raises ``CoefficientsError`` for non-finite degrees or beyond ±360, ``ValueError`` for no degrees or frames.
     """
     values = [float(degree) for degree in degrees]
     if not values:
@@ -246,6 +253,7 @@ def camera_pose_sequence(degrees: Sequence[float], frame_count: int) -> np.ndarr
         raise ValueError(f"camera pose needs at least one frame, got {frame_count}")
     if not all(math.isfinite(value) for value in values):
         raise CoefficientsError(f"camera pose degrees {values} include NaN or infinity; pass finite degrees")
+    check_degrees(values)
     total_change = 0.0
     for previous, degree in zip(values, values[1:]):
         total_change += abs(degree - previous)
@@ -275,4 +283,26 @@ def parse_degrees(text: str) -> List[float]:
             raise ValueError(f"{text!r} is not a comma-separated list of degrees like 0,20,-10: "
                              f"{item!r} is not a finite number")
         values.append(value)
+    try:
+        check_degrees(values)
+    except CoefficientsError as exc:
+        raise ValueError(str(exc)) from None
     return values
+
+
+def check_degrees(values: Sequence[float]) -> None:
+    """Raise CoefficientsError unless every camera angle is within ±MAX_ABS_DEGREES."""
+    beyond = [value for value in values if not abs(value) <= MAX_ABS_DEGREES]
+    if beyond:
+        raise CoefficientsError(f"{beyond[0]:g} degrees is beyond ±{MAX_ABS_DEGREES:g}; give angles within "
+                                f"one turn, like 0,20,-10")
+
+
+def check_expression_scale(scale: float) -> float:
+    """Return ``scale`` as a float, or raise CoefficientsError unless it is finite and within
+    ±MAX_ABS_EXPRESSION_SCALE."""
+    value = float(scale)
+    if not (math.isfinite(value) and abs(value) <= MAX_ABS_EXPRESSION_SCALE):
+        raise CoefficientsError(f"expression scale {value:g}: must be a finite number within "
+                                f"±{MAX_ABS_EXPRESSION_SCALE:g}")
+    return value

@@ -39,6 +39,7 @@ PNG_INDEX_DIGITS = 6
 PNG_COMPRESS_LEVEL = 3
 FRAME_FILE = re.compile(r"\d{6}\.png")  # 000000.png, 000001.png, ...
 DEFAULT_CRF = 18
+MAX_FPS = 1000.0  # beyond any real video; inf overflowed the rate fraction
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 SIXTEEN_BIT_MAX = 65535
 
@@ -433,6 +434,14 @@ class _StderrDrain:
             return b"".join(self._chunks).decode("utf-8", "replace")
 
 
+def check_fps(fps: float) -> float:
+    """Return `fps` as a float, or raise MediaError unless 0 < fps <= MAX_FPS."""
+    value = float(fps)
+    if not 0 < value <= MAX_FPS:
+        raise MediaError(f"fps {value:g}: must be above 0 and at most {MAX_FPS:g}")
+    return value
+
+
 class Mp4Writer(_Sink):
     """Encodes streamed frames to an H.264 MP4 with one ffmpeg process, muxing audio in the same pass.
 
@@ -473,8 +482,10 @@ class Mp4Writer(_Sink):
             raise MediaError(
                 f"{self.path}: H.264 yuv420p needs an even width and height, got {self.width_px}x{self.height_px}"
             )
-        if not self.fps > 0:
-            raise MediaError(f"{self.path}: fps must be positive, got {fps}")
+        try:
+            check_fps(self.fps)
+        except MediaError as exc:
+            raise MediaError(f"{self.path}: {exc}") from None
         if not 0 <= crf <= 51:
             raise MediaError(f"{self.path}: crf must be in 0..51, got {crf}")
         if frame_count is not None and frame_count <= 0:

@@ -153,8 +153,8 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
         raise ConfigError(f"size {job.size_px} px is not supported; SadTalker renders 256 or 512")
     if job.batch_size is not None and job.batch_size < 1:
         raise RenderError(f"batch size {job.batch_size}: must be at least 1 (or auto)")
-    if not job.fps > 0:
-        raise MediaError(f"fps {job.fps}: must be positive")
+    media.check_fps(job.fps)
+    coeffs.check_expression_scale(job.expression_scale)
     output, frames_dir = output_paths(job)
     if job.audio is not None and output is None:
         raise MediaError(f"{job.audio}: --audio needs an MP4 output; add -o/--output PATH.mp4")
@@ -190,7 +190,8 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
 
     files = checkpoints.find_checkpoints(job.checkpoint_dir, size_px=job.size_px, preprocess=job.preprocess,
                                          checkpoint=job.checkpoint, mapping=job.mapping)
-    found = [outputs.JobInput(files.renderer, "checkpoint"), outputs.JobInput(files.mapping, "mapping")]
+    found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
+             outputs.JobInput(files.mapping, "mapping checkpoint")]
     check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
     from .engine import Engine, EngineOptions, check_precision, peak_rss_mib, resolve_device
 
