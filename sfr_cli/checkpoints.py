@@ -53,7 +53,7 @@ def mapping_name(preprocess: str) -> str:
 
 @dataclass
 class Networks:
-    """The renderer's modules, in eval mode, on the CPU until the engine moves them."""
+    """The renderer's modules, in eval mode, on the CPU (an engine renders from its own copies)."""
 
     kp_detector: KPDetector
     generator: OcclusionAwareSPADEGenerator
