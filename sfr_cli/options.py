@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-PREPROCESS_MODES = ("crop", "resize", "extcrop", "full", "extfull")
+from .errors import SfrError
+from .modes import MODE_NAMES
 
 
 class BatchSize(click.ParamType):
@@ -28,8 +29,32 @@ class BatchSize(click.ParamType):
         return number
 
 
+class CheckedFloat(click.ParamType):
+    """A number that a library check accepts (the check owns the limits; this turns its error into a usage
+    error naming the option, exit 2). `check` is "module:function", imported when a value arrives so
+    that `sfr --help` stays light."""
+
+    name = "FLOAT"
+
+    def __init__(self, check: str):
+        self.check = check
+
+    def convert(self, value, param, ctx):
+        import importlib
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        module, _, function = self.check.partition(":")
+        try:
+            return getattr(importlib.import_module(module, __package__), function)(number)
+        except SfrError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class Degrees(click.ParamType):
-    """A comma-separated list of degrees like `0,20,-10`."""
+    """A comma-separated list of degrees like `0,20,-10`, each finite and within one turn."""
 
     name = "DEG[,DEG...]"
 
@@ -44,12 +69,13 @@ class Degrees(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+
 # Per-clip options as a manifest row may give them, with the types `sfr render` checks them with.
 ROW_TYPES = {
-    "fps": click.FloatRange(min=0, min_open=True),
-    "preprocess": click.Choice(PREPROCESS_MODES),
+    "fps": CheckedFloat(".media:check_fps"),
+    "preprocess": click.Choice(MODE_NAMES),
     "still": click.BOOL,
-    "expression_scale": click.FLOAT,
+    "expression_scale": CheckedFloat(".coeffs:check_expression_scale"),
     "yaw": Degrees(),
     "pitch": Degrees(),
     "roll": Degrees(),

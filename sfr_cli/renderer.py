@@ -61,7 +61,7 @@ class ModelCache:
 
             engine = self._engines[key] = FreshModels().engine(prepared)
             self.loads += 1
-        engine.stats["batch_sizes"] = []  # per clip: the report gives this clip's batch
+        engine.stats.batch_sizes.clear()  # per clip: the report gives this clip's batch
         return engine
 
     def source_state(self, engine, prepared: PreparedJob):
