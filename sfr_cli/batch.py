@@ -298,8 +298,10 @@ def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: 
                                           frames_dir=_str(frames_dir)))
             continue
         try:
-            if frames_dir is not None and not dry_run:
-                _clear_earlier_output(job)
+            if not dry_run:
+                _make_output_folder(output)
+                if frames_dir is not None:
+                    _clear_earlier_output(job)
             prepared = prepare_job(job)
         except SfrError as exc:
             failed(str(exc), shown)
@@ -315,6 +317,15 @@ def _key(path: Path) -> Path:
 
 def _str(path) -> Optional[str]:
     return None if path is None else str(path)
+
+
+def _make_output_folder(output: Optional[Path]) -> None:
+    """A batch creates the folders its MP4s go to (`sfr render` wants them to exist)."""
+    if output is not None and not output.parent.exists():
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SfrError(f"{output}: cannot create its folder ({exc.strerror or exc})") from exc
 
 
 def _clear_earlier_output(job: RenderJob) -> None:

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .batch import FAILED, RowResult, Task, run_task
 from .errors import SfrError
 from .pipeline import output_paths
+
+PATH_FIELDS = ("coeffs", "source", "source_coeffs", "output", "frames_dir", "audio", "checkpoint_dir",
+               "checkpoint", "mapping")
 
 RETRIES = 1
 
@@ -83,13 +88,21 @@ class RayBackend:
         gpus = int(resources.get("GPU", 0))
         cpus = max(1, int(resources.get("CPU", 1)))
         settings = dict(self.renderer_settings)
+        for name in ("checkpoint_dir", "checkpoint", "mapping"):
+            if settings.get(name) is not None:
+                settings[name] = Path(os.path.abspath(settings[name]))
+        if settings.get("config") and os.path.exists(settings["config"]):
+            settings["config"] = os.path.abspath(settings["config"])
         if gpus and settings.get("device") in ("auto", "cuda"):
             count, options, threads = gpus, {"num_gpus": 1, "num_cpus": 1}, None
             settings["device"] = "cuda"
         else:
+            # Ray would give each actor OMP_NUM_THREADS = its CPUs; the driver's thread count keeps the frames
+            # equal to `sfr render`'s on this machine (see workers.py).
+            from .workers import same_threads
+
             count = self.workers or 1
-            per_actor = max(1, cpus // count)
-            options, threads = {"num_cpus": per_actor}, per_actor
+            options, threads = {"num_cpus": max(1, cpus // count)}, same_threads()
         actor_class = ray.remote(_RowActor)
         count = min(count, len(tasks))
 
@@ -97,7 +110,8 @@ class RayBackend:
             return actor_class.options(**options).remote(settings, threads)
 
         actors = [new_actor() for _ in range(count)]
-        pending = list(tasks)  # longest first
+        originals = {task.row: task for task in tasks}
+        pending = [_absolute(task) for task in tasks]  # longest first; paths as every node must see them
         running: Dict = {}  # object ref -> (actor index, task)
 
         def submit(index: int) -> None:
@@ -127,6 +141,20 @@ class RayBackend:
                                        frames_dir=None if frames_dir is None else str(frames_dir))
                     on_done(task, result)
             else:
-                on_done(task, result)
+                original = originals[task.row]  # the report names paths as the manifest did
+                result.output, result.frames_dir, result.coeffs = (
+                    _str(output_paths(original.job)[0]), _str(output_paths(original.job)[1]), str(original.job.coeffs))
+                on_done(original, result)
             if pending:
                 submit(index)
+
+
+def _absolute(task: Task) -> Task:
+    """The task with absolute paths: an actor's working folder is not the driver's."""
+    changes = {name: Path(os.path.abspath(getattr(task.job, name))) for name in PATH_FIELDS
+               if isinstance(getattr(task.job, name), (str, Path))}
+    return replace(task, job=replace(task.job, **changes))
+
+
+def _str(path) -> Optional[str]:
+    return None if path is None else str(path)

@@ -107,7 +107,8 @@ def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outpu
     named = [(job.coeffs, "--coeffs"), (job.source, "--source"), (job.source_coeffs, "--source-coeffs"),
              (job.audio, "--audio"), (job.checkpoint, "--checkpoint"), (job.mapping, "--mapping"),
              (config_file, "--config")]
-    return [outputs.JobInput(Path(path), role) for path, role in named if path is not None]
+    return [outputs.JobInput(Path(path), role) for path, role in named
+            if path is not None and not isinstance(path, np.ndarray)]  # the API's arrays are no files
 
 
 def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Sequence[outputs.JobInput], *,

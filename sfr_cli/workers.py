@@ -1,8 +1,10 @@
 """A batch backend of worker processes on one machine: each loads the models once (its own `Renderer`)
 and pulls tasks from one shared queue, longest first (the order `batch.plan_batch` gives).
 
-On CUDA each worker gets one device (`--devices`, default every visible GPU); on a CPU the workers split
-the cores (each uses cores // workers threads). A worker that dies (killed, segfault, out of memory) has
+On CUDA each worker gets one device (`--devices`, default every visible GPU). On a CPU the workers share
+the cores, each with this process's torch thread count: CPU kernels split their sums by thread count,
+so a worker on fewer threads would differ from `sfr render` by a level on a few pixels (measured: 1
+level on ~0.03 % of values at 1 vs 2 threads). Same threads, same frames. A worker that dies (killed, segfault, out of memory) has
 its clip put back on the queue once for another worker (a fresh worker takes the dead one's place);
 a second death fails the row and the batch goes on. Frames do not depend on which worker renders them.
 """
@@ -23,6 +25,13 @@ POLL_SECONDS = 0.2
 JOIN_SECONDS = 10.0
 RETRIES = 1  # a dead worker's clip is tried once more
 START_FAILURES = 3  # workers dying without a task before the batch gives up on worker processes
+
+
+def same_threads() -> int:
+    """The torch thread count of this process, for workers whose frames must equal this process's."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def visible_cuda_devices() -> List[str]:
@@ -58,8 +67,7 @@ class WorkerPoolBackend:
         self.renderer_settings = renderer_settings
         self.workers = workers
         self.devices = devices
-        cores = os.cpu_count() or 1
-        self.threads = None if devices else max(1, cores // workers)
+        self.threads = None if devices else same_threads()
         self.idle_deaths = 0
 
     def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None]):

@@ -1,0 +1,278 @@
+"""`sfr batch` and the Renderer: manifests, bad rows, shards, resume after kill -9, worker processes, Ray,
+and the Python API, all on tiny random weights and clips of a few frames."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from sfr_cli import batch as batching
+from sfr_cli.cli import sfr
+
+FRAMES = 3  # per clip: enough to be a clip, few enough to stay fast on a busy 2-core machine
+CLIPS = 3
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A folder with CLIPS coefficient files (FRAMES frames each, one of FRAMES + 1) and two faces."""
+    folder = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(7)
+    for index in range(CLIPS):
+        frames = FRAMES + (index == 1)
+        np.save(folder / f"clip{index}.npy", (rng.standard_normal((frames, 70)) * 0.1).astype(np.float32))
+    for name in ("face_a.png", "face_b.png"):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / name)
+    return folder
+
+
+def write_csv(path: Path, rows, header="coeffs,source,frames_dir"):
+    path.write_text(header + "\n" + "".join(row + "\n" for row in rows))
+    return path
+
+
+def frame_rows(clips: Path, out: str, relative: bool = False):
+    """One row per clip writing PNG frames (exact pixels to compare) to <out>/<n>; absolute paths unless
+    `relative` (then relative to a manifest in `clips`)."""
+    faces = ("face_a.png", "face_b.png")
+    where = "" if relative else f"{clips}/"
+    return [f"{where}clip{i}.npy,{where}{faces[i % 2]},{out}/{i}" for i in range(CLIPS)]
+
+
+def read_frames(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+
+
+def run_batch(*args, env=None):
+    result = CliRunner().invoke(sfr, ["batch", *map(str, args)], env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result
+
+
+def tiny(checkpoints):
+    return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference_frames(clips, tiny_checkpoints):
+    """Each clip rendered by `sfr render --frames-dir`, one process-like call per clip: the frames every
+    other path (batch in-process, workers, Ray, the Python API) must reproduce exactly."""
+    frames = {}
+    faces = ("face_a.png", "face_b.png")
+    for index in range(CLIPS):
+        out = clips / "reference" / str(index)
+        result = CliRunner().invoke(sfr, ["render", "--coeffs", str(clips / f"clip{index}.npy"), "--source",
+                                          str(clips / faces[index % 2]), "--frames-dir", str(out), "--quiet",
+                                          *tiny(tiny_checkpoints)])
+        assert result.exit_code == 0, result.output
+        frames[index] = read_frames(out)
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def test_csv_manifest_quoting_relative_paths_and_bad_rows(tmp_path):
+    manifest = tmp_path / "sub" / "m.csv"
+    manifest.parent.mkdir()
+    manifest.write_text('coeffs,source,yaw,fps,output\n'
+                        'a.mat,face.png,"0,20,-10",30,out/a.mp4\n'
+                        '\n'
+                        '"b c.npy",/abs/face.png,,,\n'
+                        'd.npy,face.png,0,20,too,many\n'
+                        'e.npy,,,,\n')
+    rows = batching.read_manifest(manifest)
+    assert [row.number for row in rows] == [1, 2, 3, 4]
+    first = rows[0]
+    assert first.error is None
+    assert first.values["coeffs"] == str(manifest.parent / "a.mat")
+    assert first.values["output"] == str(manifest.parent / "out" / "a.mp4")
+    assert first.values["yaw"] == "0,20,-10"
+    job = batching.row_job(first, batching.BatchDefaults(batching.RenderJob(coeffs=Path("."), source=Path("."))))
+    assert job.yaw == (0.0, 20.0, -10.0) and job.fps == 30.0
+    assert rows[1].values["coeffs"] == str(manifest.parent / "b c.npy")
+    assert rows[1].values["source"] == "/abs/face.png"
+    assert "cells for 5 columns" in rows[2].error
+    assert "needs coeffs and source" in rows[3].error
+
+
+def test_jsonl_manifest_lists_strings_and_bad_lines(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"coeffs": "a.npy", "source": "f.png", "yaw": [0, 20], "still": true}\n'
+                        '{"coeffs": "b.npy", "source": "f.png", "pitch": "5,-5", "expression_scale": 1.5}\n'
+                        'not json\n'
+                        '{"coeffs": "c.npy", "source": "f.png", "colour": "red"}\n'
+                        '["a list"]\n')
+    rows = batching.read_manifest(manifest)
+    defaults = batching.BatchDefaults(batching.RenderJob(coeffs=Path("."), source=Path(".")),
+                                      output_dir=tmp_path / "o")
+    first, second = (batching.row_job(row, defaults) for row in rows[:2])
+    assert first.yaw == (0.0, 20.0) and first.still is True
+    assert first.output == tmp_path / "o" / "a.mp4"  # <output-dir>/<coeffs stem>.mp4
+    assert second.pitch == (5.0, -5.0) and second.expression_scale == 1.5
+    assert "not a JSON object" in rows[2].error
+    assert "unknown key(s) colour" in rows[3].error
+    assert "not a JSON object" in rows[4].error
+
+
+def test_a_bad_option_value_gets_sfr_renders_message(tmp_path):
+    row = batching.ManifestRow(1, {"coeffs": "a.npy", "source": "f.png", "fps": "0"})
+    with pytest.raises(batching.SfrError, match="fps"):
+        batching.row_job(row, batching.BatchDefaults(batching.RenderJob(coeffs=Path("."), source=Path("."))))
+
+
+def test_unknown_column_is_a_usage_error(tmp_path):
+    manifest = write_csv(tmp_path / "m.csv", ["a.npy,f.png,x"], header="coeffs,source,colour")
+    result = run_batch(manifest)
+    assert result.exit_code == 2
+    assert "unknown column(s) colour" in result.output
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 4])
+def test_shards_cover_every_row_exactly_once(shards):
+    rows = [batching.ManifestRow(number, {}) for number in range(1, 11)]
+    seen = [row.number for k in range(1, shards + 1) for row in batching.select_shard(rows, (k, shards))]
+    assert sorted(seen) == list(range(1, 11))
+    with pytest.raises(ValueError):
+        batching.parse_shard("3/2")
+
+
+def test_dry_run_checks_every_row_and_loads_nothing(clips, tiny_checkpoints, tmp_path):
+    rows = frame_rows(clips, str(tmp_path / "dry")) + [f"missing.npy,{clips}/face_a.png,x"]
+    manifest = write_csv(tmp_path / "m.csv", rows)
+    result = run_batch(manifest, "--dry-run", "--json", "--shard", "1/1", *tiny(tiny_checkpoints))
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    statuses = {row["row"]: row["status"] for row in summary["rows"]}
+    assert statuses == {1: "todo", 2: "todo", 3: "todo", 4: "failed"}
+    assert "row 4:" in summary["rows"][3]["error"] and "missing.npy" in summary["rows"][3]["error"]
+    assert not (tmp_path / "dry").exists() and not (tmp_path / "m.report.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def test_bad_rows_fail_alone_and_good_rows_render_identical_frames(clips, tiny_checkpoints, reference_frames,
+                                                                   tmp_path):
+    out = tmp_path / "out"
+    rows = frame_rows(clips, str(out), relative=True)
+    rows.insert(1, f"clip0.npy,missing.png,{out}/bad")  # row 2: no such source
+    rows.append(f"clip1.npy,face_a.png,{out}/0")  # row 5: the same frames folder as row 1
+    manifest = write_csv(clips / "bad.csv", rows)
+    result = run_batch(manifest, "--json", "--report", tmp_path / "r.jsonl", *tiny(tiny_checkpoints))
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert (summary["done"], summary["failed"]) == (3, 2)
+    errors = {row["row"]: row["error"] for row in summary["rows"] if row["status"] == "failed"}
+    assert errors[2].startswith("row 2: ") and "source image not found" in errors[2]
+    assert errors[5].startswith("row 5: ") and "as row 1 does" in errors[5]
+    for index in range(CLIPS):
+        np.testing.assert_array_equal(read_frames(out / str(index)), reference_frames[index])
+    lines = list(batching.iter_lines(tmp_path / "r.jsonl"))
+    assert sorted(line["row"] for line in lines) == [1, 2, 3, 4, 5]
+
+    again = run_batch(manifest, "--json", "--report", tmp_path / "r.jsonl", *tiny(tiny_checkpoints))
+    statuses = {row["row"]: row["status"] for row in json.loads(again.stdout)["rows"]}
+    assert statuses == {1: "skipped", 2: "failed", 3: "skipped", 4: "skipped", 5: "failed"}
+
+
+def test_glob_form_writes_mp4s_to_the_output_dir(clips, tiny_checkpoints, tmp_path):
+    result = run_batch("--coeffs", str(clips / "clip*.npy"), "--source", clips / "face_a.png",
+                       "--output-dir", tmp_path, "--quiet", *tiny(tiny_checkpoints))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
+    assert len(list(batching.iter_lines(tmp_path / batching.GLOB_REPORT_NAME))) == CLIPS
+
+
+def test_two_workers_render_the_same_frames(clips, tiny_checkpoints, reference_frames, tmp_path):
+    out = tmp_path / "w"
+    manifest = write_csv(tmp_path / "m.csv", frame_rows(clips, str(out)))
+    result = run_batch(manifest, "--workers", "2", "--json", *tiny(tiny_checkpoints))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["done"] == CLIPS
+    for index in range(CLIPS):
+        np.testing.assert_array_equal(read_frames(out / str(index)), reference_frames[index])
+
+
+def test_ray_local_renders_the_same_frames(clips, tiny_checkpoints, reference_frames, tmp_path):
+    pytest.importorskip("ray", reason="Ray is the 'ray' extra (make install includes it)")
+    out = tmp_path / "ray"
+    manifest = write_csv(tmp_path / "m.csv", frame_rows(clips, str(out)))
+    result = run_batch(manifest, "--ray", "local", "--workers", "2", "--json", *tiny(tiny_checkpoints),
+                       env={"SFR_RAY_CPUS": "2"})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["done"] == CLIPS
+    assert {row["frames_dir"] for row in summary["rows"]} == {str(out / str(i)) for i in range(CLIPS)}
+    for index in range(CLIPS):
+        np.testing.assert_array_equal(read_frames(out / str(index)), reference_frames[index])
+
+
+def test_resume_after_kill_9(clips, tiny_checkpoints, tmp_path):
+    """A real `sfr batch` process killed with SIGKILL mid-batch; the rerun finishes, renders no finished
+    clip again and leaves no temporary or partial file."""
+    out = tmp_path / "out"
+    rows = [f"{clips}/clip{i % CLIPS}.npy,{clips}/face_a.png,{out}/{i}.mp4" for i in range(4)]
+    manifest = write_csv(tmp_path / "m.csv", rows, header="coeffs,source,output")
+    report = tmp_path / "m.report.jsonl"
+    command = [sys.executable, "-m", "sfr_cli.cli", "batch", str(manifest), "--quiet", *tiny(tiny_checkpoints)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (report.exists() and report.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next clip
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    finished = {line["row"] for line in batching.iter_lines(report) if line["status"] == "done"}
+    assert finished and len(finished) < 4, "the kill should land mid-batch"
+
+    result = subprocess.run(command + ["--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    statuses = {row["row"]: row["status"] for row in json.loads(result.stdout)["rows"]}
+    assert {row for row, status in statuses.items() if status == "skipped"} == finished
+    assert all(statuses[row] == "done" for row in set(range(1, 5)) - finished)
+    assert sorted(p.name for p in out.iterdir()) == ["0.mp4", "1.mp4", "2.mp4", "3.mp4"]  # nothing else
+    from sfr_cli.media import count_video_frames
+
+    assert [count_video_frames(out / f"{i}.mp4") for i in range(4)] == [FRAMES, FRAMES + 1, FRAMES, FRAMES]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Python API
+
+
+def test_renderer_frames_and_render_equal_sfr_render(clips, tiny_checkpoints, reference_frames, tmp_path):
+    from sfr_cli import Renderer
+
+    renderer = Renderer(checkpoint_dir=tiny_checkpoints, config="tiny", device="cpu")
+    frames = np.stack(list(renderer.frames(coeffs=clips / "clip0.npy", source=str(clips / "face_a.png"))))
+    assert frames.dtype == np.uint8 and frames.shape == (FRAMES, 256, 256, 3)
+    np.testing.assert_array_equal(frames, reference_frames[0])
+
+    # Arrays instead of files: the same frames.
+    face = np.asarray(Image.open(clips / "face_b.png").convert("RGB"))
+    report = renderer.render(coeffs=np.load(clips / "clip1.npy"), source=face, frames_dir=tmp_path / "f")
+    assert report.frames == FRAMES + 1
+    np.testing.assert_array_equal(read_frames(tmp_path / "f"), reference_frames[1])
+    assert renderer.models.loads == 1  # the model loaded once for both clips
+
+    renderer.render(coeffs=clips / "clip0.npy", source=clips / "face_a.png", output=tmp_path / "c.mp4")
+    assert renderer.models.source_hits == 1  # face_a with clip0's first frame again: source work reused
+    assert (tmp_path / "c.mp4").is_file()
+    with pytest.raises(batching.SfrError, match="source image not found"):
+        renderer.render(coeffs=clips / "clip2.npy", source=clips / "nope.png", output=tmp_path / "d.mp4")
