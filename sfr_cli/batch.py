@@ -71,11 +71,13 @@ class RowResult:
     seconds: Optional[float] = None
     error: Optional[str] = None
     frames_dir: Optional[str] = None
+    render_seconds: Optional[float] = None  # of `seconds`: rendering and encoding (model load, checks excluded)
 
     def to_dict(self) -> Dict:
         data = asdict(self)
-        if data["seconds"] is not None:
-            data["seconds"] = round(data["seconds"], 3)
+        for key in ("seconds", "render_seconds"):
+            if data[key] is not None:
+                data[key] = round(data[key], 3)
         return data
 
 
@@ -358,20 +360,22 @@ def run_task(renderer, task: Task, *, reraise: bool = False) -> RowResult:
         return RowResult(status=FAILED, seconds=time.perf_counter() - started, **base,
                          error=f"row {task.row}: internal error {type(exc).__name__}: {exc} (a bug in sfr; "
                                "rerun with --debug for the traceback)")
-    return RowResult(status=DONE, frames=report.frames, seconds=time.perf_counter() - started, **base)
+    return RowResult(status=DONE, frames=report.frames, seconds=time.perf_counter() - started,
+                     render_seconds=report.seconds, **base)
 
 
 class InProcessBackend:
     """Rows one after another in this process, with one `Renderer` (models loaded once)."""
 
-    def __init__(self, renderer_settings: Dict, *, debug: bool = False):
+    def __init__(self, renderer_settings: Dict, *, debug: bool = False, renderer=None):
         self.renderer_settings = renderer_settings
         self.debug = debug
+        self.renderer = renderer  # a warm Renderer to reuse (the benchmark's), else one is made per run
 
     def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None]):
         from .renderer import Renderer
 
-        renderer = Renderer(**self.renderer_settings)
+        renderer = self.renderer if self.renderer is not None else Renderer(**self.renderer_settings)
         for task in tasks:
             on_start(task)
             on_done(task, run_task(renderer, task, reraise=self.debug))
@@ -425,9 +429,12 @@ class BatchSummary:
         return self.counts[FAILED] == 0
 
     def to_dict(self) -> Dict:
+        """Totals, the driver's peak memory (with in-process rows, the whole batch's), every row."""
+        from .engine import peak_rss_mib
+
         frames = sum(row.frames or 0 for row in self.rows if row.status == DONE)
         return {"total": len(self.rows), **self.counts, "frames": frames, "seconds": round(self.seconds, 3),
-                "rows": [row.to_dict() for row in sorted(self.rows, key=lambda r: r.row)]}
+                "peak_rss_mib": round(peak_rss_mib(), 1), "rows": [row.to_dict() for row in sorted(self.rows, key=lambda r: r.row)]}
 
 
 def run_batch(plan: Plan, backend, report: ReportFile, progress) -> BatchSummary:

@@ -276,3 +276,30 @@ def test_renderer_frames_and_render_equal_sfr_render(clips, tiny_checkpoints, re
     assert (tmp_path / "c.mp4").is_file()
     with pytest.raises(batching.SfrError, match="source image not found"):
         renderer.render(coeffs=clips / "clip2.npy", source=clips / "nope.png", output=tmp_path / "d.mp4")
+
+
+def test_a_killed_workers_clip_is_retried_once_on_another_worker(clips, tiny_checkpoints, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    from sfr_cli.pipeline import RenderJob
+    from sfr_cli.workers import WorkerPoolBackend
+
+    template = RenderJob(coeffs=Path("."), source=Path("."), config="tiny", checkpoint_dir=tiny_checkpoints,
+                         device="cpu")
+    rows = [batching.ManifestRow(1, {"coeffs": str(clips / "clip0.npy"), "source": str(clips / "face_a.png"),
+                                     "output": str(tmp_path / "a.mp4")})]
+    plan = batching.plan_batch(rows, batching.BatchDefaults(template))
+    killed, results = [], []
+
+    def kill_the_worker(task):
+        if not killed:  # the first time the clip is handed out: SIGKILL the worker holding it
+            workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+            for worker in workers:
+                worker.kill()
+            killed.extend(workers)
+
+    backend = WorkerPoolBackend(batching.renderer_settings(template), workers=1)
+    backend.run(plan.tasks, kill_the_worker, lambda task, result: results.append(result))
+    assert killed
+    assert [result.status for result in results] == ["done"], results
+    assert plan.tasks[0].attempts == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # the killed worker's temporary is gone
