@@ -93,10 +93,11 @@ def manifest_format(path: Path) -> str:
     return kind
 
 
-def read_manifest(path: Path) -> List[ManifestRow]:
+def read_manifest(path: Path, default_source: Optional[str] = None) -> List[ManifestRow]:
     """The rows of a CSV (header row) or JSONL manifest; relative paths are taken from the manifest's
-    folder. A row that cannot be parsed comes back with its `error`; the manifest as a whole failing
-    (unreadable, no header, unknown column) raises ManifestError."""
+    folder (`default_source`, from the command line, is used as given for rows without a source). A row
+    that cannot be parsed comes back with its `error`; the manifest as a whole failing (unreadable, no
+    header, unknown column) raises ManifestError."""
     path = Path(path)
     kind = manifest_format(path)
     try:
@@ -106,12 +107,14 @@ def read_manifest(path: Path) -> List[ManifestRow]:
     rows = _csv_rows(path, text) if kind == "csv" else _jsonl_rows(text)
     base = path.parent
     for row in rows:
-        if row.error is None:
-            row.error = _check_cells(row.values)
         for name in PATH_FIELDS:
             value = row.values.get(name)
             if isinstance(value, str) and value:
                 row.values[name] = str(base / Path(value).expanduser())
+        if default_source is not None and not row.values.get("source"):
+            row.values["source"] = default_source
+        if row.error is None:
+            row.error = _check_cells(row.values)
     return rows
 
 
@@ -124,7 +127,7 @@ def _csv_rows(path: Path, text: str) -> List[ManifestRow]:
     unknown = [name for name in header if name not in ROW_FIELDS]
     if unknown:
         raise ManifestError(f"{path}: unknown column(s) {', '.join(unknown)}; columns are {', '.join(ROW_FIELDS)}")
-    missing = [name for name in REQUIRED_FIELDS if name not in header]
+    missing = [name for name in REQUIRED_FIELDS[:1] if name not in header]  # source may come from --source
     if missing:
         raise ManifestError(f"{path}: no {' or '.join(missing)} column; every row needs coeffs and source")
     rows = []

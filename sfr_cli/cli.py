@@ -234,12 +234,9 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
         if not manifest.is_file():
             raise click.UsageError(f"{manifest}: no such manifest file")
         try:
-            rows = batching.read_manifest(manifest)
+            rows = batching.read_manifest(manifest, default_source=source)
         except batching.ManifestError as exc:
             raise click.UsageError(str(exc)) from None
-        if source:
-            for row in rows:
-                row.values.setdefault("source", source)
         prefix = "row"
     template = RenderJob(coeffs=Path("."), source=Path("."), source_coeffs=source_coeffs, fps=fps,
                          checkpoint_dir=checkpoint_dir, checkpoint=checkpoint, mapping=mapping, config=config,

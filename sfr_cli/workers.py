@@ -52,12 +52,15 @@ def _worker_main(settings: Dict, threads: Optional[int], inbox, results) -> None
 
     renderer = Renderer(**settings)
     pid = os.getpid()
-    while True:
-        results.put(("ready", pid, None))
-        task = inbox.get()
-        if task is None:
-            return
-        results.put(("done", pid, run_task(renderer, task)))
+    try:
+        while True:
+            results.put(("ready", pid, None))
+            task = inbox.get()
+            if task is None:
+                return
+            results.put(("done", pid, run_task(renderer, task)))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the clip cleaned up, the driver reports
+        return
 
 
 class WorkerPoolBackend:

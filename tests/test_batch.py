@@ -125,6 +125,14 @@ def test_jsonl_manifest_lists_strings_and_bad_lines(tmp_path):
     assert "not a JSON object" in rows[4].error
 
 
+def test_a_rows_missing_source_comes_from_the_command_line(tmp_path):
+    manifest = write_csv(tmp_path / "m.csv", ["a.npy", "b.npy"], header="coeffs")
+    rows = batching.read_manifest(manifest, default_source="face.png")
+    assert [row.values["source"] for row in rows] == ["face.png", "face.png"]  # as given, not re-based
+    assert all(row.error is None for row in rows)
+    assert "needs coeffs and source" in batching.read_manifest(manifest)[0].error
+
+
 def test_a_bad_option_value_gets_sfr_renders_message(tmp_path):
     row = batching.ManifestRow(1, {"coeffs": "a.npy", "source": "f.png", "fps": "0"})
     with pytest.raises(batching.SfrError, match="fps"):
