@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_frames_close, to_uint8
 from sfr_cli.checkpoints import Networks, load_networks, write_random_checkpoints
 from sfr_cli.coeffs import camera_pose_sequence, prepare_semantics
 from sfr_cli.config import CONFIG_DIR, load_config
 from sfr_cli.engine import STAGES, BatchPolicy, Engine, EngineOptions
 from sfr_cli.errors import RenderError
-from conftest import assert_frames_close, to_uint8
 from sfr_cli.nets.geometry import transform_keypoints
 from sfr_cli.nets.generator import SPADEDecoder
 from sfr_cli.nets.inference import UpsampledConv3x3, optimize_generator, optimize_kp_detector
@@ -262,7 +262,7 @@ def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
     source = engine.prepare_source(image, semantics.source_window())
     frames = np.stack(list(engine.render(source, semantics)))
     # the automatic CUDA batch fits the tiny model's 7 frames into one batch on any GPU
-    assert engine.stats["batch_sizes"] == [FRAMES] and source.kp_source.dtype == torch.float32
+    assert engine.stats.batch_sizes == [FRAMES] and source.kp_source.dtype == torch.float32
     mse = np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2)
     psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
     assert psnr >= (50 if precision == "fp32" else 40), f"{precision}: {psnr:.1f} dB against the CPU's fp32"
