@@ -4,7 +4,7 @@ ffmpeg is imageio-ffmpeg's bundled binary (or the one named by `IMAGEIO_FFMPEG_E
 an argument list; its stderr tail goes into every error it causes.
 
 Measured reasons this is not `imageio_ffmpeg.count_frames_and_secs` (`python scripts/measure_media.py`,
-2-core EPYC under load): it decodes every frame (`-vf null`), where a remux (`-c copy`) counts the same
+2-core Xeon, loaded): it decodes every frame (`-vf null`), where a remux (`-c copy`) counts the same
 750 frames of a 256 px clip in 0.018 s instead of 0.49 s; it runs imageio-ffmpeg's binary rather than
 the one `find_ffmpeg` checked; and its error carries the whole log, not a tail.
 """

@@ -6,7 +6,7 @@ never leaves a partial file where the user expects a result.
 
 PNG frames go through imageio (its Pillow plugin: the same bytes as Pillow at the same compression, in
 the same time). The MP4 writer runs ffmpeg itself rather than through `imageio_ffmpeg.write_frames`,
-for guarantees that generator cannot give (`python scripts/measure_media.py`, 2-core EPYC): it sends
+for guarantees that generator cannot give (`python scripts/measure_media.py`, 2-core Xeon): it sends
 ffmpeg's stderr to the terminal, so an error cannot carry ffmpeg's tail and its warnings would break
 the progress display; and when the caller fails it waits for ffmpeg to encode what it has (0.73 s
 after 200 frames of 256 px, leaving a playable partial file) where `Mp4Writer.abort` kills ffmpeg and
