@@ -26,7 +26,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from sfr_cli.errors import MediaError
-from sfr_cli.outputs import atomic_path, probe_writable, remove_quietly, temporary_path
+from sfr_cli.outputs import atomic_path, check_regular_target, probe_writable, remove_quietly, temporary_path
 
 from .ffmpeg import StderrDrain, count_video_frames, find_ffmpeg, start_ffmpeg, stderr_tail
 
@@ -144,10 +144,10 @@ def _missing_dirs(directory: Path) -> List[Path]:
 
 
 def check_output_writable(path: PathLike) -> None:
-    """Raise MediaError unless a file can be created at `path` (its folder exists and is writable)."""
+    """Raise MediaError unless a regular file can be created at `path` (nothing or a regular file there,
+    and its folder exists and is writable)."""
     target = Path(path)
-    if target.is_dir():
-        raise MediaError(f"{target}: is a folder; give a file name for the output")
+    check_regular_target(target)
     folder = target.absolute().parent
     if not folder.is_dir():
         raise MediaError(f"{target}: output folder {folder} does not exist; create it first")
