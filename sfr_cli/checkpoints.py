@@ -49,7 +49,7 @@ def renderer_safetensors_name(size_px: int) -> str:
 
 @dataclass
 class Networks:
-    """The renderer's modules, in eval mode, on the CPU until the engine moves them."""
+    """The renderer's modules, in eval mode, on the CPU (an engine renders from its own copies)."""
 
     kp_detector: KPDetector
     generator: OcclusionAwareSPADEGenerator

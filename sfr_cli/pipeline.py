@@ -193,10 +193,11 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
     found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
              outputs.JobInput(files.mapping, "mapping checkpoint")]
     check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
-    from .engine import Engine, EngineOptions, check_precision, peak_rss_mib, resolve_device
+    from .engine import Engine, EngineOptions, check_precision, configure_torch, peak_rss_mib, resolve_device
 
     device = resolve_device(job.device)
     check_precision(job.precision, device)  # an unavailable device or precision fails here
+    configure_torch(device)
     compile_decoder = job.compile and device.type == "cuda"
     if job.compile and not compile_decoder:
         note(f"--compile is ignored on {device.type}: torch.compile speeds up CUDA renders only")
@@ -217,15 +218,15 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
     reporter.finish()
 
     stats = engine.stats
-    batch_sizes = stats.get("batch_sizes") or [engine.batch_size]  # CUDA auto decides in render()
+    batch_sizes = stats.batch_sizes or [engine.batch_size]  # CUDA auto decides in render()
     return RenderReport(
         output=output,
         frames_dir=frames_dir,
         frames=written,
         seconds=seconds,
         frames_per_second=written / seconds if seconds > 0 else 0.0,
-        peak_rss_mib=round(stats.get("peak_rss_mib") or peak_rss_mib(), 1),
-        peak_cuda_mib=round(stats["peak_cuda_mib"], 1) if engine.device.type == "cuda" else None,
+        peak_rss_mib=round(stats.peak_rss_mib or peak_rss_mib(), 1),
+        peak_cuda_mib=round(stats.peak_cuda_mib, 1) if engine.device.type == "cuda" else None,
         device=str(engine.device),
         precision=engine.precision,
         batch_size=int(max(batch_sizes)),
