@@ -44,8 +44,11 @@ RULES = {
     "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
     "sfr_cli.coeffs": rule({"errors", "modes"}, {"numpy", "scipy"}),
     "sfr_cli.engine": rule({"nets", "checkpoints", "config", "errors", "modes"}, {"torch", "numpy"}),
+    "sfr_cli.media": rule({"media"}),  # the package's public surface, from its own modules
     # PIL reads any source image format; scipy.ndimage resizes as SadTalker's skimage path does
-    "sfr_cli.media": rule({"errors", "outputs"}, {"numpy", "imageio", "imageio_ffmpeg", "PIL", "scipy"}),
+    "sfr_cli.media.source": rule({"errors"}, {"numpy", "PIL", "scipy"}),
+    "sfr_cli.media.ffmpeg": rule({"errors"}, {"imageio_ffmpeg"}),
+    "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.pipeline": rule(LIBRARY, {"numpy", "torch"}),
     "sfr_cli.bench": rule(LIBRARY | {"pipeline"}, {"numpy", "torch"}),  # `sfr bench`: the engine vs a plain loop
