@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import media
+from . import media, outputs
 from .errors import SfrError
 from .pipeline import RenderJob, output_paths, prepare_job
 
@@ -256,7 +256,7 @@ def outputs_done(job: RenderJob) -> bool:
         frame_count = read_coefficients(job.coeffs).shape[0]
     except SfrError:
         return False  # prepare_job reports it
-    return len(media.frame_files(frames_dir)) == frame_count
+    return len(media.existing_frames(frames_dir)) == frame_count
 
 
 @dataclass
@@ -337,8 +337,8 @@ def _clear_earlier_output(job: RenderJob) -> None:
     """Before re-rendering a row: remove the frames an earlier, unfinished (or, with --overwrite, finished)
     render left in its frames folder; an existing MP4 is replaced atomically at the end."""
     _, frames_dir = output_paths(job)
-    if frames_dir is not None:
-        media.remove_frames(frames_dir)
+    for path in media.existing_frames(frames_dir) if frames_dir is not None else ():
+        outputs.remove_quietly(path)
 
 
 # ---------------------------------------------------------------------------------------------------
