@@ -10,7 +10,9 @@ no partial MP4, no temporary files, no ffmpeg left running.
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import queue
 import threading
 import time
@@ -188,11 +190,30 @@ def read_driving(value) -> Tuple[np.ndarray, str]:
     return coeffs.read_coefficients(value), str(value)
 
 
+SOURCE_IMAGES_KEPT = 8  # resized source images kept per process (a 256 px one is 0.75 MiB)
+_source_images: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
+
+
 def read_source(value, size_px: int) -> np.ndarray:
-    """The source face from an image path, or an `(H, W, 3)` RGB array (uint8, or float in [0, 1])."""
+    """The source face from an image path, or an `(H, W, 3)` RGB array (uint8, or float in [0, 1]).
+    A file read before (same path, size and modification time) comes from a small LRU (as a copy): a
+    batch checks each row, then renders it, often with one face for many clips."""
     if isinstance(value, np.ndarray):
         return media.source_from_array(value, size_px)
-    return media.read_source_image(value, size_px)
+    try:
+        info = os.stat(value)
+        key = (os.path.abspath(value), info.st_size, info.st_mtime_ns, size_px)
+    except OSError:
+        key = None  # read_source_image says what is wrong
+    if key in _source_images:
+        _source_images.move_to_end(key)
+        return _source_images[key].copy()
+    image = media.read_source_image(value, size_px)
+    if key is not None:
+        _source_images[key] = image.copy()
+        while len(_source_images) > SOURCE_IMAGES_KEPT:
+            _source_images.popitem(last=False)
+    return image
 
 
 def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False) -> PreparedJob:

@@ -69,6 +69,9 @@ def find_ffmpeg() -> str:
             exe = imageio_ffmpeg.get_ffmpeg_exe()
         except RuntimeError as exc:
             raise MediaError(f"ffmpeg not found; {hint}") from exc
+    key = _binary_key(exe)
+    if key is not None and key in _ANSWERED:
+        return exe  # this process asked this very binary already (a batch asks once per clip)
     try:
         result = _run([exe, "-version"], FFMPEG_VERSION_TIMEOUT_SECONDS)
     except FileNotFoundError as exc:
@@ -83,7 +86,21 @@ def find_ffmpeg() -> str:
     if result.returncode != 0:
         output = (result.stderr + result.stdout).decode("utf-8", "replace")
         raise MediaError(f"ffmpeg at {exe} failed (exit {result.returncode}); {hint}:\n{stderr_tail(output)}")
+    if key is not None:
+        _ANSWERED.add(key)
     return exe
+
+
+_ANSWERED: set = set()  # (path, size, mtime) of binaries whose -version ran in this process
+
+
+def _binary_key(exe: str):
+    """What identifies an ffmpeg binary file (None for a bare name found on PATH)."""
+    try:
+        info = os.stat(exe)
+    except OSError:
+        return None
+    return (os.path.abspath(exe), info.st_size, info.st_mtime_ns)
 
 
 @dataclasses.dataclass(frozen=True)
