@@ -9,7 +9,8 @@ for this CPU only. What is timed:
   batch      one `sfr batch` process over the same 12 clips (imports and model load paid once)
   frames     every MP4 of both, decoded, must be identical
   overhead   per clip, beyond rendering and encoding: a warm Renderer, the rows checked and run through
-             batch's scheduler, report and source lookup; (wall - sum of render+encode) / clips
+             batch's scheduler, report and source lookup;
+             (wall - sum of render+encode - source work) / clips
   rss        peak RSS of `sfr batch` over N one-frame clips (several faces, so the source LRU turns over)
   startup    (--full) the full-size model: first clip minus second clip of one Renderer (1 frame each)
   workers    (--workers) `sfr batch --workers 1` vs `--workers 2` over the 12 clips
@@ -159,12 +160,13 @@ def overhead(work: Path, manifest: Path, clips: int) -> float:
     settings = batching.renderer_settings(template)
     renderer = Renderer(**settings)
     renderer.render(coeffs=work / "c000.npy", source=work / "face0.png", output=work / "warm.mp4")  # load once
+    renderer.models.source_seconds = 0.0
     started = time.perf_counter()
     plan = batching.plan_batch(batching.read_manifest(manifest), batching.BatchDefaults(template, overwrite=True))
     summary = batching.run_batch(plan, batching.InProcessBackend(settings, renderer=renderer),
                                  batching.ReportFile(work / "overhead.report.jsonl"), BatchProgress(quiet=True))
     wall = time.perf_counter() - started
-    rendering = sum(row.render_seconds for row in summary.rows)
+    rendering = sum(row.render_seconds for row in summary.rows) + renderer.models.source_seconds  # + source work
     return round((wall - rendering) / clips * 1000, 1)
 
 
