@@ -166,12 +166,16 @@ def seamless_clone_full(patch: torch.Tensor, region: torch.Tensor, dtype=torch.f
     patch, region: `(B, h, w, C) uint8`, h, w >= 3. Returns `(B, h, w, C) uint8`. The solution is
     truncated toward zero after clamping to [0, 255], as OpenCV's solver writes it (not rounded).
     """
-    p = patch.permute(0, 3, 1, 2)
-    r = region.permute(0, 3, 1, 2)
-    solved = _solve_poisson_dirichlet(clone_rhs(p, r, dtype))
-    out = r.clone()
+    solved = clone_solution(patch, region, dtype)
+    out = region.permute(0, 3, 1, 2).clone()
     out[..., 1:-1, 1:-1] = solved.clamp_(0, 255).to(torch.uint8)  # float->uint8 truncates
     return out.permute(0, 2, 3, 1)
+
+
+def clone_solution(patch: torch.Tensor, region: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The blend's float solution over the region's interior, before OpenCV's truncation.
+    patch, region: `(B, h, w, C) uint8`; returns `(B, C, h-2, w-2)` in `dtype`."""
+    return _solve_poisson_dirichlet(clone_rhs(patch.permute(0, 3, 1, 2), region.permute(0, 3, 1, 2), dtype))
 
 
 def clip_box(box: Box, width_px: int, height_px: int) -> Box:
