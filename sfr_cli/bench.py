@@ -2,20 +2,23 @@
 
 Both run in one process on the same weights, source and coefficients:
 
-- ``plain``: SadTalker's way: one frame at a time, fp32, the plain modules (spectral norm recomputed,
-  no folding or fusion), the generator's source encoding redone for every frame;
+- ``plain``: SadTalker's way (``PlainLoop``): its default batch of 2 (the source repeated, two runs of
+  frames side by side), fp32, the plain modules (spectral norm recomputed, no folding or fusion), the
+  generator's source encoding redone at every step, no synchronisation inside the loop;
 - ``sfr``: the engine as ``sfr render`` runs it (source work once, batches, rewrites, the requested
   precision), its frames encoded to H.264 by a writer thread like the real pipeline.
 
 Reported per run: frames/s, ms per frame by stage (mapping and keypoints, dense motion, decoder,
 transfer and encode), start-up time, peak RSS (sampled) and peak CUDA memory; for reduced precision
-also the PSNR of its frames against sfr at fp32. Stage times need a synchronisation after each stage,
-so they come from a second, timed pass over the same frames and do not slow the frames/s figure.
+also the PSNR of its frames against sfr at fp32. Both runs get the same torch settings
+(``configure_torch``) and a warm-up pass before the timed one. Stage times need a synchronisation
+around each stage, so they come from a third pass (``StageTimer``) and do not slow the frames/s figure.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import itertools
 import tempfile
 import threading
 import time
@@ -28,10 +31,9 @@ import torch
 from .checkpoints import Networks, build_networks, find_checkpoints, load_networks, random_state_dict
 from .coeffs import prepare_semantics
 from .config import ModelConfig
-from .engine import Engine, EngineOptions, peak_rss_mib, resolve_device
+from .engine import STAGES, Engine, EngineOptions, configure_torch, peak_rss_mib, resolve_device
 from .nets.geometry import transform_keypoints
-
-STAGES = ("mapping_keypoints", "dense_motion", "decoder", "transfer")
+from .nets.inference import detached_copy
 
 
 class RssSampler:
@@ -73,6 +75,15 @@ def random_networks(config: ModelConfig, seed: int = 0) -> Networks:
     return nets
 
 
+def load_or_random_networks(config: ModelConfig, checkpoint_dir=None, size_px: int = 256):
+    """(networks, what they are): SadTalker's files from ``checkpoint_dir``, or random weights shaped by ``config``."""
+    if checkpoint_dir is None:
+        return random_networks(config), "random"
+    files = find_checkpoints(checkpoint_dir, size_px=size_px,
+                             preprocess="full" if config.mapping.coeff_nc == 73 else "crop")
+    return load_networks(config, files), str(checkpoint_dir)
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -89,7 +100,27 @@ def _peak_cuda_mib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0.0
 
 
-def _job(coeff_nc: int, frames: int, size_px: int, seed: int = 0):
+class StageTimer:
+    """An engine stage hook (``Engine.stage_hook``) that adds up each stage's wall time. It synchronises
+    the device around every stage, so it is used on a separate pass, never on the one timed whole."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ms: Dict[str, float] = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        _sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000
+
+
+def job_inputs(coeff_nc: int, frames: int, size_px: int, seed: int = 0):
+    """A deterministic benchmark job: a random ``(3, S, S)`` source image and smooth driving coefficients."""
     rng = np.random.default_rng(seed)
     t = np.linspace(0, 2 * np.pi, frames, dtype=np.float32)[:, None]
     phase = rng.uniform(0, 2 * np.pi, size=(1, coeff_nc)).astype(np.float32)
@@ -100,72 +131,108 @@ def _job(coeff_nc: int, frames: int, size_px: int, seed: int = 0):
     return image, semantics
 
 
-def run_plain(nets: Networks, device: torch.device, image: np.ndarray, semantics) -> Dict:
-    """SadTalker-style loop: batch 1, fp32, plain modules, generator source encoding every frame."""
-    nets = copy.deepcopy(nets)
-    kp_detector, generator, mapping = (m.to(device).eval() for m in (nets.kp_detector, nets.generator, nets.mapping))
-    stage_ms = dict.fromkeys(STAGES, 0.0)
-    frames_out = []
+class PlainLoop:
+    """SadTalker's render loop (``make_animation`` as ``animate.py`` drives it) on sfr's plain modules:
+    the source image repeated ``rows`` times (SadTalker's batch size, 2 by default), the frames split
+    into ``rows`` contiguous runs rendered side by side, one step per frame of a run; every step calls
+    the whole generator (source encoding, dense motion, warp, decoder) with spectral norm recomputed, in
+    fp32; predictions stay on the device until the end, then become uint8 frames. Nothing in the loop
+    synchronises the device."""
+
+    def __init__(self, nets: Networks, device: torch.device, rows: int = 2):
+        self.device, self.rows = device, rows
+        self.kp_detector, self.generator, self.mapping = (
+            detached_copy(m).to(device).eval() for m in (nets.kp_detector, nets.generator, nets.mapping))
+
+    @torch.inference_mode()
+    def render(self, image: np.ndarray, semantics, stage_hook=None, frame_limit: Optional[int] = None) -> list:
+        """Every frame of ``semantics`` (or its first ``frame_limit``), ``(S, S, 3) uint8``, in order."""
+        hook = stage_hook or (lambda name: contextlib.nullcontext())
+        frames, rows = min(semantics.frame_count, frame_limit or semantics.frame_count), self.rows
+        steps = -(-frames // rows)
+        src = torch.from_numpy(image)[None].to(self.device).repeat(rows, 1, 1, 1)
+        window = torch.from_numpy(semantics.source_window())[None].to(self.device).repeat(rows, 1, 1)
+        kp_canonical = self.kp_detector(src)
+        kp_source = transform_keypoints(kp_canonical, self.mapping(window))
+        picks = [[min(row * steps + step, frames - 1) for row in range(rows)] for step in range(steps)]
+        predictions = []
+        for step in range(steps):
+            windows = np.stack([semantics.windows(i, i + 1)[0] for i in picks[step]])
+            with hook("mapping_keypoints"):
+                kp_driving = transform_keypoints(kp_canonical, self.mapping(torch.from_numpy(windows).to(self.device)))
+            with hook("dense_motion"):
+                feature_3d = self.generator.encode_source(src)
+                warped = self.generator.warp(feature_3d, self.generator.dense_motion_network(
+                    feature_3d, kp_driving, kp_source))
+            with hook("decoder"):
+                predictions.append(self.generator.decoder(warped))
+        with hook("transfer"):
+            video = torch.stack(predictions, dim=1).reshape(-1, *predictions[0].shape[1:])  # row-major: frame order
+            video = (video[:frames].permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return list(video)
+
+
+def _warm_up_frames(device: torch.device, semantics, batch_size: int) -> int:
+    """Frames of the warm-up pass before timing: on CUDA all of them (cuDNN searches an algorithm for
+    every new shape, the short last batch included; lazy module loading), on a CPU one batch."""
+    return semantics.frame_count if device.type == "cuda" else max(1, batch_size)
+
+
+def run_plain(nets: Networks, device: torch.device, image: np.ndarray, semantics, rows: int = 2) -> Dict:
+    """The plain loop (``PlainLoop``): one warm-up pass, one timed pass, one pass for the stage split."""
     _reset_cuda(device)
-    with RssSampler() as rss, torch.inference_mode():
+    with RssSampler() as rss:
         t0 = time.perf_counter()
-        src = torch.from_numpy(image)[None].to(device)
-        kp_canonical = kp_detector(src)
-        kp_source = transform_keypoints(kp_canonical, mapping(torch.from_numpy(semantics.source_window())[None].to(device)))
+        loop = PlainLoop(nets, device, rows)
         _sync(device)
         startup = time.perf_counter() - t0
+        loop.render(image, semantics, frame_limit=_warm_up_frames(device, semantics, rows))
+        _sync(device)
         t_render = time.perf_counter()
-        for i in range(semantics.frame_count):
-            t = time.perf_counter()
-            kp_driving = transform_keypoints(kp_canonical, mapping(torch.from_numpy(semantics.windows(i, i + 1)).to(device)))
-            _sync(device)
-            stage_ms["mapping_keypoints"] += (time.perf_counter() - t) * 1000
-            t = time.perf_counter()
-            feature_3d = generator.encode_source(src)
-            motion = generator.dense_motion_network(feature_3d, kp_driving, kp_source)
-            warped = generator.warp(feature_3d, motion)
-            _sync(device)
-            stage_ms["dense_motion"] += (time.perf_counter() - t) * 1000
-            t = time.perf_counter()
-            prediction = generator.decoder(warped)
-            _sync(device)
-            stage_ms["decoder"] += (time.perf_counter() - t) * 1000
-            t = time.perf_counter()
-            frames_out.append((prediction[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-            stage_ms["transfer"] += (time.perf_counter() - t) * 1000
+        frames_out = loop.render(image, semantics)
         seconds = time.perf_counter() - t_render
+        timer = StageTimer(device)
+        loop.render(image, semantics, stage_hook=timer)
     n = semantics.frame_count
-    return {"name": "plain", "precision": "fp32", "batch_size": 1, "frames": n, "seconds": seconds,
+    return {"name": "plain", "precision": "fp32", "batch_size": rows, "frames": n, "seconds": seconds,
             "frames_per_second": n / seconds, "startup_seconds": startup,
-            "stage_ms_per_frame": {k: v / n for k, v in stage_ms.items()},
+            "stage_ms_per_frame": {k: timer.ms[k] / n for k in STAGES},
             "peak_rss_mib": rss.peak_mib, "peak_cuda_mib": _peak_cuda_mib(device), "_frames": frames_out}
 
 
 def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics, encode: bool = True) -> Dict:
-    """The engine as ``sfr render`` runs it; frames go to an H.264 writer thread (bounded queue)."""
+    """The engine as ``sfr render`` runs it; frames go to an H.264 writer thread (bounded queue).
+    One warm-up pass, one timed pass, one pass for the stage split."""
     from .media import Mp4Writer, find_ffmpeg
 
-    _reset_cuda(resolve_device(options.device))
+    device = resolve_device(options.device)
+    _reset_cuda(device)
     frames_out = []
     with RssSampler() as rss, tempfile.TemporaryDirectory(prefix="sfr-bench-") as tmp:
         t0 = time.perf_counter()
-        engine = Engine(copy.deepcopy(nets), options)
+        engine = Engine(nets, options)
         source = engine.prepare_source(image, semantics.source_window())
         _sync(engine.device)
         startup = time.perf_counter() - t0
+        warm_up = _warm_up_frames(engine.device, semantics, engine.batch_size)
+        for _ in itertools.islice(engine.render(source, semantics), warm_up):
+            pass
+        _sync(engine.device)
         size = image.shape[-1]
         writer = Mp4Writer(Path(tmp) / "bench.mp4", width_px=size, height_px=size,
                            frame_count=semantics.frame_count, ffmpeg=find_ffmpeg()) if encode else None
         t_render = time.perf_counter()
         encode_seconds = _stream(engine.render(source, semantics), writer, frames_out)
         seconds = time.perf_counter() - t_render
-        # the timed pass for the stage split
-        engine.time_stages = True
-        list(engine.render(source, semantics))
+        timer = StageTimer(engine.device)
+        engine.stage_hook = timer
+        for _ in engine.render(source, semantics):
+            pass
+        engine.stage_hook = None
     n = semantics.frame_count
-    stage_ms = {k: engine.stats["stage_ms"].get(k, 0.0) / n for k in STAGES}
+    stage_ms = {k: timer.ms[k] / n for k in STAGES}
     stage_ms["transfer"] += encode_seconds * 1000 / n
-    return {"name": "sfr", "precision": engine.precision, "batch_size": max(engine.stats["batch_sizes"] or [0]),
+    return {"name": "sfr", "precision": engine.precision, "batch_size": max(engine.stats.batch_sizes or [0]),
             "frames": n, "seconds": seconds, "frames_per_second": n / seconds, "startup_seconds": startup,
             "stage_ms_per_frame": stage_ms, "encode_overlapped": encode,
             "peak_rss_mib": rss.peak_mib, "peak_cuda_mib": _peak_cuda_mib(engine.device), "_frames": frames_out}
@@ -216,18 +283,11 @@ def run_benchmark(config: ModelConfig, *, device: str = "auto", precision: str =
                   checkpoint_dir=None, compile: bool = False, plain: bool = True) -> Dict:
     """Run the plain loop and sfr on the same job; returns a JSON-ready report."""
     resolved = resolve_device(device)
-    if resolved.type == "cpu":
-        torch.set_flush_denormal(True)  # as the engine does; the plain loop must not pay for denormals alone
+    configure_torch(resolved)  # for both runs: the same denormal flushing and cuDNN settings
     t = time.perf_counter()
-    if checkpoint_dir is not None:
-        nets = load_networks(config, find_checkpoints(checkpoint_dir, size_px=size_px,
-                                                      preprocess="full" if config.mapping.coeff_nc == 73 else "crop"))
-        weights = str(checkpoint_dir)
-    else:
-        nets = random_networks(config)
-        weights = "random"
+    nets, weights = load_or_random_networks(config, checkpoint_dir, size_px)
     load_seconds = time.perf_counter() - t
-    image, semantics = _job(config.mapping.coeff_nc, frames, size_px)
+    image, semantics = job_inputs(config.mapping.coeff_nc, frames, size_px)
     options = EngineOptions(device=device, precision=precision, batch_size=batch_size, compile=compile)
     runs = [run_plain(nets, resolved, image, semantics)] if plain else []
     runs.append(run_sfr(nets, options, image, semantics))

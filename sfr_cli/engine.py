@@ -1,7 +1,9 @@
 """The render loop: source work once, frames in batches along the frame axis, precision, OOM back-off.
 
 The engine knows devices and batches; it yields ``(H, W, 3) uint8`` frames in order and reports
-progress through a callback. It reads no files and prints nothing.
+progress through a callback. It reads no files, prints nothing, leaves the networks it is given as
+they were (it renders from its own rewritten copies) and sets no process-wide torch state: the entry
+points call ``configure_torch`` once.
 """
 
 from __future__ import annotations
@@ -9,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
-import time
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -20,12 +20,65 @@ import torch
 from .checkpoints import Networks
 from .errors import RenderError
 from .nets.geometry import transform_keypoints
-from .nets.inference import optimize_generator, optimize_kp_detector
+from .nets.inference import detached_copy, optimize_generator, optimize_kp_detector
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CPU_AUTO_BATCH = 1  # a CPU gains nothing from batching (its convolutions use every core on one frame)
 CUDA_MAX_AUTO_BATCH = 64
 CUDA_MEMORY_HEADROOM = 0.8  # share of free memory an automatic batch may plan to use
+SOURCE_STAGE = "source"  # what a stage hook sees around prepare_source
+STAGES = ("mapping_keypoints", "dense_motion", "decoder", "transfer")  # ... and around each batch's stages
+
+StageHook = Callable[[str], ContextManager]
+
+
+def configure_torch(device: torch.device) -> None:
+    """Process-wide torch settings for rendering on ``device``; each entry point (``sfr render``,
+    ``sfr bench``, a Renderer) calls it once before building an Engine.
+
+    CPU: denormal floats are flushed to zero (they slow CPU convolutions up to ten-fold and are
+    < 1e-37, far below a uint8 level). CUDA: cuDNN picks the fastest convolution algorithm for each
+    shape once (``cudnn.benchmark``); the batch shapes repeat, so the search pays for itself.
+    """
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a device runs a batch of frames: the one place where CPU and CUDA differ.
+
+    ``motion_frames``: frames per call of the mapping net, keypoint math and dense motion network
+    (None: the whole batch). On a CPU they run frame by frame: CPU kernels pick their reduction order
+    by batch size, so this keeps every frame bit-identical whatever batch it came in, and costs
+    nothing (a CPU's convolutions are already parallel inside one frame). The decoder runs batched
+    everywhere (its convolutions are batch-invariant on a CPU). On CUDA the whole batch runs at once:
+    a GPU needs the batch to fill its cores, and frames agree across batch sizes within float rounding.
+
+    ``auto_batch``: the batch size ``--batch-size auto`` means (None: planned from free GPU memory
+    after measuring one frame). A CPU gains nothing from batching, so 1.
+    """
+
+    motion_frames: Optional[int]
+    auto_batch: Optional[int]
+
+    @staticmethod
+    def for_device(device: torch.device) -> "BatchPolicy":
+        if device.type == "cpu":
+            return BatchPolicy(motion_frames=1, auto_batch=1)
+        return BatchPolicy(motion_frames=None, auto_batch=None)
+
+
+@dataclass
+class EngineStats:
+    """What an engine's renders did so far: the size of every batch rendered, out-of-memory back-offs,
+    peak memory."""
+
+    batch_sizes: List[int] = field(default_factory=list)
+    oom_retries: int = 0
+    peak_rss_mib: float = 0.0
+    peak_cuda_mib: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -92,36 +145,37 @@ class Engine:
     warp too under fp16 but not under bf16 (see ``motion_dtype``).
     """
 
-    def __init__(self, nets: Networks, options: EngineOptions = EngineOptions()):
+    def __init__(self, nets: Networks, options: EngineOptions = EngineOptions(),
+                 stage_hook: Optional[StageHook] = None):
+        """``nets`` are read, never changed. ``stage_hook(name)``, when given, returns a context manager
+        entered around each stage of every batch (names in ``STAGES``) and around the source work
+        (``SOURCE_STAGE``); a benchmark times stages or a
+        profiler marks them through it. It may be set or cleared between renders."""
         if options.batch_size is not None and options.batch_size < 1:
             raise RenderError(f"batch size must be at least 1, not {options.batch_size}")
         self.device = resolve_device(options.device)
         self.dtype = check_precision(options.precision, self.device)
         self.precision = options.precision
+        self.policy = BatchPolicy.for_device(self.device)
         # The dense motion network predicts the warp's sampling grid: fp16 keeps it (51 dB against fp32 with
         # random weights), bf16's 8-bit mantissa does not (36 dB), so under bf16 it stays in fp32 (40 dB).
         self.motion_dtype = self.dtype if self.dtype == torch.float16 else torch.float32
-        kp_detector, generator, mapping = nets.kp_detector, nets.generator, nets.mapping
         if options.optimize:
-            kp_detector = optimize_kp_detector(kp_detector)
-            generator = optimize_generator(generator)
+            kp_detector, generator = optimize_kp_detector(nets.kp_detector), optimize_generator(nets.generator)
+        else:
+            kp_detector, generator = detached_copy(nets.kp_detector), detached_copy(nets.generator)
         self.kp_detector = kp_detector.to(self.device).eval()
         self.generator = generator.to(self.device).eval()
-        self.mapping = mapping.to(self.device).eval()
+        self.mapping = detached_copy(nets.mapping).to(self.device).eval()
         self.decoder = self.generator.decoder
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormal floats slow CPU convolutions ten-fold; they are < 1e-37
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         self.channels_last = self.device.type == "cuda" if options.channels_last is None else options.channels_last
         if self.channels_last:  # 2D convolutions only: the dense motion network's 3D ones have no NHWC
             self.decoder.to(memory_format=torch.channels_last)
         if options.compile:
             self.decoder = torch.compile(self.decoder, dynamic=False)
-        self.batch_size = options.batch_size or (CPU_AUTO_BATCH if self.device.type == "cpu" else 0)
-        self.stats: Dict = {"batch_sizes": [], "stage_ms": defaultdict(float), "peak_cuda_mib": 0.0,
-                            "peak_rss_mib": 0.0, "oom_retries": 0}
-        self.time_stages = False  # set by the benchmark: synchronises after each stage
+        self.batch_size = options.batch_size or self.policy.auto_batch or 0  # 0: planned at the first render
+        self.stats = EngineStats()
+        self.stage_hook = stage_hook
 
     @property
     def coeff_count(self) -> int:
@@ -132,18 +186,8 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    @contextlib.contextmanager
-    def _stage(self, name: str):
-        if not self.time_stages:
-            yield
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.stats["stage_ms"][name] += (time.perf_counter() - start) * 1000
+    def _stage(self, name: str) -> ContextManager:
+        return contextlib.nullcontext() if self.stage_hook is None else self.stage_hook(name)
 
     @torch.inference_mode()
     def prepare_source(self, image: np.ndarray, source_window: np.ndarray) -> SourceState:
@@ -151,7 +195,7 @@ class Engine:
         if source_window.shape[0] != self.coeff_count:
             raise RenderError(f"source coefficients have {source_window.shape[0]} columns but the mapping net "
                               f"takes {self.coeff_count}")
-        with self._stage("source"):
+        with self._stage(SOURCE_STAGE):
             img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(self.device)
             window = torch.from_numpy(np.ascontiguousarray(source_window, dtype=np.float32))[None].to(self.device)
             kp_canonical = self.kp_detector(img).float()
@@ -167,10 +211,7 @@ class Engine:
         w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
         angles = {name: None if values is None else torch.from_numpy(np.asarray(values, np.float32)).to(self.device)
                   for name, values in (("yaw", yaw), ("pitch", pitch), ("roll", roll))}
-        # CPU kernels choose their reduction order by batch size; frame by frame, the mapping and motion
-        # of a frame never depend on the batch it came in (and a CPU loses nothing: its convolutions are
-        # parallel inside one frame). The decoder's convolutions are batch-invariant and run batched.
-        step = 1 if self.device.type == "cpu" else b
+        step = self.policy.motion_frames or b  # see BatchPolicy
         warped = []
         for start in range(0, b, step):
             pick = slice(start, start + step)
@@ -219,10 +260,10 @@ class Engine:
                     raise RenderError(f"out of GPU memory on {self.device} even at batch size 1; free the GPU "
                                       "or use --precision fp16 or --device cpu")
                 batch = self.batch_size = max(1, batch // 2)  # later clips start from what fitted
-                self.stats["oom_retries"] += 1
+                self.stats.oom_retries += 1
                 self._release_cached_memory()
                 continue
-            self.stats["batch_sizes"].append(stop - start)
+            self.stats.batch_sizes.append(stop - start)
             self._record_memory()
             for frame in frames:
                 yield frame
@@ -250,6 +291,6 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _record_memory(self) -> None:
-        self.stats["peak_rss_mib"] = peak_rss_mib()
+        self.stats.peak_rss_mib = peak_rss_mib()
         if self.device.type == "cuda":
-            self.stats["peak_cuda_mib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            self.stats.peak_cuda_mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20

@@ -15,6 +15,17 @@ REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 REFERENCE_SKIP = "needs ../shared/reference (CI has it; a user's clone does not)"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_configured_for_the_cpu():
+    """What `sfr render` and `sfr bench` do once at start (engine.configure_torch): flush denormals, which
+    random weights are full of and which slow CPU convolutions up to ten-fold."""
+    import torch
+
+    from sfr_cli.engine import configure_torch
+
+    configure_torch(torch.device("cpu"))
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """`../shared/reference` beside the repo: golden case, sample faces and speech."""

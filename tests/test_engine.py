@@ -1,19 +1,20 @@
 """The engine with the tiny config: rewrites keep the math, batch size never changes a frame,
 out-of-memory back-off loses nothing, precision rules hold."""
 
-import copy
+import contextlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sfr_cli.checkpoints import load_networks, write_random_checkpoints
+from sfr_cli.checkpoints import Networks, load_networks, write_random_checkpoints
 from sfr_cli.coeffs import camera_pose_sequence, prepare_semantics
 from sfr_cli.config import CONFIG_DIR, load_config
-from sfr_cli.engine import Engine, EngineOptions
+from sfr_cli.engine import STAGES, BatchPolicy, Engine, EngineOptions
 from sfr_cli.errors import RenderError
 from sfr_cli.nets.geometry import transform_keypoints
+from sfr_cli.nets.generator import SPADEDecoder
 from sfr_cli.nets.inference import UpsampledConv3x3, optimize_generator, optimize_kp_detector
 
 FRAMES = 7
@@ -37,7 +38,7 @@ def job():
 
 
 def render_all(nets, image, semantics, **options):
-    engine = Engine(copy.deepcopy(nets), EngineOptions(device="cpu", **options))
+    engine = Engine(nets, EngineOptions(device="cpu", **options))
     source = engine.prepare_source(image, semantics.source_window())
     return engine, np.stack(list(engine.render(source, semantics)))
 
@@ -55,10 +56,9 @@ def test_upsampled_conv_equals_conv_of_upsampled_map(factor):
 
 def test_inference_rewrites_keep_the_math(tiny_nets, job):
     image, semantics = job
-    plain = copy.deepcopy(tiny_nets)
-    fast = copy.deepcopy(tiny_nets)
-    optimize_generator(fast.generator)
-    optimize_kp_detector(fast.kp_detector)
+    plain = tiny_nets
+    fast = Networks(kp_detector=optimize_kp_detector(tiny_nets.kp_detector),
+                    generator=optimize_generator(tiny_nets.generator), mapping=tiny_nets.mapping)
     img = torch.from_numpy(image)[None].expand(3, -1, -1, -1)
     with torch.no_grad():
         windows = torch.from_numpy(semantics.windows(0, 3))
@@ -89,8 +89,49 @@ def test_frames_do_not_depend_on_batch_size(tiny_nets, job):
     assert reference.shape == (FRAMES, 256, 256, 3) and reference.dtype == np.uint8
     for batch_size in (2, 3, 8):
         engine, frames = render_all(tiny_nets, image, semantics, batch_size=batch_size)
-        assert engine.stats["batch_sizes"] == [min(batch_size, FRAMES - i) for i in range(0, FRAMES, batch_size)]
+        assert engine.stats.batch_sizes == [min(batch_size, FRAMES - i) for i in range(0, FRAMES, batch_size)]
         np.testing.assert_array_equal(frames, reference)
+
+
+def test_engine_leaves_the_callers_networks_as_they_were(tiny_nets, job):
+    image, semantics = job
+    before = {name: {k: v.clone() for k, v in getattr(tiny_nets, name).state_dict().items()}
+              for name in ("kp_detector", "generator", "mapping")}
+    grads = [p.requires_grad for p in tiny_nets.generator.parameters()]
+    render_all(tiny_nets, image, semantics, batch_size=2, channels_last=True)
+    assert isinstance(tiny_nets.generator.decoder, SPADEDecoder), "the caller's decoder was replaced"
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_nets.generator.modules())
+    assert [p.requires_grad for p in tiny_nets.generator.parameters()] == grads
+    for name, state in before.items():
+        after = getattr(tiny_nets, name).state_dict()
+        assert after.keys() == state.keys()
+        for key, value in state.items():
+            assert after[key].device.type == "cpu" and after[key].is_contiguous(), f"{name}.{key} moved or changed layout"
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=f"{name}.{key} was written")
+
+
+class StageCounter:
+    """A stage hook that counts how often each stage runs."""
+
+    def __init__(self):
+        self.calls = dict.fromkeys(STAGES, 0)
+
+    def __call__(self, name):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return contextlib.nullcontext()
+
+
+def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tiny_nets, job):
+    """The CPU half of BatchPolicy (the CUDA half: test_cuda_batch_policy_runs_the_whole_batch_at_once)."""
+    image, semantics = job
+    assert BatchPolicy.for_device(torch.device("cpu")) == BatchPolicy(motion_frames=1, auto_batch=1)
+    counter = StageCounter()
+    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=4), stage_hook=counter)
+    source = engine.prepare_source(image, semantics.source_window())
+    assert len(list(engine.render(source, semantics))) == FRAMES
+    assert counter.calls == {"source": 1, "mapping_keypoints": FRAMES, "dense_motion": FRAMES, "decoder": 2,
+                             "transfer": 2}
+    assert Engine(tiny_nets, EngineOptions(device="cpu")).batch_size == 1  # auto on a CPU
 
 
 def simulate_oom_above(monkeypatch, limit, calls):
@@ -108,7 +149,7 @@ def simulate_oom_above(monkeypatch, limit, calls):
 def test_out_of_memory_halves_the_batch_and_loses_no_frame(tiny_nets, job, monkeypatch):
     image, semantics = job
     yaw = camera_pose_sequence([0, 20, -10], FRAMES)
-    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=1))
+    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=1))
     source = engine.prepare_source(image, semantics.source_window())
     reference = np.stack(list(engine.render(source, semantics, yaw=yaw)))
 
@@ -118,14 +159,14 @@ def test_out_of_memory_halves_the_batch_and_loses_no_frame(tiny_nets, job, monke
     done = []
     frames = np.stack(list(engine.render(source, semantics, yaw=yaw, progress=done.append)))
     assert calls == [7, 4, 2, 2, 2, 1]  # 8 (7 frames left) -> 4 -> 2, then on at 2
-    assert engine.stats["oom_retries"] == 2
+    assert engine.stats.oom_retries == 2
     assert sum(done) == FRAMES
     np.testing.assert_array_equal(frames, reference)
 
 
 def test_out_of_memory_at_batch_one_is_a_clear_error(tiny_nets, job, monkeypatch):
     image, semantics = job
-    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=2))
+    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=2))
     source = engine.prepare_source(image, semantics.source_window())
     calls = []
     simulate_oom_above(monkeypatch, 0, calls)
@@ -136,7 +177,7 @@ def test_out_of_memory_at_batch_one_is_a_clear_error(tiny_nets, job, monkeypatch
 
 def test_other_errors_are_never_retried(tiny_nets, job, monkeypatch):
     image, semantics = job
-    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=4))
+    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=4))
     source = engine.prepare_source(image, semantics.source_window())
     calls = []
 
@@ -162,14 +203,14 @@ def test_channels_last_decoder_as_on_cuda_gives_the_same_frames(tiny_nets, job):
 
 def test_fp16_on_cpu_is_refused_clearly(tiny_nets):
     with pytest.raises(RenderError, match="fp16 needs a CUDA GPU"):
-        Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", precision="fp16"))
+        Engine(tiny_nets, EngineOptions(device="cpu", precision="fp16"))
 
 
 def test_cuda_without_gpu_is_a_clear_error(tiny_nets):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RenderError, match="no CUDA GPU"):
-        Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cuda"))
+        Engine(tiny_nets, EngineOptions(device="cuda"))
 
 
 def test_bf16_keeps_keypoints_in_fp32_and_stays_close(tiny_nets, job):
@@ -186,12 +227,12 @@ def test_bf16_keeps_keypoints_in_fp32_and_stays_close(tiny_nets, job):
 
 def test_batch_size_below_one_is_refused(tiny_nets):
     with pytest.raises(RenderError, match="at least 1"):
-        Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=0))
+        Engine(tiny_nets, EngineOptions(device="cpu", batch_size=0))
 
 
 def test_camera_pose_overrides_change_the_head(tiny_nets, job):
     image, semantics = job
-    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu", batch_size=FRAMES))
+    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=FRAMES))
     source = engine.prepare_source(image, semantics.source_window())
     plain = np.stack(list(engine.render(source, semantics)))
     turned = np.stack(list(engine.render(source, semantics, yaw=camera_pose_sequence([0, 40], FRAMES))))
@@ -202,7 +243,7 @@ def test_camera_pose_overrides_change_the_head(tiny_nets, job):
 
 def test_windows_mismatching_the_mapping_net_are_refused(tiny_nets, job):
     image, _ = job
-    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cpu"))
+    engine = Engine(tiny_nets, EngineOptions(device="cpu"))
     with pytest.raises(RenderError, match="73 columns but the mapping net takes 70"):
         engine.prepare_source(image, np.zeros((73, 27), np.float32))
 
@@ -215,10 +256,26 @@ def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
         pytest.skip("this GPU has no bf16")
     image, semantics = job
     _, reference = render_all(tiny_nets, image, semantics, batch_size=1)
-    engine = Engine(copy.deepcopy(tiny_nets), EngineOptions(device="cuda", precision=precision))
+    engine = Engine(tiny_nets, EngineOptions(device="cuda", precision=precision))
     source = engine.prepare_source(image, semantics.source_window())
     frames = np.stack(list(engine.render(source, semantics)))
     assert engine.batch_size >= 1 and source.kp_source.dtype == torch.float32
     mse = np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2)
     psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
     assert psnr >= (50 if precision == "fp32" else 40), f"{precision}: {psnr:.1f} dB against the CPU's fp32"
+
+
+@pytest.mark.gpu
+def test_cuda_batch_policy_runs_the_whole_batch_at_once(tiny_nets, job):
+    """The CUDA half of BatchPolicy: mapping, motion and decoder once per batch; frames agree across
+    batch sizes within a level (cuDNN may pick other algorithms for other batch sizes)."""
+    image, semantics = job
+    assert BatchPolicy.for_device(torch.device("cuda")) == BatchPolicy(motion_frames=None, auto_batch=None)
+    counter = StageCounter()
+    engine = Engine(tiny_nets, EngineOptions(device="cuda", batch_size=4), stage_hook=counter)
+    source = engine.prepare_source(image, semantics.source_window())
+    batched = np.stack(list(engine.render(source, semantics)))
+    assert counter.calls == {"source": 1, "mapping_keypoints": 2, "dense_motion": 2, "decoder": 2, "transfer": 2}
+    single = Engine(tiny_nets, EngineOptions(device="cuda", batch_size=1))
+    frames = np.stack(list(single.render(single.prepare_source(image, semantics.source_window()), semantics)))
+    assert np.abs(batched.astype(int) - frames.astype(int)).max() <= 1

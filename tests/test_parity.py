@@ -81,7 +81,7 @@ def test_golden_crop_at_every_batch_size(pth_engine, batch_size):
     pth_engine.batch_size = batch_size
     source, semantics = golden_job(pth_engine)
     frames = list(pth_engine.render(source, semantics))
-    assert pth_engine.stats["batch_sizes"][-((4 + batch_size - 1) // batch_size):] == \
+    assert pth_engine.stats.batch_sizes[-((4 + batch_size - 1) // batch_size):] == \
         [min(batch_size, 4 - i) for i in range(0, 4, batch_size)]
     assert_matches_golden(frames)
 

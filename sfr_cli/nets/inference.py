@@ -1,7 +1,9 @@
 """Inference-time rewrites that keep the math: the one place where trained modules are reshaped for speed.
 
 Everything here is exact algebra on the weights (differences are float rounding only), and each rewrite
-is covered by a parity test against the plain modules:
+is covered by a parity test against the plain modules. The rewrites never touch the modules they are
+given: they work on a ``detached_copy`` (new module objects and tensors sharing the originals' storage,
+which is only ever read) and return it, so a caller's loaded networks stay as loaded.
 
 - spectral norm folded into plain conv weights (``weight_orig / sigma`` computed once);
 - batch norm (running statistics) folded into the convolution before it;
@@ -15,6 +17,8 @@ is covered by a parity test against the plain modules:
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Sequence
 
 import torch
@@ -26,22 +30,31 @@ from .blocks import (INSTANCE_NORM_EPS, LEAKY_SLOPE_SPADE, DownBlock2d, DownBloc
 from .generator import OcclusionAwareSPADEGenerator, SPADEDecoder
 
 
+def detached_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` made of new module objects whose parameters and buffers are new tensors
+    sharing the originals' storage (no weight is copied). Replacing, moving or converting its tensors
+    leaves ``module`` untouched; writing into them in place would not, and nothing here does."""
+    memo = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        detached = tensor.detach()
+        memo[id(tensor)] = nn.Parameter(detached, requires_grad=False) if isinstance(tensor, nn.Parameter) else detached
+    return copy.deepcopy(module, memo)
+
+
 @torch.no_grad()
 def fold_batch_norm(conv: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> None:
     """Make ``conv`` compute ``norm(conv(x))`` (eval-mode statistics); the caller drops ``norm``.
 
     The per-channel scale and shift are computed in float64; the weights are scaled in their own dtype
-    (one rounding, as the unfolded path's multiply has).
+    (one rounding, as the unfolded path's multiply has). ``conv`` gets new weight and bias tensors: the
+    old ones may be shared with the caller's module (``detached_copy``) and are not written.
     """
     scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
     shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-    conv.weight.mul_(scale.to(conv.weight.dtype).view(shape))
+    conv.weight = nn.Parameter(conv.weight * scale.to(conv.weight.dtype).view(shape), requires_grad=False)
     new_bias = ((bias - norm.running_mean.double()) * scale + norm.bias.double()).to(conv.weight.dtype)
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias, requires_grad=False)
-    else:
-        conv.bias.copy_(new_bias)
+    conv.bias = nn.Parameter(new_bias, requires_grad=False)
 
 
 def _plain_conv(conv: SpectralNormConv2d) -> nn.Conv2d:
@@ -212,7 +225,9 @@ def _fold_conv_norm_blocks(module: nn.Module) -> None:
 
 
 def optimize_generator(generator: OcclusionAwareSPADEGenerator) -> OcclusionAwareSPADEGenerator:
-    """Rewrite a loaded generator in place for inference (see the module docstring); returns it."""
+    """The loaded generator rewritten for inference (see the module docstring), as a new module;
+    ``generator`` itself is left as it was."""
+    generator = detached_copy(generator)
     _fold_conv_norm_blocks(generator)
     if isinstance(generator.decoder, SPADEDecoder):
         generator.decoder = FusedSPADEDecoder(generator.decoder)
@@ -220,5 +235,7 @@ def optimize_generator(generator: OcclusionAwareSPADEGenerator) -> OcclusionAwar
 
 
 def optimize_kp_detector(kp_detector: nn.Module) -> nn.Module:
+    """The keypoint detector with its batch norms folded, as a new module; ``kp_detector`` is left as it was."""
+    kp_detector = detached_copy(kp_detector)
     _fold_conv_norm_blocks(kp_detector)
     return kp_detector.eval().requires_grad_(False)
