@@ -75,6 +75,32 @@ def read_source_image(path: PathLike, size_px: int) -> np.ndarray:
     return np.ascontiguousarray(resized.transpose(2, 0, 1))
 
 
+def read_picture_uint8(path: PathLike, what: str) -> np.ndarray:
+    """Read a picture for paste-back (the original picture, or SadTalker's crop PNG) as `(H, W, 3) uint8
+    RGB`, the 8-bit values `cv2.imread` gives SadTalker (16-bit images are reduced by Pillow). `what`
+    names the option in messages ("--paste-into")."""
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"{path}: {what} picture not found")
+    if path.is_dir():
+        raise MediaError(f"{path}: is a folder; {what} takes a picture file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in SIXTEEN_BIT_MODES:
+                image = image.point(lambda v: v / 257).convert("L")
+            rgb = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
+    except UnidentifiedImageError as exc:
+        raise MediaError(f"{path}: {what}: not an image Pillow can read (PNG, JPEG, ...)") from exc
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"{path}: {what}: image is too large to read safely ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"{path}: {what}: cannot read the picture, it may be truncated or corrupt ({exc})") from exc
+    if rgb.shape[0] < 3 or rgb.shape[1] < 3:
+        raise MediaError(f"{path}: {what}: a {rgb.shape[1]}x{rgb.shape[0]} picture is too small")
+    return rgb
+
+
 def _read_rgb_float32(path: Path) -> np.ndarray:
     """Read any Pillow image as `(H, W, 3) float32 in [0, 1]`, exactly like `img_as_float32`."""
     if not path.exists():
@@ -452,7 +478,9 @@ class Mp4Writer(_Sink):
     `frame_count` a longer audio is not cut). Everything is written to `.NAME.sfr-tmp-PID-START.mp4` beside
     `path`; `close()` renames it to `path` only when ffmpeg succeeded and the file holds exactly
     the frames written. On any failure, `abort()`, or an exception inside the `with` block, ffmpeg
-    is killed and the temporary file removed; nothing appears at `path`. Failures in `write()`
+    is killed and the temporary file removed; nothing appears at `path`. With `pad_odd`, an odd
+    width or height is encoded one pixel larger, the last column/row repeated (`encoded_size`).
+    Failures in `write()`
     and `close()` raise MediaError with ffmpeg's stderr tail; an exception from the block is
     re-raised unchanged (so Ctrl-C stays a KeyboardInterrupt).
     """
@@ -468,6 +496,7 @@ class Mp4Writer(_Sink):
         frame_count: Optional[int] = None,
         ffmpeg: Optional[str] = None,
         crf: int = DEFAULT_CRF,
+        pad_odd: bool = False,
     ):
         self.path = Path(path)
         self.width_px = int(width_px)
@@ -478,7 +507,8 @@ class Mp4Writer(_Sink):
         self.frames_written = 0
         if self.width_px <= 0 or self.height_px <= 0:
             raise MediaError(f"{self.path}: video size must be positive, got {self.width_px}x{self.height_px}")
-        if self.width_px % 2 or self.height_px % 2:
+        self._pad_px = (self.height_px % 2, self.width_px % 2) if pad_odd else (0, 0)
+        if (self.width_px + self._pad_px[1]) % 2 or (self.height_px + self._pad_px[0]) % 2:
             raise MediaError(
                 f"{self.path}: H.264 yuv420p needs an even width and height, got {self.width_px}x{self.height_px}"
             )
@@ -500,11 +530,16 @@ class Mp4Writer(_Sink):
         self._proc = self._start(crf)
         self._stderr = _StderrDrain(self._proc.stderr)
 
+    @property
+    def encoded_size(self) -> tuple:
+        """(width, height) of the encoded video: the frames' size, made even when `pad_odd`."""
+        return self.width_px + self._pad_px[1], self.height_px + self._pad_px[0]
+
     def _command(self, crf: int) -> List[str]:
         rate = Fraction(self.fps).limit_denominator(1001)
         command = [
             self._ffmpeg, "-hide_banner", "-loglevel", "warning", "-y",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width_px}x{self.height_px}",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "{}x{}".format(*self.encoded_size),
             "-r", f"{rate.numerator}/{rate.denominator}", "-i", "-",
         ]  # fmt: skip
         if self.audio is not None:
@@ -538,6 +573,8 @@ class Mp4Writer(_Sink):
         if self._closed:
             raise ValueError("write() on a closed Mp4Writer")
         pixels = _check_frame(frame, self._shape)
+        if any(self._pad_px):
+            pixels = np.pad(pixels, ((0, self._pad_px[0]), (0, self._pad_px[1]), (0, 0)), mode="edge")
         try:
             self._proc.stdin.write(memoryview(pixels).cast("B"))
         except (BrokenPipeError, ValueError, OSError) as exc:

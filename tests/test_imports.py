@@ -22,6 +22,7 @@ ALLOWED_INTERNAL = {
     "sfr_cli.engine": {"nets", "checkpoints", "config", "errors"},
     "sfr_cli.media": {"errors", "outputs"},
     "sfr_cli.progress": set(),
+    "sfr_cli.pasteback": {"media", "errors", "nets"},
 }
 FORBIDDEN_EXTERNAL = {
     "sfr_cli.errors": {"*"},
@@ -30,6 +31,7 @@ FORBIDDEN_EXTERNAL = {
     "sfr_cli.coeffs": {"torch"},
     "sfr_cli.media": {"torch", "rich"},
     "sfr_cli.engine": {"rich", "click"},
+    "sfr_cli.pasteback": {"rich", "click"},
 }
 
 
