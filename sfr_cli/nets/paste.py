@@ -110,22 +110,29 @@ def aspect_height_px(size_px: int, box_w_px: int, box_h_px: int) -> int:
 def _dst1(values: torch.Tensor) -> torch.Tensor:
     """Unnormalised DST-I along the last axis: `X_k = sum_j x_j sin(pi (j+1)(k+1) / (n+1))`."""
     n = values.shape[-1]
-    padded = F.pad(values, (1, n + 1))  # [0, x, 0 ... 0]: the odd mirror only doubles Im
-    return torch.fft.rfft(padded, dim=-1).imag[..., 1 : n + 1].neg_()
+    padded = F.pad(values, (1, n + 1))  # [0, x, 0 ... 0]: without the odd mirror Im is simply halved
+    return torch.fft.rfft(padded, dim=-1).imag[..., 1 : n + 1].neg()
+
+
+def _dst2(values: torch.Tensor) -> torch.Tensor:
+    """DST-I along both last axes; the transposes are made contiguous (FFTs along strided axes are slow)."""
+    across = _dst1(values).transpose(-1, -2).contiguous()
+    return _dst1(across).transpose(-1, -2).contiguous()
+
+
+def _poisson_divisor(h: int, w: int, dtype, device) -> torch.Tensor:
+    """Eigenvalues of the 5-point Laplacian under DST-I, times the DST pair's scale (h+1)(w+1)/4."""
+    ky = torch.arange(1, h + 1, dtype=torch.float64)
+    kx = torch.arange(1, w + 1, dtype=torch.float64)
+    eig = (2 * torch.cos(math.pi * ky / (h + 1)) - 2).view(-1, 1) + (2 * torch.cos(math.pi * kx / (w + 1)) - 2).view(1, -1)
+    return (eig * ((h + 1) * (w + 1) / 4.0)).to(dtype=dtype, device=device)
 
 
 def _solve_poisson_dirichlet(rhs: torch.Tensor) -> torch.Tensor:
     """Solve the 5-point `laplacian(f) = rhs` on `(..., h, w)` with f = 0 just outside, by DST-I."""
     h, w = rhs.shape[-2:]
-    dtype = rhs.dtype
-    ky = torch.arange(1, h + 1, dtype=torch.float64, device=rhs.device)
-    kx = torch.arange(1, w + 1, dtype=torch.float64, device=rhs.device)
-    eig = (2 * torch.cos(math.pi * ky / (h + 1)) - 2).view(-1, 1) + (2 * torch.cos(math.pi * kx / (w + 1)) - 2).view(1, -1)
-    # the forward and inverse DST-I together scale by (h+1)(w+1)/4; fold it into the divisor
-    divisor = (eig * ((h + 1) * (w + 1) / 4.0)).to(dtype)
-    spectrum = _dst1(_dst1(rhs).transpose(-1, -2)).transpose(-1, -2)
-    spectrum = spectrum / divisor
-    return _dst1(_dst1(spectrum).transpose(-1, -2)).transpose(-1, -2)
+    spectrum = _dst2(rhs.contiguous()) / _poisson_divisor(h, w, rhs.dtype, rhs.device)
+    return _dst2(spectrum)
 
 
 def clone_rhs(patch: torch.Tensor, region: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -137,8 +144,8 @@ def clone_rhs(patch: torch.Tensor, region: torch.Tensor, dtype=torch.float32) ->
     pixels; its divergence (backward differences) minus the fixed boundary ring's contribution.
     Returns `(B, C, h-2, w-2)`.
     """
-    patch = patch.to(dtype)
-    region = region.to(dtype)
+    patch = patch.to(dtype).contiguous()
+    region = region.to(dtype).contiguous()
     h, w = region.shape[-2:]
     inner_y = torch.zeros(h, dtype=torch.bool, device=region.device)
     inner_x = torch.zeros(w, dtype=torch.bool, device=region.device)
