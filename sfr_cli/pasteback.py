@@ -23,6 +23,7 @@ Box = Tuple[int, int, int, int]
 # another library than OpenCV's may differ by a level or two. Beyond this mean difference (levels),
 # the picture does not hold the crop.
 CROP_MATCH_MAX_MEAN_LEVELS = 2.0
+CPU_STAGE_THREADS = 1
 BOX_HINT = "pass the box as --crop-box x1,y1,x2,y2 (SadTalker's ox1,oy1,ox2,oy2 from crop_info)"
 
 
@@ -115,6 +116,11 @@ class FrameTransform:
 
         from .nets import paste
 
+        if self.device == "cpu" and not getattr(self, "_threads_set", False):
+            # This runs in its own stage thread beside the engine's: one OpenMP thread here (the setting is
+            # per calling thread) keeps the two from fighting over the cores; small FFTs gain nothing more.
+            torch.set_num_threads(CPU_STAGE_THREADS)
+            self._threads_set = True
         batch = torch.from_numpy(np.stack(frames)).to(self.device)
         if self.picture is None:
             out = paste.resize_to_box_aspect(batch, self.box[2] - self.box[0], self.box[3] - self.box[1])
