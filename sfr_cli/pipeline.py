@@ -20,9 +20,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import coeffs, media, outputs
+from . import coeffs, media, outputs, pasteback
 from .config import resolve_config
 from .errors import ConfigError, MediaError, RenderError
+from .modes import get_mode
 from .progress import Reporter
 
 QUEUE_FRAMES = 8  # frames between the renderer and the writer thread
@@ -58,6 +59,8 @@ class RenderJob:
     precision: str = "fp32"
     compile: bool = False  # CUDA only; ignored with a note on the CPU
     overwrite: bool = False  # replace an existing MP4 / earlier frames in frames_dir
+    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
+    crop_box: Optional[Tuple[int, int, int, int]] = None  # x1,y1,x2,y2 in it; None with paste_into: found
 
 
 @dataclass
@@ -106,7 +109,7 @@ def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outpu
     """The files `job` reads that the user named, with their options (the config's YAML too)."""
     named = [(job.coeffs, "--coeffs"), (job.source, "--source"), (job.source_coeffs, "--source-coeffs"),
              (job.audio, "--audio"), (job.checkpoint, "--checkpoint"), (job.mapping, "--mapping"),
-             (config_file, "--config")]
+             (config_file, "--config"), (job.paste_into, "--paste-into")]
     return [outputs.JobInput(Path(path), role) for path, role in named if path is not None]
 
 
@@ -174,6 +177,14 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
     frame_count = semantics.frame_count
     yaw, pitch, roll = (_pose(d, frame_count) for d in (job.yaw, job.pitch, job.roll))
     image = media.read_source_image(job.source, job.size_px)
+    mode = get_mode(job.preprocess)
+    transform = pasteback.plan(Path(job.source), job.size_px, job.paste_into, job.crop_box, mode.pastes_back,
+                               mode.extended_crop, mode.name, note)
+    frame_width, frame_height = transform.output_size if transform is not None else (job.size_px, job.size_px)
+    if output is not None and (frame_width % 2 or frame_height % 2):
+        note(f"{frame_width}x{frame_height} frames: the MP4 repeats the last "
+             f"{'column' if frame_width % 2 else 'row'}{' and row' if frame_width % 2 and frame_height % 2 else ''} "
+             "(H.264 yuv420p needs even sizes); PNG frames keep the exact size")
 
     ffmpeg = None
     if output is not None:
@@ -208,12 +219,15 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
     engine = Engine(nets, EngineOptions(device=job.device, precision=job.precision, batch_size=job.batch_size,
                                         compile=compile_decoder))
     state = engine.prepare_source(image, semantics.source_window())
+    if transform is not None:
+        transform.bind(engine.device)  # the blend runs on the render device, in its own stage thread
     reporter.finish()
     note(f"{frame_count} frames on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}")
 
     # 3. Frames: engine -> bounded queue -> writer thread -> MP4 and/or PNG frames.
     started = time.perf_counter()
-    written = _stream(engine, state, semantics, yaw, pitch, roll, reporter, output, frames_dir, ffmpeg, job)
+    written = _stream(engine, state, semantics, yaw, pitch, roll, reporter, output, frames_dir, ffmpeg, job,
+                      transform)
     seconds = time.perf_counter() - started
     reporter.finish()
 
@@ -235,23 +249,34 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
 
 
 def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, output: Optional[Path],
-            frames_dir: Optional[Path], ffmpeg: Optional[str], job: RenderJob) -> int:
-    """Render every frame into the sinks; commit them only when all frames are in. Returns the frame count."""
+            frames_dir: Optional[Path], ffmpeg: Optional[str], job: RenderJob,
+            transform: Optional["pasteback.FrameTransform"] = None) -> int:
+    """Render every frame into the sinks; commit them only when all frames are in. Returns the frame count.
+
+    With `transform` (paste-back), a stage thread transforms frames between the engine and the writer
+    thread: rendering, blending and encoding overlap, each queue bounded."""
     frame_count = semantics.frame_count
+    width_px, height_px = transform.output_size if transform is not None else (job.size_px, job.size_px)
     sinks: list = []
-    mp4 = png = writer = None
+    mp4 = png = writer = stage = None
     try:
         if output is not None:
-            mp4 = media.Mp4Writer(output, width_px=job.size_px, height_px=job.size_px, fps=job.fps,
-                                  audio=job.audio, frame_count=frame_count, ffmpeg=ffmpeg)
+            mp4 = media.Mp4Writer(output, width_px=width_px, height_px=height_px, fps=job.fps,
+                                  audio=job.audio, frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True)
             sinks.append(mp4)
         if frames_dir is not None:
             png = media.PngFrameWriter(frames_dir, replace_existing=job.overwrite)
             sinks.append(png)
         writer = FrameWriterThread(sinks)
+        feed = writer
+        if transform is not None:
+            stage = FrameWriterThread([_TransformSink(transform, writer)], name="sfr-paste-back")
+            feed = stage
         reporter.start(frame_count)
         for frame in engine.render(state, semantics, yaw=yaw, pitch=pitch, roll=roll, progress=reporter.advance):
-            writer.put(frame)
+            feed.put(frame)
+        if stage is not None:
+            stage.finish()
         written = writer.finish()
         if written != frame_count:
             raise RenderError(f"the engine yielded {written} frames for {frame_count} coefficient frames")
@@ -262,11 +287,25 @@ def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, outp
         return written
     except BaseException:
         # Ctrl-C, SIGTERM, an engine or ffmpeg failure: stop the writer, leave nothing behind, propagate.
-        if writer is not None:
+        if writer is not None:  # first: a stage blocked handing it a frame then fails and ends
             writer.stop(unblock=mp4.abort if mp4 is not None else None)
+        if stage is not None:
+            stage.stop()
         for sink in sinks:
             sink.abort()
         raise
+
+
+class _TransformSink:
+    """A stage thread's sink: transform each frame and hand it on to the next thread."""
+
+    def __init__(self, transform, downstream: "FrameWriterThread"):
+        self._transform = transform
+        self._downstream = downstream
+
+    def write(self, frame) -> None:
+        for out in self._transform([frame]):
+            self._downstream.put(out)
 
 
 class FrameWriterThread:
@@ -278,13 +317,13 @@ class FrameWriterThread:
 
     _DONE = object()
 
-    def __init__(self, sinks):
+    def __init__(self, sinks, name: str = "sfr-frame-writer"):
         self._sinks = sinks
         self._queue: "queue.Queue" = queue.Queue(maxsize=QUEUE_FRAMES)
         self._stopping = threading.Event()
         self.error: Optional[BaseException] = None
         self.frames_written = 0
-        self._thread = threading.Thread(target=self._run, name="sfr-frame-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
