@@ -172,6 +172,7 @@ def test_compile_on_the_cpu_is_ignored_with_one_note(runner, job, tiny_checkpoin
     assert notes == ["--compile is ignored on cpu: torch.compile speeds up CUDA renders only"]
 
 
+@pytest.mark.slow  # two 40-frame renders in subprocesses
 def test_kill_9_mid_render_then_the_same_command_leaves_only_complete_files(tmp_path, tiny_checkpoints):
     clip = tmp_path / "clip.npy"
     np.save(clip, np.tile(np.load(DEMO_COEFFS), (1, 1))[:40])
