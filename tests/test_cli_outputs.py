@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
+from sfr_cli.config import CONFIG_DIR
 from sfr_cli.media import count_video_frames
 
 from test_cli import DEMO_COEFFS, SOURCE, assert_user_error, no_model_load  # noqa: F401 (a fixture)
@@ -131,7 +132,7 @@ def test_checkpoints_random_keeps_existing_files_unless_overwrite(runner, tmp_pa
                                  "--overwrite"])
     assert result.exit_code == 0 and snapshot(folder).keys() == first.keys() and snapshot(folder) != first
     config = folder / "mapping_00229-model.pth.tar"
-    shutil.copy(REPO / "configs" / "tiny.yaml", tmp_path / "tiny.yaml")
+    shutil.copy(CONFIG_DIR / "tiny.yaml", tmp_path / "tiny.yaml")
     os.replace(tmp_path / "tiny.yaml", config)  # a config that sits where an output goes
     result = runner.invoke(sfr, ["checkpoints", "random", str(folder), "--config", str(config), "--overwrite"])
     assert result.exit_code == 1 and "the --config input" in result.stderr
