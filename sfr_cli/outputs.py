@@ -37,22 +37,20 @@ _PROC_STAT_START_FIELD = 19  # starttime: field 22 of /proc/PID/stat, counted af
 # Temporary names and atomic replacement
 
 
-def _process_start(pid: int) -> Optional[str]:
-    """The start time of process `pid` (clock ticks after boot) as /proc says, or None where there is no
-    /proc or no such process. A zombie (exited, not yet reaped) counts as no process."""
+def _process_stat(pid: int) -> Optional[Tuple[str, str]]:
+    """(state letter, start time in clock ticks after boot) of process `pid` from /proc, or None where
+    that cannot be read (no /proc, no such process, or hidden from this user)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             fields = handle.read().rpartition(b")")[2].split()
-    except OSError:
+        return fields[0].decode(), fields[_PROC_STAT_START_FIELD].decode()
+    except (OSError, IndexError):
         return None
-    if not fields or fields[0] in (b"Z", b"X"):
-        return None
-    return fields[_PROC_STAT_START_FIELD].decode()
 
 
 def _own_token() -> str:
-    start = _process_start(os.getpid())
-    return f"{os.getpid()}-{start}" if start is not None else str(os.getpid())
+    stat_fields = _process_stat(os.getpid())
+    return f"{os.getpid()}-{stat_fields[1]}" if stat_fields is not None else str(os.getpid())
 
 
 def temporary_path(target: PathLike, suffix: str = "") -> Path:
@@ -88,11 +86,14 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def _writer_alive(pid: int, start: Optional[str]) -> bool:
-    """Whether the process that named a temporary `pid`[-`start`] may still be writing it."""
-    if start is not None:
-        current = _process_start(pid)
-        if current is not None or os.path.isdir("/proc"):
-            return current == start  # gone, a zombie, or the PID reused by a later process: dead
+    """Whether the process that named a temporary `pid`[-`start`] may still be writing it. A zombie
+    (exited, not yet reaped) is dead; a live process that started at another time holds a reused PID."""
+    stat_fields = _process_stat(pid)
+    if stat_fields is not None:
+        state, current_start = stat_fields
+        if state in ("Z", "X"):
+            return False
+        return start is None or current_start == start
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

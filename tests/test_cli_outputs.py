@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from sfr_cli.cli import sfr
 from sfr_cli.media import count_video_frames
 
-from test_cli import DEMO_COEFFS, SOURCE, assert_user_error, no_model_load, render_args  # noqa: F401
+from test_cli import DEMO_COEFFS, SOURCE, assert_user_error, no_model_load  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH = REPO / "demo" / "speech.wav"

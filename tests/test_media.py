@@ -281,7 +281,7 @@ def test_broken_ffmpeg_fails_fast_with_its_message(tmp_path, monkeypatch):
 def test_hanging_ffmpeg_times_out(tmp_path, monkeypatch):
     hanging = write_script(tmp_path / "ffmpeg", "exec sleep 30\n")
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(hanging))
-    monkeypatch.setattr(media, "FFMPEG_VERSION_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(media.ffmpeg, "FFMPEG_VERSION_TIMEOUT_SECONDS", 0.5)
     with pytest.raises(MediaError, match="did not answer"):
         media.find_ffmpeg()
 
@@ -297,9 +297,9 @@ def test_missing_or_not_executable_ffmpeg(tmp_path, monkeypatch):
         media.find_ffmpeg()
 
 
-def test_probe_audio_reads_rate_channels_duration(tmp_path):
+def test_probe_audio_reads_rate_and_duration(tmp_path):
     info = media.probe_audio(write_wav(tmp_path / "stereo.wav", 0.5, rate_hz=16000, channels=2))
-    assert (info.sample_rate_hz, info.channels) == (16000, 2)
+    assert info.sample_rate_hz == 16000
     assert info.duration_seconds == pytest.approx(0.5, abs=0.01)
 
 
@@ -307,7 +307,7 @@ def test_probe_audio_on_the_reference_speech():
     if not SPEECH_WAV.is_file():
         pytest.skip(f"{SPEECH_WAV} not present")
     info = media.probe_audio(SPEECH_WAV)
-    assert (info.sample_rate_hz, info.channels) == (24000, 1)
+    assert info.sample_rate_hz == 24000
     assert info.duration_seconds == pytest.approx(3.0, abs=0.01)
 
 

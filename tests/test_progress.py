@@ -67,11 +67,18 @@ def test_rich_reporter_stops_live_display_on_exception():
 
 
 def test_rich_reporter_loading_then_finish_without_frames():
-    console = stderr_console()
+    """Loading messages replace each other on one spinner line, which finish removes (twice is fine)."""
+    console = Console(file=io.StringIO(), width=160, color_system=None, force_terminal=True)
     with RichReporter(console) as reporter:
         reporter.loading("loading checkpoints")
         reporter.loading("loading mapping")
-    reporter.finish()  # twice is fine
+        assert len(getattr(console, "_live_stack", [getattr(console, "_live", None)])) == 1, "one spinner"
+    reporter.finish()
+    shown = console.file.getvalue()
+    assert "loading mapping" in shown and "frames" not in shown
+    assert shown.endswith("\x1b[2K"), "the spinner line is erased, not left behind"
+    assert "\x1b[?25h" in shown, "the cursor is shown again"
+    assert not getattr(console, "_live_stack", getattr(console, "_live", None))
 
 
 def test_silent_reporter_prints_nothing(capsys):

@@ -1,0 +1,90 @@
+"""The source face in: any image Pillow reads, as SadTalker prepares it.
+
+Reading stays with Pillow rather than imageio: the 16-bit grayscale rule below needs the image's Pillow
+mode (imageio's Pillow plugin converts before the mode can be seen), and Pillow's own errors
+(DecompressionBombError, UnidentifiedImageError) become the messages users get.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+
+from sfr_cli.errors import MediaError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+SIXTEEN_BIT_MAX = 65535
+
+
+def read_source_image(path: PathLike, size_px: int) -> np.ndarray:
+    """Read a source face as SadTalker does: RGB, resized to size_px x size_px, channels first.
+
+    Returns `(3, size_px, size_px) float32 in [0, 1]`. Any Pillow image is made RGB first
+    (palette, grayscale, RGBA, CMYK ... through Pillow's `convert("RGB")`, which drops alpha
+    without compositing). 16-bit grayscale images keep their precision: they are scaled by 1/65535
+    as `img_as_float32` does. Other wide modes (32-bit integer "I", float "F") go through Pillow's
+    conversion to 8-bit RGB, which clips to [0, 255]. EXIF orientation is not applied (SadTalker
+    does not apply it either).
+    """
+    image_hwc = _read_rgb_float32(Path(path))
+    resized = resize_image(image_hwc, size_px, size_px)
+    return np.ascontiguousarray(resized.transpose(2, 0, 1))
+
+
+def _read_rgb_float32(path: Path) -> np.ndarray:
+    """Read any Pillow image as `(H, W, 3) float32 in [0, 1]`, exactly like `img_as_float32`."""
+    if not path.exists():
+        raise MediaError(f"{path}: source image not found")
+    if path.is_dir():
+        raise MediaError(f"{path}: is a folder; give a source image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.width == 0 or image.height == 0:
+                raise MediaError(f"{path}: source image has zero size ({image.width}x{image.height})")
+            if image.mode in SIXTEEN_BIT_MODES:
+                gray = np.asarray(image).astype(np.uint16)
+                scaled = np.multiply(gray, 1.0 / SIXTEEN_BIT_MAX, dtype=np.float32)
+                return np.repeat(scaled[:, :, None], 3, axis=2)
+            rgb = np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError as exc:
+        raise MediaError(f"{path}: not an image Pillow can read (PNG, JPEG, ...)") from exc
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"{path}: image is too large to read safely ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"{path}: cannot read the source image, it may be truncated or corrupt ({exc})") from exc
+    # Same arithmetic as skimage's img_as_float32 on uint8: one float32 multiply by 1/255.
+    return np.multiply(rgb, 1.0 / 255, dtype=np.float32)
+
+
+def resize_image(image: np.ndarray, height_px: int, width_px: int) -> np.ndarray:
+    """Resize `(H, W, C) float32` to `(height_px, width_px, C) float32`, as skimage does by default.
+
+    Reproduces `skimage.transform.resize(image, (height_px, width_px, C))` on a float32 image:
+    a Gaussian anti-aliasing filter when an axis shrinks (sigma = max(0, (in/out - 1) / 2) per axis),
+    bilinear `ndimage.zoom` with grid_mode, numpy's 'reflect' padding (ndimage's 'mirror'), and the
+    result clipped to the input's [min, max]. Needs neither scikit-image nor a copy of its code.
+    """
+    if image.ndim != 3 or image.dtype != np.float32:
+        raise ValueError(f"expected (H, W, C) float32, got {image.shape} {image.dtype}")
+    if height_px <= 0 or width_px <= 0:
+        raise ValueError(f"output size must be positive, got {height_px}x{width_px}")
+    input_shape = image.shape
+    output_shape = (height_px, width_px, input_shape[2])
+    factors = np.divide(input_shape, output_shape)
+    if any(out < inp for out, inp in zip(output_shape, input_shape)):
+        sigma = np.maximum(0, (factors - 1) / 2)
+        filtered = ndimage.gaussian_filter(image, sigma, mode="mirror", cval=0)
+    else:
+        filtered = image
+    zoom = [1 / factor for factor in factors]
+    out = ndimage.zoom(filtered, zoom, order=1, mode="mirror", cval=0, grid_mode=True)
+    np.clip(out, image.min(), image.max(), out=out)
+    return out
