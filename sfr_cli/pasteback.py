@@ -69,7 +69,10 @@ def locate_crop(crop: np.ndarray, picture: np.ndarray, crop_path: Path, picture_
     height_px, width_px = picture.shape[:2]
     if min(height_px, width_px) < paste.MIN_BOX_PX:
         raise MediaError(f"{picture_path}: a {width_px}x{height_px} picture is too small to hold a face crop")
-    match = paste.find_box(torch.from_numpy(crop), torch.from_numpy(picture))
+    try:
+        match = paste.find_box(torch.from_numpy(crop), torch.from_numpy(picture))
+    except ValueError as exc:  # no candidate box fits the picture at all
+        raise MediaError(f"{picture_path}: cannot hold the crop {crop_path} ({exc}); {BOX_HINT}") from exc
     if match.mean_abs_levels > CROP_MATCH_MAX_MEAN_LEVELS:
         raise MediaError(
             f"{picture_path}: does not contain the crop {crop_path} (the closest box, "
