@@ -135,15 +135,15 @@ def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tin
 
 
 def simulate_oom_above(monkeypatch, limit, calls):
-    real = Engine.render_batch
+    real = Engine.launch_batch
 
-    def render_batch(self, source, windows, *poses):
+    def launch_batch(self, source, windows, *poses):
         calls.append(len(windows))
         if len(windows) > limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(self, source, windows, *poses)
 
-    monkeypatch.setattr(Engine, "render_batch", render_batch)
+    monkeypatch.setattr(Engine, "launch_batch", launch_batch)
 
 
 def test_out_of_memory_halves_the_batch_and_loses_no_frame(tiny_nets, job, monkeypatch):
@@ -185,7 +185,7 @@ def test_other_errors_are_never_retried(tiny_nets, job, monkeypatch):
         calls.append(len(windows))
         raise RuntimeError("a real bug")
 
-    monkeypatch.setattr(Engine, "render_batch", broken)
+    monkeypatch.setattr(Engine, "launch_batch", broken)
     with pytest.raises(RuntimeError, match="a real bug"):
         list(engine.render(source, semantics))
     assert calls == [4]
@@ -251,7 +251,7 @@ def test_windows_mismatching_the_mapping_net_are_refused(tiny_nets, job):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
-    """On a GPU: fp32 frames agree with the CPU's; reduced precision stays within 40 dB of them."""
+    """On a GPU: fp32 frames agree with the CPU's; reduced precision stays close to them."""
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     image, semantics = job
@@ -262,7 +262,8 @@ def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
     assert engine.batch_size >= 1 and source.kp_source.dtype == torch.float32
     mse = np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2)
     psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
-    assert psnr >= (50 if precision == "fp32" else 40), f"{precision}: {psnr:.1f} dB against the CPU's fp32"
+    # bf16's 8-bit mantissa is looser than fp16's 11 bits (README: the measured figures)
+    assert psnr >= {"fp32": 50, "fp16": 40, "bf16": 35}[precision], f"{precision}: {psnr:.1f} dB against the CPU's fp32"
 
 
 @pytest.mark.gpu
