@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from sfr_cli.checkpoints import find_checkpoints, load_networks  # noqa: E402
 from sfr_cli.coeffs import prepare_semantics, read_coefficients, read_source_coefficients  # noqa: E402
-from sfr_cli.config import default_config_path, load_config  # noqa: E402
+from sfr_cli.config import config_path, load_config  # noqa: E402
 from sfr_cli.media import read_source_image  # noqa: E402
 from sfr_cli.nets.geometry import transform_keypoints  # noqa: E402
 
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
     golden = Path(args.golden)
-    nets = load_networks(load_config(default_config_path("crop")), find_checkpoints(args.checkpoint_dir))
+    nets = load_networks(load_config(config_path()), find_checkpoints(args.checkpoint_dir))
     semantics = prepare_semantics(read_coefficients(golden / "coeffs.mat"),
                                   read_source_coefficients(golden / "source_coeffs.mat"))
     rows, frames = args.batch_size, semantics.frame_count

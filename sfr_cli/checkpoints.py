@@ -24,31 +24,27 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .modes import MAPPING_CROP, MAPPING_FULL, describe_coeff_count, get_mode
+from .outputs import atomic_path
 from .nets.generator import OcclusionAwareSPADEGenerator
 from .nets.he_estimator import HEEstimator
 from .nets.keypoint_detector import KPDetector
 from .nets.mapping import MappingNet
 
 RENDERER_PTH = "facevid2vid_00189-model.pth.tar"
-MAPPING_CROP = "mapping_00229-model.pth.tar"
-MAPPING_FULL = "mapping_00109-model.pth.tar"
 CHECKPOINT_DIR_ENV = "SFR_CHECKPOINT_DIR"
 SAFETENSORS_PREFIXES = {"kp_detector": "kp_extractor.", "generator": "generator.", "he_estimator": "he_estimator."}
 
 
 def renderer_safetensors_name(size_px: int) -> str:
     return f"SadTalker_V0.0.2_{size_px}.safetensors"
-
-
-def mapping_name(preprocess: str) -> str:
-    return MAPPING_FULL if "full" in preprocess else MAPPING_CROP
 
 
 @dataclass
@@ -129,7 +125,7 @@ def find_checkpoints(checkpoint_dir=None, *, size_px: int = 256, preprocess: str
         if not renderer.is_file():
             raise CheckpointError(f"{directory}: holds neither {safetensors_file.name} nor {RENDERER_PTH}; "
                                   "download SadTalker's checkpoints into it or pass --checkpoint FILE")
-    mapping_file = Path(mapping) if mapping is not None else directory / mapping_name(preprocess)
+    mapping_file = Path(mapping) if mapping is not None else directory / get_mode(preprocess).mapping_file
     for path in (renderer, mapping_file):
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint file not found")
@@ -164,8 +160,12 @@ def _torch_load(path: Path):
         mmap = zipfile.is_zipfile(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: holds pickled objects other than tensors; sfr never runs code from a "
-                              f"checkpoint file ({str(exc).splitlines()[0]})") from exc
+        # torch's own message advises weights_only=False, which a CLI user cannot and must not act on.
+        raise CheckpointError(f"{path}: holds pickled objects other than tensors, code or objects that sfr will "
+                              "not run; sfr never runs code from a checkpoint file. It accepts SadTalker's "
+                              f"{renderer_safetensors_name(256)} / _512.safetensors, {RENDERER_PTH}, "
+                              f"{MAPPING_CROP} and {MAPPING_FULL}, or any file holding only tensors "
+                              "(safetensors, or torch.save of state dicts)") from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint, it looks truncated or corrupt "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
@@ -205,7 +205,7 @@ def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], whe
             hint = ""
             if key == "first.0.weight" and len(found) == 3 and found[1] in (70, 73):
                 hint = (f"; this mapping net takes {found[1]} coefficients "
-                        f"({'full/extfull' if found[1] == 73 else 'crop/resize/extcrop'} mode), "
+                        f"({describe_coeff_count(found[1])} mode), "
                         f"the config takes {tensor.shape[1]}: use the matching --preprocess or --mapping file")
             raise CheckpointError(f"{where}: {key} has shape {found} but {config_name} expects "
                                   f"{list(tensor.shape)}{hint}")
@@ -314,6 +314,14 @@ def random_state_dict(module: nn.Module, prefix: str, seed: int) -> Dict[str, to
     return {k: out[k] for k in template}
 
 
+def random_checkpoint_paths(out_dir, *, layout: str = "pth", size_px: int = 256) -> List[Path]:
+    """The files `write_random_checkpoints` writes into `out_dir`: both mapping files, then the renderer."""
+    if layout not in ("pth", "safetensors"):
+        raise CheckpointError(f"unknown checkpoint layout {layout!r}; use pth or safetensors")
+    renderer = renderer_safetensors_name(size_px) if layout == "safetensors" else RENDERER_PTH
+    return [Path(out_dir) / name for name in (MAPPING_CROP, MAPPING_FULL, renderer)]
+
+
 def write_random_checkpoints(out_dir, config_70: ModelConfig, config_73: ModelConfig, *, layout: str = "pth",
                              seed: int = 0, size_px: int = 256) -> CheckpointFiles:
     """Write random weights under SadTalker's file names: the renderer in ``layout`` and both mapping
@@ -344,10 +352,5 @@ def write_random_checkpoints(out_dir, config_70: ModelConfig, config_73: ModelCo
 
 
 def _atomic_save(path: Path, save) -> None:
-    tmp = path.with_name(f".{path.name}.sfr-tmp-{os.getpid()}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as temporary:
+        save(temporary)

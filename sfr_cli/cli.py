@@ -18,12 +18,13 @@ import click
 
 from . import __version__
 from .errors import CheckpointError, SfrError
+from .modes import DEFAULT_MODE, MODE_NAMES
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEBUG_KEY = "sfr.debug"
-PREPROCESS_MODES = ("crop", "resize", "extcrop", "full", "extfull")
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+OVERWRITE_HELP = "Replace outputs that already exist (never an input of the job, never a non-regular file)."
 CONFIG_HELP = ("Model config: a built-in name (facerender, tiny; their _still siblings for 73 coefficients) "
                "or a YAML path, e.g. SadTalker's src/config/facerender.yaml.")
 
@@ -76,8 +77,32 @@ class BatchSize(click.ParamType):
         return number
 
 
+class CheckedFloat(click.ParamType):
+    """A number that a library check accepts (the check owns the limits; this turns its error into a usage
+    error naming the option, exit 2). `check` is "module:function", imported when a value arrives so
+    that `sfr --help` stays light."""
+
+    name = "FLOAT"
+
+    def __init__(self, check: str):
+        self.check = check
+
+    def convert(self, value, param, ctx):
+        import importlib
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        module, _, function = self.check.partition(":")
+        try:
+            return getattr(importlib.import_module(module, __package__), function)(number)
+        except SfrError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class Degrees(click.ParamType):
-    """A comma-separated list of degrees like `0,20,-10`."""
+    """A comma-separated list of degrees like `0,20,-10`, each finite and within one turn."""
 
     name = "DEG[,DEG...]"
 
@@ -117,8 +142,8 @@ def sfr() -> None:
 @click.option("--frames-dir", type=click.Path(path_type=Path),
               help="Also (or, without -o, only) write frames as DIR/000000.png, 000001.png, ...")
 @click.option("--audio", type=click.Path(path_type=Path), help="Audio to mux into the MP4 (cut to the video).")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=25.0, show_default=True,
-              help="Frames per second of the MP4.")
+@click.option("--fps", type=CheckedFloat(".media:check_fps"), default=25.0, show_default=True,
+              help="Frames per second of the MP4 (above 0, at most 1000).")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path),
               help="SadTalker's checkpoints folder [default: $SFR_CHECKPOINT_DIR or ./checkpoints].")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
@@ -128,13 +153,13 @@ def sfr() -> None:
 @click.option("--config", "config", metavar="NAME|PATH", help=CONFIG_HELP + " [default: facerender]")
 @click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
               help="Frame size in pixels (picks SadTalker_V0.0.2_<size>.safetensors).")
-@click.option("--preprocess", type=click.Choice(PREPROCESS_MODES), default="crop", show_default=True,
+@click.option("--preprocess", type=click.Choice(MODE_NAMES), default=DEFAULT_MODE, show_default=True,
               help="SadTalker's preprocess mode of the coefficients: crop/resize/extcrop use 70, full/extfull 73.")
 @click.option("--still/--no-still", default=False, show_default=True,
               help="Keep the source's head pose (SadTalker's --still).")
-@click.option("--expression-scale", type=float, default=1.0, show_default=True,
-              help="Multiply the 64 expression coefficients.")
-@click.option("--yaw", type=Degrees(), help="Camera yaw in degrees, swept over the clip: 0,20,-10.")
+@click.option("--expression-scale", type=CheckedFloat(".coeffs:check_expression_scale"), default=1.0,
+              show_default=True, help="Multiply the 64 expression coefficients (finite, within ±1000).")
+@click.option("--yaw", type=Degrees(), help="Camera yaw in degrees (each within ±360), swept over the clip: 0,20,-10.")
 @click.option("--pitch", type=Degrees(), help="Camera pitch in degrees, as --yaw.")
 @click.option("--roll", type=Degrees(), help="Camera roll in degrees, as --yaw.")
 @click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
@@ -144,14 +169,16 @@ def sfr() -> None:
               help="Compute precision (fp16/bf16 on CUDA; keypoint and pose math stays fp32).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the decoder (CUDA; slow first batch).")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result and timings.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@click.option("--quiet", is_flag=True, help="No progress or notes on stderr.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object with the result and timings (no progress or notes on stderr).")
 @debug_option
 def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], output: Optional[Path],
            frames_dir: Optional[Path], audio: Optional[Path], fps: float, checkpoint_dir: Optional[Path],
            checkpoint: Optional[Path], mapping: Optional[Path], config: Optional[str], size_px: str,
            preprocess: str, still: bool, expression_scale: float, yaw, pitch, roll, batch_size: Optional[int],
-           device: str, precision: str, compile_: bool, quiet: bool, as_json: bool) -> None:
+           device: str, precision: str, compile_: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
     """Render a talking-head MP4 (and/or PNG frames) from coefficients and one source face.
 
     Prints the MP4 path (or the frames folder when only --frames-dir is given), or with --json one
@@ -164,7 +191,8 @@ def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], outpu
                     frames_dir=frames_dir, audio=audio, fps=fps, checkpoint_dir=checkpoint_dir,
                     checkpoint=checkpoint, mapping=mapping, config=config, size_px=int(size_px),
                     preprocess=preprocess, still=still, expression_scale=expression_scale, yaw=yaw, pitch=pitch,
-                    roll=roll, batch_size=batch_size, device=device, precision=precision, compile=compile_)
+                    roll=roll, batch_size=batch_size, device=device, precision=precision, compile=compile_,
+                    overwrite=overwrite)
     with _reporter(quiet or as_json) as reporter:
         report = render_job(job, reporter)
     if as_json:
@@ -187,15 +215,22 @@ def checkpoints() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
               help="The size in the safetensors file name.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @debug_option
-def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_px: str) -> None:
+def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_px: str, overwrite: bool) -> None:
     """Write deterministic random weights under SadTalker's file names into OUT_DIR (the renderer and
     both mapping files). Random weights render abstract frames; they are for tests, demos and benches."""
-    from .checkpoints import write_random_checkpoints
-    from .config import load_config
-    from .pipeline import config_pair, config_path
+    from .checkpoints import random_checkpoint_paths, write_random_checkpoints
+    from .config import config_pair, config_path, load_config
+    from .outputs import JobInput, check_output, describe_leftovers, remove_leftovers
 
-    config_70, config_73 = config_pair(load_config(config_path(config)))
+    model_file = config_path(config)
+    config_70, config_73 = config_pair(load_config(model_file))
+    for path in random_checkpoint_paths(out_dir, layout=layout, size_px=int(size_px)):
+        removed = remove_leftovers(path)
+        if removed:
+            click.echo(describe_leftovers(path, removed), err=True)
+        check_output(path, [JobInput(model_file, "--config")], overwrite=overwrite)
     write_random_checkpoints(out_dir, config_70, config_73, layout=layout, seed=seed, size_px=int(size_px))
     click.echo(str(out_dir))
 
@@ -208,8 +243,8 @@ def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_
 def checkpoints_inspect(path: Path, config: Optional[str]) -> None:
     """Say what a checkpoint file holds and whether it fits a config (exit 1 naming the first mismatch)."""
     from .checkpoints import build_networks, check_state_dict, read_state_dicts
-    from .config import load_config
-    from .pipeline import config_path
+    from .config import config_path, load_config
+    from .modes import describe_coeff_count, modes_taking
 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -222,12 +257,13 @@ def checkpoints_inspect(path: Path, config: Optional[str]) -> None:
         line = f"  {part}: {len(state_dict)} tensors, {values:,} parameters"
         if part == "mapping" and "first.0.weight" in state_dict:
             coeff_nc = int(state_dict["first.0.weight"].shape[1])
-            mode = "full/extfull" if coeff_nc == 73 else "crop/resize/extcrop"
-            line += f", takes {coeff_nc} coefficients ({mode})"
+            line += f", takes {coeff_nc} coefficients ({describe_coeff_count(coeff_nc)})"
         if part == "he_estimator":
             line += " (not used by sfr)"
         click.echo(line)
-    model = load_config(config_path(config, "full" if config is None and coeff_nc == 73 else "crop"))
+    # Without --config, the default family's member that fits the mapping net (facerender_still for 73).
+    fitting = next((mode.name for mode in modes_taking(coeff_nc)), DEFAULT_MODE) if config is None else DEFAULT_MODE
+    model = load_config(config_path(config, fitting))
     nets = build_networks(model, with_he_estimator=True)
     for part, state_dict in parts.items():
         module = getattr(nets, part, None)
@@ -261,8 +297,7 @@ def bench(device: str, precision: str, batch_size: Optional[int], frames: int, s
     import json
 
     from .bench import format_report, run_benchmark
-    from .config import load_config
-    from .pipeline import config_path
+    from .config import config_path, load_config
 
     model = load_config(config_path(config))
     report = run_benchmark(model, device=device, precision=precision, batch_size=batch_size, frames=frames,

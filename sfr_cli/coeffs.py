@@ -20,15 +20,14 @@ import scipy.io
 from scipy.io.matlab import MatReadError
 
 from sfr_cli.errors import CoefficientsError
+from sfr_cli.modes import COEFF_COUNTS, CROP_COEFFS, FULL_COEFFS, get_mode
 
 SEMANTIC_RADIUS = 13
 WINDOW = 2 * SEMANTIC_RADIUS + 1  # 27 frames: frame i and 13 either side
 EXPRESSION_COEFFS = 64
-CROP_COEFFS = 70
-FULL_COEFFS = 73
-COEFF_COUNTS = (CROP_COEFFS, FULL_COEFFS)
 MAT_KEY = "coeff_3dmm"
-PREPROCESS_MODES = ("crop", "resize", "extcrop", "full", "extfull")
+MAX_ABS_DEGREES = 360.0  # a camera angle beyond a full turn is a typo, and 1e308 overflowed the sweep
+MAX_ABS_EXPRESSION_SCALE = 1000.0  # SadTalker users pass 0..3; larger is a typo that overflows float32
 FINITE_CHECK_FRAMES = 1024  # frames checked for NaN/inf at a time, so a memory-mapped file stays on disk
 
 _NPY_HEADER_READERS = {
@@ -192,7 +191,12 @@ class Semantics:
         its order: expression scale, then the source's crop columns (full), then still mode."""
         out = np.empty((block.shape[0], self.coeff_count, WINDOW), dtype=np.float32)
         out[:, :CROP_COEFFS] = block[:, :CROP_COEFFS]
-        out[:, :EXPRESSION_COEFFS] *= self.expression_scale
+        with np.errstate(over="raise"):
+            try:
+                out[:, :EXPRESSION_COEFFS] *= self.expression_scale
+            except FloatingPointError:
+                raise CoefficientsError(f"expression scale {self.expression_scale:g} takes expression "
+                                        "coefficients beyond float32's range; use a smaller scale") from None
         if self.coeff_count == FULL_COEFFS:
             out[:, CROP_COEFFS:] = self.source_row[CROP_COEFFS:, None]
         if self.still:
@@ -209,8 +213,7 @@ def prepare_semantics(driving: np.ndarray, source_row: np.ndarray, *, preprocess
     3 crop columns appended to every driving frame. No copy of ``driving`` is made. Raises
     ``CoefficientsError`` when a full mode gets a 70-column source, ``ValueError`` for bad arguments.
     """
-    if preprocess not in PREPROCESS_MODES:
-        raise ValueError(f"preprocess {preprocess!r} is not one of {', '.join(PREPROCESS_MODES)}")
+    coeff_count = get_mode(preprocess).coeff_count  # UnknownModeError, a ValueError, for other names
     if not math.isfinite(expression_scale):
         raise ValueError(f"expression scale {expression_scale} is not a finite number")
     driving = np.asarray(driving, dtype=np.float32)
@@ -221,7 +224,6 @@ def prepare_semantics(driving: np.ndarray, source_row: np.ndarray, *, preprocess
                          f"got {driving.shape}")
     if source_row.shape not in ((CROP_COEFFS,), (FULL_COEFFS,)):
         raise ValueError(f"source coefficients must be (70,) or (73,), got {source_row.shape}")
-    coeff_count = FULL_COEFFS if "full" in preprocess else CROP_COEFFS
     if source_row.shape[0] < coeff_count:
         raise CoefficientsError(f"preprocess '{preprocess}' needs the source's {FULL_COEFFS} coefficients "
                                 f"({CROP_COEFFS} + 3 crop parameters) but the source has {CROP_COEFFS}; "
@@ -242,7 +244,7 @@ def camera_pose_sequence(degrees: Sequence[float], frame_count: int) -> np.ndarr
     ±rate)`` in float64, the segments are joined, then cut or padded with the last value to
     ``frame_count``. Where SadTalker divides by zero, this does what a user expects instead: a segment
     with no change adds no frames, and with no change at all or a single frame the first value is held.
-    Raises ``CoefficientsError`` for non-finite degrees, ``ValueError`` for no degrees or no frames.
+    Raises ``CoefficientsError`` for non-finite degrees or beyond ±360, ``ValueError`` for no degrees or frames.
     """
     values = [float(degree) for degree in degrees]
     if not values:
@@ -251,6 +253,7 @@ def camera_pose_sequence(degrees: Sequence[float], frame_count: int) -> np.ndarr
         raise ValueError(f"camera pose needs at least one frame, got {frame_count}")
     if not all(math.isfinite(value) for value in values):
         raise CoefficientsError(f"camera pose degrees {values} include NaN or infinity; pass finite degrees")
+    check_degrees(values)
     total_change = 0.0
     for previous, degree in zip(values, values[1:]):
         total_change += abs(degree - previous)
@@ -280,4 +283,26 @@ def parse_degrees(text: str) -> List[float]:
             raise ValueError(f"{text!r} is not a comma-separated list of degrees like 0,20,-10: "
                              f"{item!r} is not a finite number")
         values.append(value)
+    try:
+        check_degrees(values)
+    except CoefficientsError as exc:
+        raise ValueError(str(exc)) from None
     return values
+
+
+def check_degrees(values: Sequence[float]) -> None:
+    """Raise CoefficientsError unless every camera angle is within ±MAX_ABS_DEGREES."""
+    beyond = [value for value in values if not abs(value) <= MAX_ABS_DEGREES]
+    if beyond:
+        raise CoefficientsError(f"{beyond[0]:g} degrees is beyond ±{MAX_ABS_DEGREES:g}; give angles within "
+                                f"one turn, like 0,20,-10")
+
+
+def check_expression_scale(scale: float) -> float:
+    """Return ``scale`` as a float, or raise CoefficientsError unless it is finite and within
+    ±MAX_ABS_EXPRESSION_SCALE."""
+    value = float(scale)
+    if not (math.isfinite(value) and abs(value) <= MAX_ABS_EXPRESSION_SCALE):
+        raise CoefficientsError(f"expression scale {value:g}: must be a finite number within "
+                                f"±{MAX_ABS_EXPRESSION_SCALE:g}")
+    return value

@@ -9,15 +9,19 @@ defaults are SadTalker's values, which is what lets ``configs/tiny.yaml`` shrink
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import yaml
 
 from .errors import ConfigError
+from .modes import CROP_COEFFS, DEFAULT_MODE, FULL_COEFFS, get_mode
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BUILTIN_CONFIGS = ("facerender", "tiny")  # families: NAME.yaml (70 coefficients) and NAME_still.yaml (73)
+DEFAULT_CONFIG = "facerender"
 # Sections of facevid2vid-style training configs that say nothing about the model's shape: accepted so
 # such a file loads unchanged, and ignored. Any other unknown key is an error.
 TRAINING_SECTIONS = ("dataset_params", "train_params", "visualizer_params")
@@ -104,10 +108,42 @@ class ModelConfig:
         return self.path.name if self.path else "<config>"
 
 
-def default_config_path(preprocess: str) -> Path:
-    """SadTalker's choice: ``facerender_still.yaml`` (73 coefficients) for full modes, else ``facerender.yaml``."""
-    name = "facerender_still.yaml" if "full" in preprocess else "facerender.yaml"
-    return CONFIG_DIR / name
+def config_path(name_or_path: Optional[str] = None, preprocess: str = DEFAULT_MODE) -> Path:
+    """The YAML file for `--config`: a built-in family name (facerender, tiny) gives NAME.yaml, or its
+    73-coefficient NAME_still.yaml sibling for full/extfull (as SadTalker picks facerender_still.yaml);
+    another built-in name (e.g. tiny_still) or a path is taken as given. None means facerender.
+    Raises ConfigError for a bare name that is neither built in nor a file."""
+    value = name_or_path or DEFAULT_CONFIG
+    bare_name = "/" not in value and os.sep not in value and not value.endswith((".yaml", ".yml"))
+    if value in BUILTIN_CONFIGS:
+        return CONFIG_DIR / f"{value}{get_mode(preprocess).config_suffix}.yaml"
+    if bare_name and (CONFIG_DIR / f"{value}.yaml").is_file():
+        return CONFIG_DIR / f"{value}.yaml"
+    if bare_name and not Path(value).exists():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"{value}: no such built-in config or config file; built-in names are {names}, "
+                          "or pass a YAML path")
+    return Path(value)
+
+
+def resolve_config(name_or_path: Optional[str], preprocess: str) -> ModelConfig:
+    """Load the config for `preprocess` (see `config_path`); its mapping net must take the mode's
+    coefficient count (70 crop/resize/extcrop, 73 full/extfull). Raises ConfigError."""
+    path = config_path(name_or_path, preprocess)
+    config = load_config(path)
+    wanted = get_mode(preprocess).coeff_count
+    if config.mapping.coeff_nc != wanted:
+        fits = "a 73-coefficient config such as facerender_still" if wanted == 73 else "a 70-coefficient config"
+        raise ConfigError(f"{path}: mapping_params.coeff_nc is {config.mapping.coeff_nc} but --preprocess "
+                          f"{preprocess} needs {wanted}; use {fits}, or the mode that fits this config")
+    return config
+
+
+def config_pair(config: ModelConfig) -> Tuple[ModelConfig, ModelConfig]:
+    """(70-coefficient, 73-coefficient) configs differing only in the mapping net's input, for writing both
+    of SadTalker's mapping files from one config."""
+    return (replace(config, mapping=replace(config.mapping, coeff_nc=CROP_COEFFS)),
+            replace(config, mapping=replace(config.mapping, coeff_nc=FULL_COEFFS)))
 
 
 def load_config(path) -> ModelConfig:
@@ -200,7 +236,7 @@ def _check_consistency(config: ModelConfig, where: str) -> None:
     if mapping.num_kp != common.num_kp:
         raise ConfigError(f"{where}: mapping_params.num_kp ({mapping.num_kp}) differs from "
                           f"common_params.num_kp ({common.num_kp})")
-    if mapping.coeff_nc not in (70, 73):
+    if mapping.coeff_nc not in (CROP_COEFFS, FULL_COEFFS):
         raise ConfigError(f"{where}: mapping_params.coeff_nc is {mapping.coeff_nc}; SadTalker's mapping "
                           "nets take 70 (crop) or 73 (full) coefficients")
     if mapping.layer > 3:

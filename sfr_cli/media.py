@@ -14,7 +14,6 @@ import dataclasses
 import os
 import re
 import subprocess
-import tempfile
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from sfr_cli.errors import MediaError
+from sfr_cli.outputs import atomic_path, probe_writable, remove_quietly, temporary_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,6 +39,7 @@ PNG_INDEX_DIGITS = 6
 PNG_COMPRESS_LEVEL = 3
 FRAME_FILE = re.compile(r"\d{6}\.png")  # 000000.png, 000001.png, ...
 DEFAULT_CRF = 18
+MAX_FPS = 1000.0  # beyond any real video; inf overflowed the rate fraction
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 SIXTEEN_BIT_MAX = 65535
 
@@ -131,12 +132,6 @@ def resize_image(image: np.ndarray, height_px: int, width_px: int) -> np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 
-def temporary_path_beside(path: PathLike, suffix: str = "") -> Path:
-    """A hidden name in the same folder as `path`, unique to this process: `.NAME.sfr-tmp-PID{suffix}`."""
-    target = Path(path)
-    return target.with_name(f".{target.name}.sfr-tmp-{os.getpid()}{suffix}")
-
-
 def _check_frame(frame: np.ndarray, shape: Optional[Sequence[int]] = None) -> np.ndarray:
     """Return `frame` as a C-contiguous `(H, W, 3) uint8` array, or raise ValueError (a caller bug)."""
     if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
@@ -151,12 +146,10 @@ def write_png(path: PathLike, frame: np.ndarray) -> Path:
     """Write one `(H, W, 3) uint8 RGB` frame as a lossless PNG, atomically (temp name, then rename)."""
     target = Path(path)
     pixels = _check_frame(frame)
-    temporary = temporary_path_beside(target)
     try:
-        Image.fromarray(pixels, "RGB").save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        os.replace(temporary, target)
+        with atomic_path(target) as temporary:
+            Image.fromarray(pixels, "RGB").save(temporary, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     except OSError as exc:
-        _remove_quietly(temporary)
         raise MediaError(f"{target}: cannot write PNG frame ({exc})") from exc
     return target
 
@@ -185,10 +178,11 @@ class PngFrameWriter(_Sink):
     """Writes frames as `000000.png`, `000001.png`, ... in one folder, each one atomically.
 
     Use as a context manager: leaving the block with an exception calls `abort()`, which removes the
-    frames this writer wrote (and the folder, if this writer created it and it is left empty).
+    frames this writer wrote (and the folder, if this writer created it and it is left empty). With
+    `replace_existing`, frames already in the folder are removed first.
     """
 
-    def __init__(self, directory: PathLike):
+    def __init__(self, directory: PathLike, replace_existing: bool = False):
         self.directory = Path(directory)
         self.paths: List[Path] = []
         self._created_dirs = _missing_dirs(self.directory)
@@ -197,6 +191,9 @@ class PngFrameWriter(_Sink):
             raise MediaError(f"{self.directory}: exists and is not a folder; cannot write PNG frames there")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            if replace_existing:  # --overwrite: old frames go, so none can mix with the new ones
+                for old in existing_frames(self.directory):
+                    os.remove(old)
         except OSError as exc:
             raise MediaError(f"{self.directory}: cannot create the frames folder ({exc})") from exc
 
@@ -220,7 +217,7 @@ class PngFrameWriter(_Sink):
     def abort(self) -> None:
         """Remove every frame this writer wrote, and the folders it created if they are left empty."""
         for path in self.paths:
-            _remove_quietly(path)
+            remove_quietly(path)
         self.paths.clear()
         for folder in reversed(self._created_dirs):
             try:
@@ -239,13 +236,6 @@ def _missing_dirs(directory: Path) -> List[Path]:
     return list(reversed(missing))
 
 
-def _remove_quietly(path: PathLike) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def check_output_writable(path: PathLike) -> None:
     """Raise MediaError unless a file can be created at `path` (its folder exists and is writable)."""
     target = Path(path)
@@ -254,35 +244,39 @@ def check_output_writable(path: PathLike) -> None:
     folder = target.absolute().parent
     if not folder.is_dir():
         raise MediaError(f"{target}: output folder {folder} does not exist; create it first")
-    _probe_writable(folder, f"{target}: output folder {folder} is not writable")
+    probe_writable(folder, f"{target}: output folder {folder} is not writable")
 
 
-def check_frames_dir(frames_dir: PathLike) -> None:
+def is_frame_name(name: str) -> bool:
+    """Whether `name` is one of the PNG frame names a frames folder gets (000000.png, ...)."""
+    return FRAME_FILE.fullmatch(name) is not None
+
+
+def existing_frames(frames_dir: PathLike) -> List[Path]:
+    """The PNG frames (by name) already in `frames_dir`, sorted; none when it is not a folder."""
+    frames_dir = Path(frames_dir)
+    if not frames_dir.is_dir():
+        return []
+    return sorted(p for p in frames_dir.iterdir() if is_frame_name(p.name))
+
+
+def check_frames_dir(frames_dir: PathLike, overwrite: bool = False) -> None:
     """Raise MediaError unless PNG frames can go to `frames_dir`: creatable or writable, and holding no
-    frames from an earlier render (old and new frames must never mix)."""
+    frames from an earlier render unless `overwrite` (old and new frames must never mix: the writer
+    then removes the old ones)."""
     frames_dir = Path(frames_dir)
     if frames_dir.exists() and not frames_dir.is_dir():
         raise MediaError(f"{frames_dir}: exists and is not a folder; cannot write PNG frames there")
-    if frames_dir.is_dir():
-        old = [p.name for p in frames_dir.iterdir() if FRAME_FILE.fullmatch(p.name)]
-        if old:
-            raise MediaError(f"{frames_dir}: already holds {len(old)} frame(s) like {min(old)} from an earlier "
-                             "render; remove them or choose another --frames-dir")
+    old = existing_frames(frames_dir)
+    if old and not overwrite:
+        raise MediaError(f"{frames_dir}: already holds {len(old)} frame(s) like {old[0].name} from an earlier "
+                         "render; remove them, choose another --frames-dir, or pass --overwrite to replace them")
     existing = frames_dir.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise MediaError(f"{frames_dir}: {existing} is not a folder; cannot create the frames folder")
-    _probe_writable(existing, f"{frames_dir}: cannot write in {existing}")
-
-
-def _probe_writable(folder: Path, message: str) -> None:
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".sfr-write-check-", dir=folder)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as exc:
-        raise MediaError(f"{message} ({exc.strerror or exc})") from exc
+    probe_writable(existing, f"{frames_dir}: cannot write in {existing}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +434,14 @@ class _StderrDrain:
             return b"".join(self._chunks).decode("utf-8", "replace")
 
 
+def check_fps(fps: float) -> float:
+    """Return `fps` as a float, or raise MediaError unless 0 < fps <= MAX_FPS."""
+    value = float(fps)
+    if not 0 < value <= MAX_FPS:
+        raise MediaError(f"fps {value:g}: must be above 0 and at most {MAX_FPS:g}")
+    return value
+
+
 class Mp4Writer(_Sink):
     """Encodes streamed frames to an H.264 MP4 with one ffmpeg process, muxing audio in the same pass.
 
@@ -447,7 +449,7 @@ class Mp4Writer(_Sink):
     libx264 yuv420p at `crf`, with `+faststart`. With `audio`, its first audio stream is encoded
     as AAC at its own sample rate and channel count; when `frame_count` is given the audio is cut
     to `frame_count / fps` seconds (audio shorter than the video is kept as it is; without
-    `frame_count` a longer audio is not cut). Everything is written to `.NAME.sfr-tmp-PID.mp4` beside
+    `frame_count` a longer audio is not cut). Everything is written to `.NAME.sfr-tmp-PID-START.mp4` beside
     `path`; `close()` renames it to `path` only when ffmpeg succeeded and the file holds exactly
     the frames written. On any failure, `abort()`, or an exception inside the `with` block, ffmpeg
     is killed and the temporary file removed; nothing appears at `path`. Failures in `write()`
@@ -480,8 +482,10 @@ class Mp4Writer(_Sink):
             raise MediaError(
                 f"{self.path}: H.264 yuv420p needs an even width and height, got {self.width_px}x{self.height_px}"
             )
-        if not self.fps > 0:
-            raise MediaError(f"{self.path}: fps must be positive, got {fps}")
+        try:
+            check_fps(self.fps)
+        except MediaError as exc:
+            raise MediaError(f"{self.path}: {exc}") from None
         if not 0 <= crf <= 51:
             raise MediaError(f"{self.path}: crf must be in 0..51, got {crf}")
         if frame_count is not None and frame_count <= 0:
@@ -490,7 +494,7 @@ class Mp4Writer(_Sink):
             raise MediaError(f"{self.audio}: audio file not found")
         check_output_writable(self.path)
         self._ffmpeg = ffmpeg or find_ffmpeg()
-        self._temporary = temporary_path_beside(self.path, ".mp4")
+        self._temporary = temporary_path(self.path, ".mp4")
         self._shape = (self.height_px, self.width_px, 3)
         self._closed = False
         self._proc = self._start(crf)
@@ -579,7 +583,7 @@ class Mp4Writer(_Sink):
             pass
         self._proc.wait()
         self._stderr.finish()
-        _remove_quietly(self._temporary)
+        remove_quietly(self._temporary)
 
     def _fail(self, reason: str, stderr: Optional[str] = None) -> None:
         """Abort and raise MediaError with `reason` and ffmpeg's stderr tail."""

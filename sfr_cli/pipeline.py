@@ -11,25 +11,23 @@ no partial MP4, no temporary files, no ffmpeg left running.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import coeffs, media
-from .config import CONFIG_DIR, ModelConfig, load_config
+from . import coeffs, media, outputs
+from .config import resolve_config
 from .errors import ConfigError, MediaError, RenderError
 from .progress import Reporter
 
 QUEUE_FRAMES = 8  # frames between the renderer and the writer thread
 QUEUE_POLL_SECONDS = 0.1
 STOP_WAIT_SECONDS = 5.0  # how long a stopping writer may take to finish its frame before ffmpeg is killed
-BUILTIN_CONFIGS = ("facerender", "tiny")  # families: NAME.yaml (70 coefficients) and NAME_still.yaml (73)
 SIZES_PX = (256, 512)
 
 
@@ -58,7 +56,8 @@ class RenderJob:
     batch_size: Optional[int] = None  # None: the engine picks from free memory
     device: str = "auto"
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool = False  # CUDA only; ignored with a note on the CPU
+    overwrite: bool = False  # replace an existing MP4 / earlier frames in frames_dir
 
 
 @dataclass
@@ -94,36 +93,6 @@ class RenderReport:
 # Checks that run before anything loads
 
 
-def config_path(name_or_path: Optional[str], preprocess: str = "crop") -> Path:
-    """The YAML file for `--config`: a built-in family name (facerender, tiny) gives NAME.yaml, or its
-    73-coefficient NAME_still.yaml sibling for full/extfull (as SadTalker picks facerender_still.yaml);
-    another built-in name (e.g. tiny_still) or a path is taken as given. None means facerender."""
-    value = name_or_path or "facerender"
-    bare_name = "/" not in value and os.sep not in value and not value.endswith((".yaml", ".yml"))
-    if value in BUILTIN_CONFIGS:
-        return CONFIG_DIR / f"{value}{'_still' if 'full' in preprocess else ''}.yaml"
-    if bare_name and (CONFIG_DIR / f"{value}.yaml").is_file():
-        return CONFIG_DIR / f"{value}.yaml"
-    if bare_name and not Path(value).exists():
-        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise ConfigError(f"{value}: no such built-in config or config file; built-in names are {names}, "
-                          "or pass a YAML path")
-    return Path(value)
-
-
-def resolve_config(name_or_path: Optional[str], preprocess: str) -> ModelConfig:
-    """Load the config for `preprocess` (see `config_path`); its mapping net must take the mode's
-    coefficient count (70 crop/resize/extcrop, 73 full/extfull). Raises ConfigError."""
-    path = config_path(name_or_path, preprocess)
-    config = load_config(path)
-    wanted = coeffs.FULL_COEFFS if "full" in preprocess else coeffs.CROP_COEFFS
-    if config.mapping.coeff_nc != wanted:
-        fits = "a 73-coefficient config such as facerender_still" if wanted == 73 else "a 70-coefficient config"
-        raise ConfigError(f"{path}: mapping_params.coeff_nc is {config.mapping.coeff_nc} but --preprocess "
-                          f"{preprocess} needs {wanted}; use {fits}, or the mode that fits this config")
-    return config
-
-
 def output_paths(job: RenderJob) -> Tuple[Optional[Path], Optional[Path]]:
     """(MP4 path or None, frames folder or None): `<coeffs stem>.mp4` here when neither is given."""
     output = Path(job.output) if job.output is not None else None
@@ -131,6 +100,33 @@ def output_paths(job: RenderJob) -> Tuple[Optional[Path], Optional[Path]]:
     if output is None and frames_dir is None:
         output = Path(Path(job.coeffs).stem + ".mp4")
     return output, frames_dir
+
+
+def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outputs.JobInput]:
+    """The files `job` reads that the user named, with their options (the config's YAML too)."""
+    named = [(job.coeffs, "--coeffs"), (job.source, "--source"), (job.source_coeffs, "--source-coeffs"),
+             (job.audio, "--audio"), (job.checkpoint, "--checkpoint"), (job.mapping, "--mapping"),
+             (config_file, "--config")]
+    return [outputs.JobInput(Path(path), role) for path, role in named if path is not None]
+
+
+def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Sequence[outputs.JobInput], *,
+                  overwrite: bool, note=None) -> None:
+    """Refuse outputs that are inputs, not regular files, or already there (unless `overwrite`); with
+    `note`, first remove the leftovers of killed earlier runs for these outputs and say so."""
+    if output is not None:
+        if note is not None:
+            removed = outputs.remove_leftovers(output)
+            if removed:
+                note(outputs.describe_leftovers(output, removed))
+        outputs.check_output(output, inputs, overwrite=overwrite)
+    if frames_dir is not None:
+        if note is not None:
+            removed = outputs.remove_leftovers_in(frames_dir, media.is_frame_name)
+            if removed:
+                note(outputs.describe_leftovers(frames_dir, removed))
+        outputs.check_folder_holds_no_input(frames_dir, inputs, media.is_frame_name)
+        media.check_frames_dir(frames_dir, overwrite=overwrite)
 
 
 def _pose(degrees: Optional[Sequence[float]], frame_count: int) -> Optional[np.ndarray]:
@@ -157,12 +153,14 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
         raise ConfigError(f"size {job.size_px} px is not supported; SadTalker renders 256 or 512")
     if job.batch_size is not None and job.batch_size < 1:
         raise RenderError(f"batch size {job.batch_size}: must be at least 1 (or auto)")
-    if not job.fps > 0:
-        raise MediaError(f"fps {job.fps}: must be positive")
+    media.check_fps(job.fps)
+    coeffs.check_expression_scale(job.expression_scale)
     output, frames_dir = output_paths(job)
     if job.audio is not None and output is None:
         raise MediaError(f"{job.audio}: --audio needs an MP4 output; add -o/--output PATH.mp4")
     config = resolve_config(job.config, job.preprocess)
+    inputs = job_inputs(job, config.path)
+    check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=note)
 
     driving = coeffs.read_coefficients(job.coeffs)
     if job.source_coeffs is not None:
@@ -187,24 +185,28 @@ def render_job(job: RenderJob, reporter: Reporter) -> RenderReport:
             if audio.duration_seconds is not None and audio.duration_seconds < video_seconds - 0.1:
                 note(f"{job.audio}: {audio.duration_seconds:.2f} s of audio for {video_seconds:.2f} s of video; "
                      "the end is silent")
-    if frames_dir is not None:
-        media.check_frames_dir(frames_dir)
 
     from . import checkpoints  # torch from here on
 
     files = checkpoints.find_checkpoints(job.checkpoint_dir, size_px=job.size_px, preprocess=job.preprocess,
                                          checkpoint=job.checkpoint, mapping=job.mapping)
+    found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
+             outputs.JobInput(files.mapping, "mapping checkpoint")]
+    check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
     from .engine import Engine, EngineOptions, check_precision, configure_torch, peak_rss_mib, resolve_device
 
     device = resolve_device(job.device)
     check_precision(job.precision, device)  # an unavailable device or precision fails here
     configure_torch(device)
+    compile_decoder = job.compile and device.type == "cuda"
+    if job.compile and not compile_decoder:
+        note(f"--compile is ignored on {device.type}: torch.compile speeds up CUDA renders only")
 
     # 2. The model.
     reporter.loading(f"loading {files.renderer.name} and {files.mapping.name} ({config.name})")
     nets = checkpoints.load_networks(config, files)
     engine = Engine(nets, EngineOptions(device=job.device, precision=job.precision, batch_size=job.batch_size,
-                                        compile=job.compile))
+                                        compile=compile_decoder))
     state = engine.prepare_source(image, semantics.source_window())
     reporter.finish()
     note(f"{frame_count} frames on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}")
@@ -244,7 +246,7 @@ def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, outp
                                   audio=job.audio, frame_count=frame_count, ffmpeg=ffmpeg)
             sinks.append(mp4)
         if frames_dir is not None:
-            png = media.PngFrameWriter(frames_dir)
+            png = media.PngFrameWriter(frames_dir, replace_existing=job.overwrite)
             sinks.append(png)
         writer = FrameWriterThread(sinks)
         reporter.start(frame_count)
@@ -330,9 +332,3 @@ class FrameWriterThread:
             unblock()
         self._thread.join()
 
-
-def config_pair(config: ModelConfig) -> Tuple[ModelConfig, ModelConfig]:
-    """(70-coefficient, 73-coefficient) configs differing only in the mapping net's input, for writing both
-    of SadTalker's mapping files from one config."""
-    return (replace(config, mapping=replace(config.mapping, coeff_nc=coeffs.CROP_COEFFS)),
-            replace(config, mapping=replace(config.mapping, coeff_nc=coeffs.FULL_COEFFS)))

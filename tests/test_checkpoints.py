@@ -136,9 +136,12 @@ def test_pickled_objects_are_refused_never_run(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / RENDERER_PTH
     torch.save({"generator": {"w": torch.zeros(1)}, "evil": Payload(str(marker))}, path)
-    with pytest.raises(CheckpointError, match="pickled objects other than tensors; sfr never runs code"):
+    with pytest.raises(CheckpointError, match="code or objects that sfr will not run; sfr never runs code") as info:
         read_state_dicts(path)
     assert not marker.exists()
+    message = str(info.value)
+    assert "weights_only" not in message and "torch.load" not in message  # torch's advice is not for sfr's users
+    assert "accepts SadTalker's SadTalker_V0.0.2_256.safetensors" in message and MAPPING_FULL in message
 
 
 def test_non_finite_weights_are_refused(tiny_dir):

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from sfr_cli.config import CONFIG_DIR, default_config_path, load_config, parse_config
+from sfr_cli.config import CONFIG_DIR, config_path, load_config, parse_config
 from sfr_cli.errors import ConfigError
 
 
@@ -12,8 +12,8 @@ def test_default_configs_are_sadtalkers():
     assert crop.mapping.coeff_nc == 70 and full.mapping.coeff_nc == 73
     assert crop.generator.decoder_params.out_channels == 64 and crop.generator.decoder_params.spade_hidden == 128
     assert crop.common.num_kp == 15 and crop.generator.dense_motion_params.compress == 4
-    assert default_config_path("full").name == "facerender_still.yaml"
-    assert default_config_path("extcrop").name == "facerender.yaml"
+    assert config_path(None, "full").name == "facerender_still.yaml"
+    assert config_path(None, "extcrop").name == "facerender.yaml"
 
 
 def test_tiny_is_the_same_architecture_smaller():

@@ -14,15 +14,19 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 ALLOWED_INTERNAL = {
     "sfr_cli": set(),
     "sfr_cli.errors": set(),
-    "sfr_cli.config": {"errors"},
-    "sfr_cli.checkpoints": {"nets", "config", "errors"},
-    "sfr_cli.coeffs": {"errors"},
+    "sfr_cli.modes": {"errors"},
+    "sfr_cli.outputs": {"errors"},
+    "sfr_cli.config": {"errors", "modes"},
+    "sfr_cli.checkpoints": {"nets", "config", "errors", "modes", "outputs"},
+    "sfr_cli.coeffs": {"errors", "modes"},
     "sfr_cli.engine": {"nets", "checkpoints", "config", "errors"},
-    "sfr_cli.media": {"errors"},
+    "sfr_cli.media": {"errors", "outputs"},
     "sfr_cli.progress": set(),
 }
 FORBIDDEN_EXTERNAL = {
     "sfr_cli.errors": {"*"},
+    "sfr_cli.modes": {"*"},
+    "sfr_cli.outputs": {"*"},
     "sfr_cli.coeffs": {"torch"},
     "sfr_cli.media": {"torch", "rich"},
     "sfr_cli.engine": {"rich", "click"},
