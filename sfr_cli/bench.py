@@ -11,7 +11,8 @@ Both run in one process on the same weights, source and coefficients:
 Reported per run: frames/s, ms per frame by stage (mapping and keypoints, dense motion, decoder,
 transfer and encode), start-up time, peak RSS (sampled) and peak CUDA memory; for reduced precision
 also the PSNR of its frames against sfr at fp32. Both runs get the same torch settings
-(``configure_torch``) and a warm-up pass before the timed one. Stage times need a synchronisation
+(``configure_torch``: on CUDA cuDNN's algorithm search, and fp32 without TF32, which makes the fp32
+plain loop slower than torch's TF32 default would) and a warm-up pass before the timed one. Stage times need a synchronisation
 around each stage, so they come from a third pass (``StageTimer``) and do not slow the frames/s figure.
 """
 
@@ -31,6 +32,7 @@ import torch
 from .checkpoints import Networks, build_networks, find_checkpoints, load_networks, random_state_dict
 from .coeffs import prepare_semantics
 from .config import ModelConfig
+from .modes import mode_for_coeff_count
 from .engine import STAGES, Engine, EngineOptions, configure_torch, peak_rss_mib, resolve_device
 from .nets.geometry import transform_keypoints
 from .nets.inference import detached_copy
@@ -80,7 +82,7 @@ def load_or_random_networks(config: ModelConfig, checkpoint_dir=None, size_px: i
     if checkpoint_dir is None:
         return random_networks(config), "random"
     files = find_checkpoints(checkpoint_dir, size_px=size_px,
-                             preprocess="full" if config.mapping.coeff_nc == 73 else "crop")
+                             preprocess=mode_for_coeff_count(config.mapping.coeff_nc).name)
     return load_networks(config, files), str(checkpoint_dir)
 
 
@@ -132,7 +134,7 @@ def job_inputs(coeff_nc: int, frames: int, size_px: int, seed: int = 0):
     phase = rng.uniform(0, 2 * np.pi, size=(1, coeff_nc)).astype(np.float32)
     driving = (0.5 * np.sin(t + phase)).astype(np.float32)
     source_row = (0.3 * rng.standard_normal(coeff_nc)).astype(np.float32)
-    semantics = prepare_semantics(driving[:, :70], source_row, preprocess="full" if coeff_nc == 73 else "crop")
+    semantics = prepare_semantics(driving[:, :70], source_row, preprocess=mode_for_coeff_count(coeff_nc).name)
     image = rng.random((3, size_px, size_px), dtype=np.float32)
     return image, semantics
 

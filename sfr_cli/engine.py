@@ -23,6 +23,7 @@ from .nets.geometry import transform_keypoints
 from .nets.inference import detached_copy, optimize_generator, optimize_kp_detector
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BF16_MIN_CAPABILITY = 8  # CUDA compute capability major version with native bf16 (Ampere and later)
 CUDA_MAX_AUTO_BATCH = 64
 CUDA_MEMORY_HEADROOM = 0.8  # share of free memory an automatic batch may plan to use
 SOURCE_STAGE = "source"  # what a stage hook sees around prepare_source
@@ -62,16 +63,20 @@ class BatchPolicy:
 
     ``auto_batch``: the batch size ``--batch-size auto`` means (None: planned from free GPU memory
     after measuring one frame). A CPU gains nothing from batching, so 1.
+
+    ``launch_ahead``: launch the next batch before the frames of this one are handed out, so the GPU
+    works while the caller encodes. A CPU computes as it launches, so it hands frames out at once.
     """
 
     motion_frames: Optional[int]
     auto_batch: Optional[int]
+    launch_ahead: bool = False
 
     @staticmethod
     def for_device(device: torch.device) -> "BatchPolicy":
         if device.type == "cpu":
-            return BatchPolicy(motion_frames=1, auto_batch=1)
-        return BatchPolicy(motion_frames=None, auto_batch=None)
+            return BatchPolicy(motion_frames=1, auto_batch=1, launch_ahead=False)
+        return BatchPolicy(motion_frames=None, auto_batch=None, launch_ahead=True)
 
 
 @dataclass
@@ -130,7 +135,9 @@ def check_precision(precision: str, device: torch.device) -> torch.dtype:
         raise RenderError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
     if device.type == "cpu" and precision == "fp16":
         raise RenderError("fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    # bf16 arithmetic needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also says yes
+    # for older cards such as the T4 (7.5), where bf16 only runs emulated, slowly
+    if device.type == "cuda" and precision == "bf16" and torch.cuda.get_device_capability(device)[0] < BF16_MIN_CAPABILITY:
         raise RenderError(f"{torch.cuda.get_device_name(device)} has no bf16 support; use fp16 or fp32")
     return PRECISIONS[precision]
 
@@ -296,8 +303,8 @@ class Engine:
                progress: Optional[Callable[[int], None]] = None) -> Iterator[np.ndarray]:
         """Yield every frame of ``semantics`` in order, ``(S, S, 3) uint8``, in batches.
 
-        Each batch is launched before the previous one is collected, so on CUDA the GPU renders the next
-        batch while the caller encodes this one. A CUDA out-of-memory error halves the batch and retries
+        On CUDA each batch is launched before the previous one is collected, so the GPU renders the next
+        batch while the caller encodes this one (``BatchPolicy.launch_ahead``). A CUDA out-of-memory error halves the batch and retries
         the same frames (down to 1, then a RenderError); every other error propagates untouched.
         """
         total = semantics.frame_count
@@ -330,6 +337,9 @@ class Engine:
                 yield from self._collect(pending, progress)
             pending = launched
             start = stop
+            if not self.policy.launch_ahead:
+                yield from self._collect(pending, progress)
+                pending = None
         if pending is not None:
             yield from self._collect(pending, progress)
 

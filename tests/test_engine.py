@@ -124,7 +124,7 @@ class StageCounter:
 def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tiny_nets, job):
     """The CPU half of BatchPolicy (the CUDA half: test_cuda_batch_policy_runs_the_whole_batch_at_once)."""
     image, semantics = job
-    assert BatchPolicy.for_device(torch.device("cpu")) == BatchPolicy(motion_frames=1, auto_batch=1)
+    assert BatchPolicy.for_device(torch.device("cpu")) == BatchPolicy(motion_frames=1, auto_batch=1, launch_ahead=False)
     counter = StageCounter()
     engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=4), stage_hook=counter)
     source = engine.prepare_source(image, semantics.source_window())
@@ -132,6 +132,9 @@ def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tin
     assert counter.calls == {"source": 1, "mapping_keypoints": FRAMES, "dense_motion": FRAMES, "decoder": 2,
                              "transfer": 2}
     assert Engine(tiny_nets, EngineOptions(device="cpu")).batch_size == 1  # auto on a CPU
+    frames = engine.render(source, semantics)
+    next(frames)  # a CPU hands out a batch's frames before it renders the next batch
+    assert counter.calls["decoder"] == 3
 
 
 def simulate_oom_above(monkeypatch, limit, calls):
@@ -213,6 +216,19 @@ def test_cuda_without_gpu_is_a_clear_error(tiny_nets):
         Engine(tiny_nets, EngineOptions(device="cuda"))
 
 
+def test_bf16_on_a_card_without_native_bf16_is_refused_clearly(monkeypatch):
+    """A T4 (compute capability 7.5) would run bf16 emulated; torch.cuda.is_bf16_supported() says yes there."""
+    from sfr_cli.engine import check_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(RenderError, match="Tesla T4 has no bf16 support; use fp16 or fp32"):
+        check_precision("bf16", torch.device("cuda"))
+    assert check_precision("fp16", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert check_precision("bf16", torch.device("cuda")) == torch.bfloat16
+
+
 def test_bf16_keeps_keypoints_in_fp32_and_stays_close(tiny_nets, job):
     image, semantics = job
     _, reference = render_all(tiny_nets, image, semantics, batch_size=4)
@@ -252,7 +268,7 @@ def test_windows_mismatching_the_mapping_net_are_refused(tiny_nets, job):
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
     """On a GPU: fp32 frames agree with the CPU's; reduced precision stays close to them."""
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("this GPU has no bf16")
     image, semantics = job
     _, reference = render_all(tiny_nets, image, semantics, batch_size=1)
@@ -271,7 +287,7 @@ def test_cuda_batch_policy_runs_the_whole_batch_at_once(tiny_nets, job):
     """The CUDA half of BatchPolicy: mapping, motion and decoder once per batch; frames agree across
     batch sizes within a level (cuDNN may pick other algorithms for other batch sizes)."""
     image, semantics = job
-    assert BatchPolicy.for_device(torch.device("cuda")) == BatchPolicy(motion_frames=None, auto_batch=None)
+    assert BatchPolicy.for_device(torch.device("cuda")) == BatchPolicy(motion_frames=None, auto_batch=None, launch_ahead=True)
     counter = StageCounter()
     engine = Engine(tiny_nets, EngineOptions(device="cuda", batch_size=4), stage_hook=counter)
     source = engine.prepare_source(image, semantics.source_window())

@@ -24,6 +24,7 @@ from sfr_cli.coeffs import prepare_semantics, read_coefficients, read_source_coe
 from sfr_cli.config import CONFIG_DIR, load_config
 from sfr_cli.engine import Engine, EngineOptions, configure_torch
 from sfr_cli.media import read_source_image
+from sfr_cli.modes import get_mode
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 GOLDEN = REFERENCE / "golden-crop"
@@ -86,7 +87,7 @@ MODES = [("crop", []), ("resize", []), ("extcrop", []), ("full", []), ("extfull"
 @pytest.mark.parametrize("size", [256, 512])
 @pytest.mark.parametrize("preprocess,extra", MODES)
 def test_every_mode_and_size_on_cuda_matches_the_cpu(job, checkpoints_by_size, tmp_path, size, preprocess, extra):
-    source = "source73.npy" if "full" in preprocess else "source70.npy"
+    source = f"source{get_mode(preprocess).coeff_count}.npy"
     args = ["--preprocess", preprocess, "--size", str(size), *extra]
     cpu = render(job, checkpoints_by_size[size], tmp_path / "cpu", "cpu", *args, source_coeffs=source)
     cuda = render(job, checkpoints_by_size[size], tmp_path / "cuda", "cuda", *args, "--batch-size", "4",
