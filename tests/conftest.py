@@ -19,12 +19,14 @@ REFERENCE_SKIP = "needs ../shared/reference (CI has it; a user's clone does not)
 @pytest.fixture(scope="session", autouse=True)
 def torch_configured_for_the_cpu():
     """What `sfr render` and `sfr bench` do once at start (engine.configure_torch): flush denormals, which
-    random weights are full of and which slow CPU convolutions up to ten-fold."""
+    random weights are full of and which slow CPU convolutions up to ten-fold; on CUDA, fp32 without TF32."""
     import torch
 
     from sfr_cli.engine import configure_torch
 
     configure_torch(torch.device("cpu"))
+    if torch.cuda.is_available():  # and, on a GPU machine, no TF32 for fp32 (the gpu tests compare levels)
+        configure_torch(torch.device("cuda"))
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,7 @@ def test_golden_crop_at_every_batch_size(pth_engine, batch_size):
 def test_golden_crop_through_simulated_out_of_memory(pth_engine, monkeypatch):
     """Batch 4 runs out of memory once: the engine retries the same frames at 2, then carries on at 2."""
     calls = []
-    real = Engine.render_batch
+    real = Engine.launch_batch
 
     def flaky(self, source, windows, *poses):
         calls.append(len(windows))
@@ -98,7 +98,7 @@ def test_golden_crop_through_simulated_out_of_memory(pth_engine, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, source, windows, *poses)
 
-    monkeypatch.setattr(Engine, "render_batch", flaky)
+    monkeypatch.setattr(Engine, "launch_batch", flaky)
     pth_engine.batch_size = 4
     source, semantics = golden_job(pth_engine)
     frames = list(pth_engine.render(source, semantics))
