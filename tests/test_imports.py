@@ -50,7 +50,6 @@ RULES = {
     "sfr_cli.media.source": rule({"errors"}, {"numpy", "PIL", "scipy"}),
     "sfr_cli.media.ffmpeg": rule({"errors"}, {"imageio_ffmpeg"}),
     "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
-    "sfr_cli.media.picture": rule({"errors", "media"}, {"numpy", "PIL"}),  # pictures for paste-back, uint8
     # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
     "sfr_cli.pasteback": rule({"media", "errors", "nets"}, {"numpy", "torch"}),
     "sfr_cli.progress": rule((), {"rich"}),
