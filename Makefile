@@ -1,5 +1,10 @@
+<<<<<<< HEAD
 # sfr: `make demo` renders a short clip with random weights; `make test` runs the test suite.
 # `make install` includes the `ray` extra, so the tests run `sfr batch --ray local` for real.
+=======
+# sfr: `make demo` renders a short clip with random weights; `make test` runs the whole test suite (what CI
+# runs), `make test-fast` the edit loop's share of it (tiny config only: no test marked `slow`).
+>>>>>>> main
 # Every pip call is constrained by constraints.txt so pip never swaps in a newer (CUDA) torch.
 
 PYTHON ?= python3
@@ -10,7 +15,7 @@ STAMP := $(VENV)/.sfr-installed
 TORCH := torch==2.13.0
 DEMO_OUT := demo-out
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -22,6 +27,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
 
 demo: install
 	$(BIN)/sfr checkpoints random $(DEMO_OUT)/checkpoints --config tiny --layout pth >/dev/null

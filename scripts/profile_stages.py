@@ -95,10 +95,10 @@ def main() -> None:
     stage_us = {}
     for event in events:
         if event.key in STAGES:
-            stage_us[event.key] = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            stage_us[event.key] = event.device_time_total if device.type == "cuda" else event.cpu_time_total
     kernels = sorted((e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
                       and e.key not in STAGES), key=lambda e: -e.self_device_time_total)
-    total_kernel_us = sum(e.self_device_time_total for e in kernels)
+    total_kernel_us = max(sum(e.self_device_time_total for e in kernels), 1e-9)
 
     print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {args.precision}, "
           f"batch {args.batch_size}, {args.size}px, {frames} frames profiled")

@@ -11,7 +11,8 @@ Both run in one process on the same weights, source and coefficients:
 Reported per run: frames/s, ms per frame by stage (mapping and keypoints, dense motion, decoder,
 transfer and encode), start-up time, peak RSS (sampled) and peak CUDA memory; for reduced precision
 also the PSNR of its frames against sfr at fp32. Both runs get the same torch settings
-(``configure_torch``) and a warm-up pass before the timed one. Stage times need a synchronisation
+(``configure_torch``: on CUDA cuDNN's algorithm search, and fp32 without TF32, which makes the fp32
+plain loop slower than torch's TF32 default would) and a warm-up pass before the timed one. Stage times need a synchronisation
 around each stage, so they come from a third pass (``StageTimer``) and do not slow the frames/s figure.
 """
 
@@ -93,6 +94,12 @@ def _sync(device: torch.device):
 def _reset_cuda(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _reset_peak(device: torch.device):
+    if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -190,6 +197,7 @@ def run_plain(nets: Networks, device: torch.device, image: np.ndarray, semantics
         startup = time.perf_counter() - t0
         loop.render(image, semantics, frame_limit=_warm_up_frames(device, semantics, rows))
         _sync(device)
+        _reset_peak(device)
         t_render = time.perf_counter()
         frames_out = loop.render(image, semantics)
         seconds = time.perf_counter() - t_render
@@ -220,12 +228,17 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
         for _ in itertools.islice(engine.render(source, semantics), warm_up):
             pass
         _sync(engine.device)
+        _reset_peak(engine.device)  # the warm-up's cuDNN algorithm search tries workspaces no frame needs
         size = image.shape[-1]
         writer = Mp4Writer(Path(tmp) / "bench.mp4", width_px=size, height_px=size,
                            frame_count=semantics.frame_count, ffmpeg=find_ffmpeg()) if encode else None
         t_render = time.perf_counter()
         encode_seconds = _stream(engine.render(source, semantics), writer, frames_out)
         seconds = time.perf_counter() - t_render
+        t_render = time.perf_counter()
+        for _ in engine.render(source, semantics):  # rendering alone, frames discarded
+            pass
+        render_seconds = time.perf_counter() - t_render
         timer = StageTimer(engine.device)
         engine.stage_hook = timer
         for _ in engine.render(source, semantics):
@@ -236,6 +249,7 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
     stage_ms["transfer"] += encode_seconds * 1000 / n
     return {"name": "sfr", "precision": engine.precision, "batch_size": max(engine.stats.batch_sizes or [0]),
             "frames": n, "seconds": seconds, "frames_per_second": n / seconds, "startup_seconds": startup,
+            "render_frames_per_second": n / render_seconds,
             "stage_ms_per_frame": stage_ms, "encode_overlapped": encode,
             "peak_rss_mib": rss.peak_mib, "peak_cuda_mib": _peak_cuda_mib(engine.device), "_frames": frames_out}
 
@@ -294,8 +308,10 @@ def run_benchmark(config: ModelConfig, *, device: str = "auto", precision: str =
     runs = [run_plain(nets, resolved, image, semantics)] if plain else []
     runs.append(run_sfr(nets, options, image, semantics))
     if precision != "fp32":
-        reference = run_sfr(nets, EngineOptions(device=device, batch_size=batch_size), image, semantics, encode=False)
-        runs[-1]["psnr_db_vs_fp32"] = psnr(runs[-1]["_frames"], reference["_frames"])
+        engine = Engine(nets, EngineOptions(device=device, batch_size=batch_size))  # fp32, one untimed pass
+        reference = list(engine.render(engine.prepare_source(image, semantics.source_window()), semantics))
+        del engine
+        runs[-1]["psnr_db_vs_fp32"] = psnr(runs[-1]["_frames"], reference)
     if plain:
         runs[-1]["psnr_db_vs_plain"] = psnr(runs[-1]["_frames"], runs[0]["_frames"])
         runs[-1]["speedup_vs_plain"] = runs[-1]["frames_per_second"] / runs[0]["frames_per_second"]
@@ -318,16 +334,19 @@ def format_report(report: Dict) -> str:
     """A plain-text table of a ``run_benchmark`` report."""
     lines = [f"device {report['device']}, config {report['config']}, weights {report['weights']}, "
              f"{report['frames']} frames at {report['size_px']}px, torch {report['torch']}"]
-    header = (f"{'run':6} {'prec':5} {'batch':>5} {'frames/s':>9} {'start s':>8} {'map+kp':>8} {'motion':>8} "
+    header = (f"{'run':6} {'prec':5} {'batch':>5} {'frames/s':>9} {'render/s':>9} {'start s':>8} {'map+kp':>8} {'motion':>8} "
               f"{'decoder':>8} {'xfer+enc':>9} {'RSS MiB':>8} {'CUDA MiB':>9}")
     lines += [header, "-" * len(header)]
     for run in report["runs"]:
         ms = run["stage_ms_per_frame"]
+        render_fps = f"{run['render_frames_per_second']:>9.3f}" if "render_frames_per_second" in run else f"{'-':>9}"
         lines.append(f"{run['name']:6} {run['precision']:5} {run['batch_size']:>5} {run['frames_per_second']:>9.3f} "
+                     f"{render_fps} "
                      f"{run['startup_seconds']:>8.2f} {ms['mapping_keypoints']:>8.1f} {ms['dense_motion']:>8.1f} "
                      f"{ms['decoder']:>8.1f} {ms['transfer']:>9.1f} {run['peak_rss_mib']:>8.0f} "
                      f"{run['peak_cuda_mib']:>9.0f}")
-    lines.append("(stage columns: ms per frame)")
+    lines.append("(frames/s: sfr's frames encoded to H.264 on the way, as sfr render does; render/s: frames "
+                 "rendered and discarded; stage columns: ms per frame)")
     last = report["runs"][-1]
     for key, label in (("speedup_vs_plain", "sfr speed-up over the plain loop: {:.2f}x"),
                        ("psnr_db_vs_plain", "PSNR of sfr's frames against the plain loop's: {:.1f} dB"),

@@ -58,6 +58,22 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, callbac
                             help="Show the full traceback for errors.")
 
 
+class CropBox(click.ParamType):
+    """`x1,y1,x2,y2`: SadTalker's face box in the original picture (ox1,oy1,ox2,oy2), exclusive ends."""
+
+    name = "X1,Y1,X2,Y2"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from .pasteback import parse_box
+
+        try:
+            return parse_box(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _reporter(quiet: bool):
     from .progress import RichReporter, SilentReporter
 
@@ -110,6 +126,12 @@ def sfr() -> None:
               help="Compute precision (fp16/bf16 on CUDA; keypoint and pose math stays fp32).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the decoder (CUDA; slow first batch).")
+@click.option("--paste-into", type=click.Path(path_type=Path), metavar="PICTURE",
+              help="Paste the face back into this original picture, SadTalker's full-mode way (seamless "
+                   "clone); frames and MP4 take its size. --source must then be SadTalker's crop of it.")
+@click.option("--crop-box", type=CropBox(),
+              help="The face box in the original picture (SadTalker's ox1,oy1,ox2,oy2). With --paste-into: "
+                   "skip the search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--json", "as_json", is_flag=True,
@@ -119,7 +141,8 @@ def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], outpu
            frames_dir: Optional[Path], audio: Optional[Path], fps: float, checkpoint_dir: Optional[Path],
            checkpoint: Optional[Path], mapping: Optional[Path], config: Optional[str], size_px: str,
            preprocess: str, still: bool, expression_scale: float, yaw, pitch, roll, batch_size: Optional[int],
-           device: str, precision: str, compile_: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
+           device: str, precision: str, compile_: bool, paste_into: Optional[Path], crop_box, overwrite: bool,
+           quiet: bool, as_json: bool) -> None:
     """Render a talking-head MP4 (and/or PNG frames) from coefficients and one source face.
 
     Prints the MP4 path (or the frames folder when only --frames-dir is given), or with --json one
@@ -135,7 +158,7 @@ def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], outpu
         report = renderer.render(coeffs_path, source, output=output, frames_dir=frames_dir, audio=audio,
                                  reporter=reporter, source_coeffs=source_coeffs, fps=fps, preprocess=preprocess,
                                  still=still, expression_scale=expression_scale, yaw=yaw, pitch=pitch, roll=roll,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, paste_into=paste_into, crop_box=crop_box)
     if as_json:
         click.echo(report.to_json())
     else:
@@ -288,6 +311,32 @@ def _batch_backend(settings, workers, devices, ray_address, debug: bool):
     from .workers import WorkerPoolBackend
 
     return WorkerPoolBackend(settings, workers=count, devices=device_list)
+@sfr.command("crop-box", context_settings={"max_content_width": 100})
+@click.option("--source", required=True, type=click.Path(path_type=Path),
+              help="SadTalker's crop PNG (the face it rendered from).")
+@click.option("--original", required=True, type=click.Path(path_type=Path),
+              help="The original picture SadTalker cropped it from.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"box": [x1, y1, x2, y2], "exact": ..., "mean_abs_levels": ..., "max_abs_levels": ...}.')
+@debug_option
+def crop_box(source: Path, original: Path, as_json: bool) -> None:
+    """Find and print the box x1,y1,x2,y2 of ORIGINAL that SadTalker resized into the crop --source.
+
+    The box is what `sfr render --crop-box` takes (SadTalker's ox1,oy1,ox2,oy2); keep it to skip the
+    search next time.
+    """
+    import json
+
+    from .pasteback import describe_match, find_crop_box, format_box
+
+    match = find_crop_box(source, original, "--source", "--original")
+    if as_json:
+        click.echo(json.dumps({"box": list(match.box), "exact": match.exact,
+                               "mean_abs_levels": round(match.mean_abs_levels, 4),
+                               "max_abs_levels": match.max_abs_levels}))
+    else:
+        click.echo(describe_match(match), err=True)
+        click.echo(format_box(match.box))
 
 
 @sfr.group()

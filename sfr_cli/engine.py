@@ -23,6 +23,7 @@ from .nets.geometry import transform_keypoints
 from .nets.inference import detached_copy, optimize_generator, optimize_kp_detector
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BF16_MIN_CAPABILITY = 8  # CUDA compute capability major version with native bf16 (Ampere and later)
 CUDA_MAX_AUTO_BATCH = 64
 CUDA_MEMORY_HEADROOM = 0.8  # share of free memory an automatic batch may plan to use
 SOURCE_STAGE = "source"  # what a stage hook sees around prepare_source
@@ -37,12 +38,16 @@ def configure_torch(device: torch.device) -> None:
 
     CPU: denormal floats are flushed to zero (they slow CPU convolutions up to ten-fold and are
     < 1e-37, far below a uint8 level). CUDA: cuDNN picks the fastest convolution algorithm for each
-    shape once (``cudnn.benchmark``); the batch shapes repeat, so the search pays for itself.
+    shape once (``cudnn.benchmark``); the batch shapes repeat, so the search pays for itself. fp32 means
+    fp32: TF32 tensor-core arithmetic (torch's default for cuDNN convolutions) is turned off, since its
+    10-bit mantissa moved frames 2 levels from SadTalker's; fp16 and bf16 are the fast precisions.
     """
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @dataclass(frozen=True)
@@ -58,16 +63,20 @@ class BatchPolicy:
 
     ``auto_batch``: the batch size ``--batch-size auto`` means (None: planned from free GPU memory
     after measuring one frame). A CPU gains nothing from batching, so 1.
+
+    ``launch_ahead``: launch the next batch before the frames of this one are handed out, so the GPU
+    works while the caller encodes. A CPU computes as it launches, so it hands frames out at once.
     """
 
     motion_frames: Optional[int]
     auto_batch: Optional[int]
+    launch_ahead: bool = False
 
     @staticmethod
     def for_device(device: torch.device) -> "BatchPolicy":
         if device.type == "cpu":
-            return BatchPolicy(motion_frames=1, auto_batch=1)
-        return BatchPolicy(motion_frames=None, auto_batch=None)
+            return BatchPolicy(motion_frames=1, auto_batch=1, launch_ahead=False)
+        return BatchPolicy(motion_frames=None, auto_batch=None, launch_ahead=True)
 
 
 @dataclass
@@ -126,7 +135,9 @@ def check_precision(precision: str, device: torch.device) -> torch.dtype:
         raise RenderError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
     if device.type == "cpu" and precision == "fp16":
         raise RenderError("fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    # bf16 arithmetic needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() also says yes
+    # for older cards such as the T4 (7.5), where bf16 only runs emulated, slowly
+    if device.type == "cuda" and precision == "bf16" and torch.cuda.get_device_capability(device)[0] < BF16_MIN_CAPABILITY:
         raise RenderError(f"{torch.cuda.get_device_name(device)} has no bf16 support; use fp16 or fp32")
     return PRECISIONS[precision]
 
@@ -135,6 +146,19 @@ def peak_rss_mib() -> float:
     """This process's peak resident memory so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / 2 ** 20
+
+
+class PendingFrames:
+    """A launched batch: ``frames()`` waits for its copy to the host, then gives ``(B, S, S, 3) uint8``."""
+
+    def __init__(self, frames, done: Optional["torch.cuda.Event"] = None):
+        self._frames, self._done = frames, done
+
+    def frames(self) -> np.ndarray:
+        if self._done is not None:
+            self._done.synchronize()
+            self._frames, self._done = self._frames.numpy(), None
+        return self._frames
 
 
 class Engine:
@@ -171,11 +195,21 @@ class Engine:
         self.channels_last = self.device.type == "cuda" if options.channels_last is None else options.channels_last
         if self.channels_last:  # 2D convolutions only: the dense motion network's 3D ones have no NHWC
             self.decoder.to(memory_format=torch.channels_last)
-        if options.compile:
-            self.decoder = torch.compile(self.decoder, dynamic=False)
+        # --compile: the decoder becomes one compiled graph (its many small elementwise and layout ops
+        # fused: 108 -> 155 frames/s at 256 fp16 on an H100, README), built once for the batch size; a
+        # short last batch is padded to it rather than compiled again. Compiling the dense motion as well
+        # was tried (tiny config: right frames) but never timed at full size, so it is not done.
+        self._compiled = options.compile
+        self._decode_compiled = torch.compile(self._decode_eager, dynamic=False) if options.compile else None
         self.batch_size = options.batch_size or self.policy.auto_batch or 0  # 0: planned at the first render
         self.stats = EngineStats()
         self.stage_hook = stage_hook
+
+    def _motion(self, dense, feature_3d, kp_driving):
+        return self._motion_eager(dense, feature_3d, kp_driving)
+
+    def _decode(self, features):
+        return (self._decode_compiled if self._compiled else self._decode_eager)(features)
 
     @property
     def coeff_count(self) -> int:
@@ -205,39 +239,73 @@ class Engine:
         return SourceState(kp_canonical, kp_source, feature_3d, dense)
 
     @torch.inference_mode()
-    def render_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None) -> np.ndarray:
-        """Windows ``(B, C, 27)`` (B counts frames) -> frames ``(B, S, S, 3) uint8``."""
+    def launch_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None
+                     ) -> "PendingFrames":
+        """Start rendering windows ``(B, C, 27)`` (B counts frames); the frames come from the result's
+        ``frames()``. On CUDA the work and the copy of the uint8 frames into pinned host memory are only
+        queued, so the next batch can be launched before this one is collected."""
         b = windows.shape[0]
+        poses = [None if values is None else np.asarray(values, np.float32) for values in (yaw, pitch, roll)]
+        if self._compiled and b < self.batch_size:
+            # a compiled graph is built for one batch size: pad the short last batch with copies of its
+            # last frame (dropped below) instead of compiling another graph for it
+            pad = self.batch_size - b
+            windows = np.concatenate([windows, np.repeat(windows[-1:], pad, axis=0)])
+            poses = [None if p is None else np.concatenate([p, np.repeat(p[-1:], pad)]) for p in poses]
         w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
-        angles = {name: None if values is None else torch.from_numpy(np.asarray(values, np.float32)).to(self.device)
-                  for name, values in (("yaw", yaw), ("pitch", pitch), ("roll", roll))}
-        step = self.policy.motion_frames or b  # see BatchPolicy
+        angles = {name: None if values is None else torch.from_numpy(values).to(self.device)
+                  for name, values in zip(("yaw", "pitch", "roll"), poses)}
+        step = self.policy.motion_frames or w.shape[0]  # see BatchPolicy
         warped = []
-        for start in range(0, b, step):
+        for start in range(0, w.shape[0], step):
             pick = slice(start, start + step)
             with self._stage("mapping_keypoints"):
                 pose = self.mapping(w[pick])
                 kp_driving = transform_keypoints(
                     source.kp_canonical.expand(pose["t"].shape[0], -1, -1), pose,
                     **{name: None if a is None else a[pick] for name, a in angles.items()})
-            with self._autocast(self.motion_dtype), self._stage("dense_motion"):
-                motion = self.generator.dense_motion_network.motion(source.dense, kp_driving)
-                warped.append(self.generator.warp(source.feature_3d, motion))
-        with self._autocast(self.dtype), self._stage("decoder"):
-            features = torch.cat(warped) if len(warped) > 1 else warped[0]
+            with self._stage("dense_motion"):
+                warped.append(self._motion(source.dense, source.feature_3d, kp_driving))
+        with self._stage("decoder"):
+            image = self._decode(torch.cat(warped) if len(warped) > 1 else warped[0])
+        with self._stage("transfer"):
+            return self._to_host(image[:b])
+
+    def render_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None) -> np.ndarray:
+        """Windows ``(B, C, 27)`` (B counts frames) -> frames ``(B, S, S, 3) uint8``."""
+        return self.launch_batch(source, windows, yaw, pitch, roll).frames()
+
+    def _motion_eager(self, dense: Dict[str, torch.Tensor], feature_3d: torch.Tensor, kp_driving: torch.Tensor):
+        """Dense motion and warp: ``(B, K, 3)`` driving keypoints -> warped features ``(B, C, h, w)``."""
+        with self._autocast(self.motion_dtype):
+            motion = self.generator.dense_motion_network.motion(dense, kp_driving)
+            return self.generator.warp(feature_3d, motion)
+
+    def _decode_eager(self, features: torch.Tensor) -> torch.Tensor:
+        """Warped features -> image ``(B, 3, S, S)`` in [0, 1]."""
+        with self._autocast(self.dtype):
             if self.channels_last:
                 features = features.contiguous(memory_format=torch.channels_last)
-            image = self.decoder(features)
-        with self._stage("transfer"):
-            frames = (image.float().double() * 255).round_().clamp_(0, 255).to(torch.uint8)
-            return frames.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            return self.decoder(features)
+
+    def _to_host(self, image: torch.Tensor) -> "PendingFrames":
+        # uint8 as round(255 x value), computed in float64 as SadTalker's numpy conversion does
+        frames = (image.float().double() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        if self.device.type != "cuda":
+            return PendingFrames(frames.contiguous().numpy())
+        host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingFrames(host, done)
 
     def render(self, source: SourceState, semantics, *, yaw=None, pitch=None, roll=None,
                progress: Optional[Callable[[int], None]] = None) -> Iterator[np.ndarray]:
         """Yield every frame of ``semantics`` in order, ``(S, S, 3) uint8``, in batches.
 
-        A CUDA out-of-memory error halves the batch and retries the same frames (down to 1, then a
-        RenderError); every other error propagates untouched.
+        On CUDA each batch is launched before the previous one is collected, so the GPU renders the next
+        batch while the caller encodes this one (``BatchPolicy.launch_ahead``). A CUDA out-of-memory error halves the batch and retries
+        the same frames (down to 1, then a RenderError); every other error propagates untouched.
         """
         total = semantics.frame_count
         for name, seq in (("yaw", yaw), ("pitch", pitch), ("roll", roll)):
@@ -247,15 +315,16 @@ class Engine:
             self.batch_size = self._auto_cuda_batch(source, semantics)
         batch = self.batch_size
         start = 0
+        pending: Optional[PendingFrames] = None
         while start < total:
             stop = min(start + batch, total)
             pick = slice(start, stop)
             try:
-                frames = self.render_batch(source, semantics.windows(start, stop),
-                                           *(None if s is None else s[pick] for s in (yaw, pitch, roll)))
+                launched = self.launch_batch(source, semantics.windows(start, stop),
+                                             *(None if s is None else s[pick] for s in (yaw, pitch, roll)))
             except torch.cuda.OutOfMemoryError:
-                frames = None
-            if frames is None:  # recover outside the handler, so the failed batch's tensors are freed
+                launched = None
+            if launched is None:  # recover outside the handler, so the failed batch's tensors are freed
                 if batch == 1:
                     raise RenderError(f"out of GPU memory on {self.device} even at batch size 1; free the GPU "
                                       "or use --precision fp16 or --device cpu")
@@ -264,24 +333,43 @@ class Engine:
                 self._release_cached_memory()
                 continue
             self.stats.batch_sizes.append(stop - start)
-            self._record_memory()
-            for frame in frames:
-                yield frame
-            if progress is not None:
-                progress(stop - start)
+            if pending is not None:
+                yield from self._collect(pending, progress)
+            pending = launched
             start = stop
+            if not self.policy.launch_ahead:
+                yield from self._collect(pending, progress)
+                pending = None
+        if pending is not None:
+            yield from self._collect(pending, progress)
+
+    def _collect(self, pending: "PendingFrames", progress) -> Iterator[np.ndarray]:
+        frames = pending.frames()
+        self._record_memory()
+        yield from frames
+        if progress is not None:
+            progress(len(frames))
 
     def _auto_cuda_batch(self, source: SourceState, semantics) -> int:
-        """Measure one frame's peak memory, then plan a batch that fits in the free memory."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
+        """Measure one frame's peak memory, then plan a batch that fits in the free memory.
+
+        The frame is rendered twice, eagerly: the first time cuDNN's algorithm search allocates large
+        trial workspaces that are no part of a frame's needs; the second is measured."""
+        compiled, self._compiled = self._compiled, False
         try:
+            self.render_batch(source, semantics.windows(0, 1))
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
             self.render_batch(source, semantics.windows(0, 1))
         except torch.cuda.OutOfMemoryError as exc:  # nothing to retry: no smaller batch exists
             raise RenderError(f"out of GPU memory on {self.device} rendering one frame; free the GPU or use "
                               "--precision fp16 or --device cpu") from exc
+        finally:
+            self._compiled = compiled
         per_frame = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         batch = int(free * CUDA_MEMORY_HEADROOM // per_frame)
         return max(1, min(CUDA_MAX_AUTO_BATCH, batch, semantics.frame_count))

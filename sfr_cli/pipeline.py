@@ -22,9 +22,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import coeffs, media, outputs
+from . import coeffs, media, outputs, pasteback
 from .config import resolve_config
 from .errors import ConfigError, MediaError, RenderError
+from .modes import get_mode
 from .progress import Reporter
 
 QUEUE_FRAMES = 8  # frames between the renderer and the writer thread
@@ -60,6 +61,8 @@ class RenderJob:
     precision: str = "fp32"
     compile: bool = False  # CUDA only; ignored with a note on the CPU
     overwrite: bool = False  # replace an existing MP4 / earlier frames in frames_dir
+    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
+    crop_box: Optional[Tuple[int, int, int, int]] = None  # x1,y1,x2,y2 in it; None with paste_into: found
 
 
 @dataclass
@@ -108,7 +111,7 @@ def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outpu
     """The files `job` reads that the user named, with their options (the config's YAML too)."""
     named = [(job.coeffs, "--coeffs"), (job.source, "--source"), (job.source_coeffs, "--source-coeffs"),
              (job.audio, "--audio"), (job.checkpoint, "--checkpoint"), (job.mapping, "--mapping"),
-             (config_file, "--config")]
+             (config_file, "--config"), (job.paste_into, "--paste-into")]
     return [outputs.JobInput(Path(path), role) for path, role in named
             if path is not None and not isinstance(path, np.ndarray)]  # the API's arrays are no files
 
@@ -159,6 +162,7 @@ class PreparedJob:
     ffmpeg: Optional[str]
     compile_decoder: bool
     notes: List[str]
+    transform: object = None  # pasteback's plan (full-mode paste-back into a picture), or None
 
     @property
     def frame_count(self) -> int:
@@ -256,6 +260,14 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False) -> Prepar
     frame_count = semantics.frame_count
     yaw, pitch, roll = (_pose(d, frame_count) for d in (job.yaw, job.pitch, job.roll))
     image = read_source(job.source, job.size_px)
+    mode = get_mode(job.preprocess)
+    transform = pasteback.plan(Path(job.source), job.size_px, job.paste_into, job.crop_box, mode.pastes_back,
+                               mode.extended_crop, mode.name, noted) if not isinstance(job.source, np.ndarray) else None
+    frame_width, frame_height = transform.output_size if transform is not None else (job.size_px, job.size_px)
+    if output is not None and (frame_width % 2 or frame_height % 2):
+        noted(f"{frame_width}x{frame_height} frames: the MP4 repeats the last "
+              f"{'column' if frame_width % 2 else 'row'}{' and row' if frame_width % 2 and frame_height % 2 else ''} "
+              "(H.264 yuv420p needs even sizes); PNG frames keep the exact size")
 
     ffmpeg = None
     if output is not None:
@@ -284,7 +296,7 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False) -> Prepar
         noted(f"--compile is ignored on {device.type}: torch.compile speeds up CUDA renders only")
     return PreparedJob(job=job, config=config, files=files, semantics=semantics, image=image, yaw=yaw,
                        pitch=pitch, roll=roll, output=output, frames_dir=frames_dir, ffmpeg=ffmpeg,
-                       compile_decoder=compile_decoder, notes=notes)
+                       compile_decoder=compile_decoder, notes=notes, transform=transform)
 
 
 def render_job(job: RenderJob, reporter: Reporter, models=None) -> RenderReport:
@@ -309,6 +321,8 @@ def render_prepared(prepared: PreparedJob, reporter: Reporter, models=None) -> R
     reporter.loading(f"loading {files.renderer.name} and {files.mapping.name} ({prepared.config.name})")
     engine = models.engine(prepared)
     state = models.source_state(engine, prepared)
+    if prepared.transform is not None:
+        prepared.transform.bind(engine.device)  # the blend runs on the render device, in its own stage thread
     reporter.finish()
     message = f"{frame_count} frames on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}"
     notes.append(message)
@@ -317,7 +331,7 @@ def render_prepared(prepared: PreparedJob, reporter: Reporter, models=None) -> R
     # 3. Frames: engine -> bounded queue -> writer thread -> MP4 and/or PNG frames.
     started = time.perf_counter()
     written = _stream(engine, state, prepared.semantics, prepared.yaw, prepared.pitch, prepared.roll, reporter,
-                      prepared.output, prepared.frames_dir, prepared.ffmpeg, prepared.job)
+                      prepared.output, prepared.frames_dir, prepared.ffmpeg, prepared.job, prepared.transform)
     seconds = time.perf_counter() - started
     reporter.finish()
 
@@ -339,23 +353,34 @@ def render_prepared(prepared: PreparedJob, reporter: Reporter, models=None) -> R
 
 
 def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, output: Optional[Path],
-            frames_dir: Optional[Path], ffmpeg: Optional[str], job: RenderJob) -> int:
-    """Render every frame into the sinks; commit them only when all frames are in. Returns the frame count."""
+            frames_dir: Optional[Path], ffmpeg: Optional[str], job: RenderJob,
+            transform: Optional["pasteback.FrameTransform"] = None) -> int:
+    """Render every frame into the sinks; commit them only when all frames are in. Returns the frame count.
+
+    With `transform` (paste-back), a stage thread transforms frames between the engine and the writer
+    thread: rendering, blending and encoding overlap, each queue bounded."""
     frame_count = semantics.frame_count
+    width_px, height_px = transform.output_size if transform is not None else (job.size_px, job.size_px)
     sinks: list = []
-    mp4 = png = writer = None
+    mp4 = png = writer = stage = None
     try:
         if output is not None:
-            mp4 = media.Mp4Writer(output, width_px=job.size_px, height_px=job.size_px, fps=job.fps,
-                                  audio=job.audio, frame_count=frame_count, ffmpeg=ffmpeg)
+            mp4 = media.Mp4Writer(output, width_px=width_px, height_px=height_px, fps=job.fps,
+                                  audio=job.audio, frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True)
             sinks.append(mp4)
         if frames_dir is not None:
             png = media.PngFrameWriter(frames_dir, replace_existing=job.overwrite)
             sinks.append(png)
         writer = FrameWriterThread(sinks)
+        feed = writer
+        if transform is not None:
+            stage = FrameWriterThread([_TransformSink(transform, writer)], name="sfr-paste-back")
+            feed = stage
         reporter.start(frame_count)
         for frame in engine.render(state, semantics, yaw=yaw, pitch=pitch, roll=roll, progress=reporter.advance):
-            writer.put(frame)
+            feed.put(frame)
+        if stage is not None:
+            stage.finish()
         written = writer.finish()
         if written != frame_count:
             raise RenderError(f"the engine yielded {written} frames for {frame_count} coefficient frames")
@@ -366,11 +391,25 @@ def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, outp
         return written
     except BaseException:
         # Ctrl-C, SIGTERM, an engine or ffmpeg failure: stop the writer, leave nothing behind, propagate.
-        if writer is not None:
+        if writer is not None:  # first: a stage blocked handing it a frame then fails and ends
             writer.stop(unblock=mp4.abort if mp4 is not None else None)
+        if stage is not None:
+            stage.stop()
         for sink in sinks:
             sink.abort()
         raise
+
+
+class _TransformSink:
+    """A stage thread's sink: transform each frame and hand it on to the next thread."""
+
+    def __init__(self, transform, downstream: "FrameWriterThread"):
+        self._transform = transform
+        self._downstream = downstream
+
+    def write(self, frame) -> None:
+        for out in self._transform([frame]):
+            self._downstream.put(out)
 
 
 class FrameWriterThread:
@@ -382,13 +421,13 @@ class FrameWriterThread:
 
     _DONE = object()
 
-    def __init__(self, sinks):
+    def __init__(self, sinks, name: str = "sfr-frame-writer"):
         self._sinks = sinks
         self._queue: "queue.Queue" = queue.Queue(maxsize=QUEUE_FRAMES)
         self._stopping = threading.Event()
         self.error: Optional[BaseException] = None
         self.frames_written = 0
-        self._thread = threading.Thread(target=self._run, name="sfr-frame-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

@@ -27,6 +27,7 @@ def manifest_layout(part):
 
 
 @needs_reference
+@pytest.mark.slow  # builds the full-size model
 @pytest.mark.parametrize("config_name, parts", [
     ("facerender.yaml", {"generator": "generator", "kp_detector": "kp_detector", "he_estimator": "he_estimator",
                          "mapping": "mapping_70"}),
@@ -47,6 +48,7 @@ def full_random(tmp_path_factory):
 
 
 @needs_reference
+@pytest.mark.slow  # writes and loads full-size random weights (0.8 GB)
 def test_random_checkpoints_for_default_configs_match_the_manifest(full_random):
     parts = read_state_dicts(full_random / renderer_safetensors_name(256))
     for part in ("generator", "kp_detector", "he_estimator"):

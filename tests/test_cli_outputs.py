@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
+from sfr_cli.config import CONFIG_DIR
 from sfr_cli.media import count_video_frames
 
 from test_cli import DEMO_COEFFS, SOURCE, assert_user_error, no_model_load  # noqa: F401 (a fixture)
@@ -131,7 +132,7 @@ def test_checkpoints_random_keeps_existing_files_unless_overwrite(runner, tmp_pa
                                  "--overwrite"])
     assert result.exit_code == 0 and snapshot(folder).keys() == first.keys() and snapshot(folder) != first
     config = folder / "mapping_00229-model.pth.tar"
-    shutil.copy(REPO / "configs" / "tiny.yaml", tmp_path / "tiny.yaml")
+    shutil.copy(CONFIG_DIR / "tiny.yaml", tmp_path / "tiny.yaml")
     os.replace(tmp_path / "tiny.yaml", config)  # a config that sits where an output goes
     result = runner.invoke(sfr, ["checkpoints", "random", str(folder), "--config", str(config), "--overwrite"])
     assert result.exit_code == 1 and "the --config input" in result.stderr
@@ -172,6 +173,7 @@ def test_compile_on_the_cpu_is_ignored_with_one_note(runner, job, tiny_checkpoin
     assert notes == ["--compile is ignored on cpu: torch.compile speeds up CUDA renders only"]
 
 
+@pytest.mark.slow  # two 40-frame renders in subprocesses
 def test_kill_9_mid_render_then_the_same_command_leaves_only_complete_files(tmp_path, tiny_checkpoints):
     clip = tmp_path / "clip.npy"
     np.save(clip, np.tile(np.load(DEMO_COEFFS), (1, 1))[:40])

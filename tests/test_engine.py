@@ -126,7 +126,7 @@ class StageCounter:
 def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tiny_nets, job):
     """The CPU half of BatchPolicy (the CUDA half: test_cuda_batch_policy_runs_the_whole_batch_at_once)."""
     image, semantics = job
-    assert BatchPolicy.for_device(torch.device("cpu")) == BatchPolicy(motion_frames=1, auto_batch=1)
+    assert BatchPolicy.for_device(torch.device("cpu")) == BatchPolicy(motion_frames=1, auto_batch=1, launch_ahead=False)
     counter = StageCounter()
     engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=4), stage_hook=counter)
     source = engine.prepare_source(image, semantics.source_window())
@@ -134,18 +134,21 @@ def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tin
     assert counter.calls == {"source": 1, "mapping_keypoints": FRAMES, "dense_motion": FRAMES, "decoder": 2,
                              "transfer": 2}
     assert Engine(tiny_nets, EngineOptions(device="cpu")).batch_size == 1  # auto on a CPU
+    frames = engine.render(source, semantics)
+    next(frames)  # a CPU hands out a batch's frames before it renders the next batch
+    assert counter.calls["decoder"] == 3
 
 
 def simulate_oom_above(monkeypatch, limit, calls):
-    real = Engine.render_batch
+    real = Engine.launch_batch
 
-    def render_batch(self, source, windows, *poses):
+    def launch_batch(self, source, windows, *poses):
         calls.append(len(windows))
         if len(windows) > limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(self, source, windows, *poses)
 
-    monkeypatch.setattr(Engine, "render_batch", render_batch)
+    monkeypatch.setattr(Engine, "launch_batch", launch_batch)
 
 
 def test_out_of_memory_halves_the_batch_and_loses_no_frame(tiny_nets, job, monkeypatch):
@@ -187,7 +190,7 @@ def test_other_errors_are_never_retried(tiny_nets, job, monkeypatch):
         calls.append(len(windows))
         raise RuntimeError("a real bug")
 
-    monkeypatch.setattr(Engine, "render_batch", broken)
+    monkeypatch.setattr(Engine, "launch_batch", broken)
     with pytest.raises(RuntimeError, match="a real bug"):
         list(engine.render(source, semantics))
     assert calls == [4]
@@ -213,6 +216,19 @@ def test_cuda_without_gpu_is_a_clear_error(tiny_nets):
         pytest.skip("this machine has a GPU")
     with pytest.raises(RenderError, match="no CUDA GPU"):
         Engine(tiny_nets, EngineOptions(device="cuda"))
+
+
+def test_bf16_on_a_card_without_native_bf16_is_refused_clearly(monkeypatch):
+    """A T4 (compute capability 7.5) would run bf16 emulated; torch.cuda.is_bf16_supported() says yes there."""
+    from sfr_cli.engine import check_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(RenderError, match="Tesla T4 has no bf16 support; use fp16 or fp32"):
+        check_precision("bf16", torch.device("cuda"))
+    assert check_precision("fp16", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert check_precision("bf16", torch.device("cuda")) == torch.bfloat16
 
 
 def test_bf16_keeps_keypoints_in_fp32_and_stays_close(tiny_nets, job):
@@ -253,8 +269,8 @@ def test_windows_mismatching_the_mapping_net_are_refused(tiny_nets, job):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
-    """On a GPU: fp32 frames agree with the CPU's; reduced precision stays within 40 dB of them."""
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+    """On a GPU: fp32 frames agree with the CPU's; reduced precision stays close to them."""
+    if precision == "bf16" and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("this GPU has no bf16")
     image, semantics = job
     _, reference = render_all(tiny_nets, image, semantics, batch_size=1)
@@ -265,7 +281,8 @@ def test_cuda_frames_match_the_cpu(tiny_nets, job, precision):
     assert engine.stats.batch_sizes == [FRAMES] and source.kp_source.dtype == torch.float32
     mse = np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2)
     psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
-    assert psnr >= (50 if precision == "fp32" else 40), f"{precision}: {psnr:.1f} dB against the CPU's fp32"
+    # bf16's 8-bit mantissa is looser than fp16's 11 bits (README: the measured figures)
+    assert psnr >= {"fp32": 50, "fp16": 40, "bf16": 35}[precision], f"{precision}: {psnr:.1f} dB against the CPU's fp32"
 
 
 @pytest.mark.gpu
@@ -273,7 +290,7 @@ def test_cuda_batch_policy_runs_the_whole_batch_at_once(tiny_nets, job):
     """The CUDA half of BatchPolicy: mapping, motion and decoder once per batch; frames agree across
     batch sizes within a level (cuDNN may pick other algorithms for other batch sizes)."""
     image, semantics = job
-    assert BatchPolicy.for_device(torch.device("cuda")) == BatchPolicy(motion_frames=None, auto_batch=None)
+    assert BatchPolicy.for_device(torch.device("cuda")) == BatchPolicy(motion_frames=None, auto_batch=None, launch_ahead=True)
     counter = StageCounter()
     engine = Engine(tiny_nets, EngineOptions(device="cuda", batch_size=4), stage_hook=counter)
     source = engine.prepare_source(image, semantics.source_window())

@@ -154,7 +154,8 @@ def test_crop_family_modes_render_like_crop(job, tiny_checkpoints, tmp_path, cro
     np.testing.assert_array_equal(frames, crop_frames)
 
 
-@pytest.mark.parametrize("preprocess", ["full", "extfull"])
+# extfull is full's twin in the modes table; make test-fast renders full only
+@pytest.mark.parametrize("preprocess", ["full", pytest.param("extfull", marks=pytest.mark.slow)])
 def test_full_modes_use_the_73_coefficient_mapping(job, tiny_checkpoints, tmp_path, crop_frames, plain_nets,
                                                    source_image, preprocess):
     frames = render(job, tiny_checkpoints, tmp_path / "f", "--preprocess", preprocess, source_coeffs="source73.npy")
@@ -176,16 +177,18 @@ def test_still_full_mode_keeps_the_source_pose_and_crop(job, tiny_checkpoints, t
 CONTROLS = [
     (["--still"], dict(still=True)),
     (["--expression-scale", "0"], dict(expression_scale=0.0)),
-    (["--expression-scale", "1.5"], dict(expression_scale=1.5)),
+    pytest.param(["--expression-scale", "1.5"], dict(expression_scale=1.5), marks=pytest.mark.slow),
     (["--yaw", "0,30"], dict(yaw=[0.0, 7.5, 15.0, 22.5, 22.5])),
     (["--pitch", "-15"], dict(pitch=[-15.0] * FRAMES)),
     (["--roll", "10,-10,5"], dict(roll=[10.0, 1.25, -7.5, -10.0, -1.25])),
-    (["--yaw", "20", "--pitch", "-10,10", "--roll", "5", "--still"],
-     dict(yaw=[20.0] * FRAMES, pitch=[-10.0, -5.0, 0.0, 5.0, 5.0], roll=[5.0] * FRAMES, still=True)),
+    pytest.param(["--yaw", "20", "--pitch", "-10,10", "--roll", "5", "--still"],
+                 dict(yaw=[20.0] * FRAMES, pitch=[-10.0, -5.0, 0.0, 5.0, 5.0], roll=[5.0] * FRAMES, still=True),
+                 marks=pytest.mark.slow),  # make test-fast keeps one case of each control
 ]
 
 
-@pytest.mark.parametrize("options, semantics", CONTROLS, ids=[" ".join(o) for o, _ in CONTROLS])
+@pytest.mark.parametrize("options, semantics", CONTROLS,
+                         ids=[" ".join(c.values[0] if hasattr(c, "values") else c[0]) for c in CONTROLS])
 def test_each_control_gives_sadtalkers_frames(job, tiny_checkpoints, tmp_path, crop_frames, plain_nets,
                                               source_image, options, semantics):
     frames = render(job, tiny_checkpoints, tmp_path / "f", *options)
@@ -198,6 +201,7 @@ def test_expression_scale_one_is_the_default(job, tiny_checkpoints, tmp_path, cr
     np.testing.assert_array_equal(frames, crop_frames)
 
 
+@pytest.mark.slow  # 512-pixel frames: four times the work of every other render here
 def test_512_frames_from_the_512_safetensors_file(job, tmp_path):
     folder = tmp_path / "ck512"
     write_random_checkpoints(folder, load_config(CONFIG_DIR / "tiny.yaml"), load_config(CONFIG_DIR / "tiny_still.yaml"),

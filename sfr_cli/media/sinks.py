@@ -204,7 +204,9 @@ class Mp4Writer(_Sink):
     `frame_count` a longer audio is not cut). Everything is written to `.NAME.sfr-tmp-PID-START.mp4` beside
     `path`; `close()` renames it to `path` only when ffmpeg succeeded and the file holds exactly
     the frames written. On any failure, `abort()`, or an exception inside the `with` block, ffmpeg
-    is killed and the temporary file removed; nothing appears at `path`. Failures in `write()`
+    is killed and the temporary file removed; nothing appears at `path`. With `pad_odd`, an odd
+    width or height is encoded one pixel larger, the last column/row repeated (`encoded_size`).
+    Failures in `write()`
     and `close()` raise MediaError with ffmpeg's stderr tail; an exception from the block is
     re-raised unchanged (so Ctrl-C stays a KeyboardInterrupt).
     """
@@ -220,6 +222,7 @@ class Mp4Writer(_Sink):
         frame_count: Optional[int] = None,
         ffmpeg: Optional[str] = None,
         crf: int = DEFAULT_CRF,
+        pad_odd: bool = False,
     ):
         self.path = Path(path)
         self.width_px = int(width_px)
@@ -230,7 +233,8 @@ class Mp4Writer(_Sink):
         self.frames_written = 0
         if self.width_px <= 0 or self.height_px <= 0:
             raise MediaError(f"{self.path}: video size must be positive, got {self.width_px}x{self.height_px}")
-        if self.width_px % 2 or self.height_px % 2:
+        self._pad_px = (self.height_px % 2, self.width_px % 2) if pad_odd else (0, 0)
+        if (self.width_px + self._pad_px[1]) % 2 or (self.height_px + self._pad_px[0]) % 2:
             raise MediaError(
                 f"{self.path}: H.264 yuv420p needs an even width and height, got {self.width_px}x{self.height_px}"
             )
@@ -252,11 +256,16 @@ class Mp4Writer(_Sink):
         self._proc = self._start(crf)
         self._stderr = StderrDrain(self._proc.stderr)
 
+    @property
+    def encoded_size(self) -> tuple:
+        """(width, height) of the encoded video: the frames' size, made even when `pad_odd`."""
+        return self.width_px + self._pad_px[1], self.height_px + self._pad_px[0]
+
     def _command(self, crf: int) -> List[str]:
         rate = Fraction(self.fps).limit_denominator(1001)
         command = [
             self._ffmpeg, "-hide_banner", "-loglevel", "warning", "-y",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width_px}x{self.height_px}",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "{}x{}".format(*self.encoded_size),
             "-r", f"{rate.numerator}/{rate.denominator}", "-i", "-",
         ]  # fmt: skip
         if self.audio is not None:
@@ -283,6 +292,8 @@ class Mp4Writer(_Sink):
         if self._closed:
             raise ValueError("write() on a closed Mp4Writer")
         pixels = _check_frame(frame, self._shape)
+        if any(self._pad_px):
+            pixels = np.pad(pixels, ((0, self._pad_px[0]), (0, self._pad_px[1]), (0, 0)), mode="edge")
         try:
             self._proc.stdin.write(memoryview(pixels).cast("B"))
         except (BrokenPipeError, ValueError, OSError) as exc:

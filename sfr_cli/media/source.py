@@ -7,9 +7,10 @@ mode (imageio's Pillow plugin converts before the mode can be seen), and Pillow'
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -56,28 +57,51 @@ def source_from_array(image: np.ndarray, size_px: int) -> np.ndarray:
     return np.ascontiguousarray(resized.transpose(2, 0, 1))
 
 
-def _read_rgb_float32(path: Path) -> np.ndarray:
-    """Read any Pillow image as `(H, W, 3) float32 in [0, 1]`, exactly like `img_as_float32`."""
+def read_picture_uint8(path: PathLike, what: str) -> np.ndarray:
+    """Read a picture for paste-back (the original picture, or SadTalker's crop PNG) as `(H, W, 3) uint8
+    RGB`, the 8-bit values `cv2.imread` gives SadTalker (16-bit images are reduced by Pillow). `what`
+    names the option in messages ("--paste-into")."""
+    path = Path(path)
+    with _opened_image(path, f"{what} picture not found", f"{what} takes a picture file", f"{what}: ",
+                       "picture") as image:
+        if image.mode in SIXTEEN_BIT_MODES:
+            image = image.point(lambda v: v / 257).convert("L")
+        rgb = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
+    if rgb.shape[0] < 3 or rgb.shape[1] < 3:
+        raise MediaError(f"{path}: {what}: a {rgb.shape[1]}x{rgb.shape[0]} picture is too small")
+    return rgb
+
+
+@contextlib.contextmanager
+def _opened_image(path: Path, not_found: str, folder_hint: str, where: str, noun: str) -> Iterator[Image.Image]:
+    """Yield the loaded Pillow image at `path`; a missing file, a folder, or anything Pillow cannot read
+    (in the block too) becomes a MediaError: `{path}: {where}not an image Pillow can read ...`."""
     if not path.exists():
-        raise MediaError(f"{path}: source image not found")
+        raise MediaError(f"{path}: {not_found}")
     if path.is_dir():
-        raise MediaError(f"{path}: is a folder; give a source image file (PNG, JPEG, ...)")
+        raise MediaError(f"{path}: is a folder; {folder_hint} (PNG, JPEG, ...)")
     try:
         with Image.open(path) as image:
             image.load()
-            if image.width == 0 or image.height == 0:
-                raise MediaError(f"{path}: source image has zero size ({image.width}x{image.height})")
-            if image.mode in SIXTEEN_BIT_MODES:
-                gray = np.asarray(image).astype(np.uint16)
-                scaled = np.multiply(gray, 1.0 / SIXTEEN_BIT_MAX, dtype=np.float32)
-                return np.repeat(scaled[:, :, None], 3, axis=2)
-            rgb = np.asarray(image.convert("RGB"))
+            yield image
     except UnidentifiedImageError as exc:
-        raise MediaError(f"{path}: not an image Pillow can read (PNG, JPEG, ...)") from exc
+        raise MediaError(f"{path}: {where}not an image Pillow can read (PNG, JPEG, ...)") from exc
     except Image.DecompressionBombError as exc:
-        raise MediaError(f"{path}: image is too large to read safely ({exc})") from exc
+        raise MediaError(f"{path}: {where}image is too large to read safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise MediaError(f"{path}: cannot read the source image, it may be truncated or corrupt ({exc})") from exc
+        raise MediaError(f"{path}: {where}cannot read the {noun}, it may be truncated or corrupt ({exc})") from exc
+
+
+def _read_rgb_float32(path: Path) -> np.ndarray:
+    """Read any Pillow image as `(H, W, 3) float32 in [0, 1]`, exactly like `img_as_float32`."""
+    with _opened_image(path, "source image not found", "give a source image file", "", "source image") as image:
+        if image.width == 0 or image.height == 0:
+            raise MediaError(f"{path}: source image has zero size ({image.width}x{image.height})")
+        if image.mode in SIXTEEN_BIT_MODES:
+            gray = np.asarray(image).astype(np.uint16)
+            scaled = np.multiply(gray, 1.0 / SIXTEEN_BIT_MAX, dtype=np.float32)
+            return np.repeat(scaled[:, :, None], 3, axis=2)
+        rgb = np.asarray(image.convert("RGB"))
     # Same arithmetic as skimage's img_as_float32 on uint8: one float32 multiply by 1/255.
     return np.multiply(rgb, 1.0 / 255, dtype=np.float32)
 

@@ -120,7 +120,6 @@ class UpsampledConv3x3(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         f = self.factor
-        out = x.new_empty(b, self.bias.shape[0], h, f, w, f)
         padded = F.pad(x, (1, 1, 1, 1))
         results = {}
         for i, (rows, cols) in enumerate(self.keys):
@@ -128,15 +127,34 @@ class UpsampledConv3x3(nn.Module):
             top, left = rows[0] + 1, cols[0] + 1
             window = padded[:, :, top: top + h + len(rows) - 1, left: left + w + len(cols) - 1]
             results[(rows, cols)] = F.conv2d(window, kernel.to(x.dtype), self.bias.to(x.dtype))
+        channels = self.bias.shape[0]
+        if _is_channels_last(x):  # interleave the phases in NHWC: whole channel vectors move, no transposes
+            out = x.new_empty(b, h, f, w, f, channels)
+            for a in range(f):
+                for bb in range(f):
+                    out[:, :, a, :, bb, :] = results[(self.row_patterns[a], self.row_patterns[bb])].permute(0, 2, 3, 1)
+            return out.view(b, h * f, w * f, channels).permute(0, 3, 1, 2)
+        out = x.new_empty(b, channels, h, f, w, f)
         for a in range(f):
             for bb in range(f):
                 out[:, :, :, a, :, bb] = results[(self.row_patterns[a], self.row_patterns[bb])]
         return out.view(b, -1, h * f, w * f)
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _instance_norm_fp32(x):
-    """Instance statistics in fp32 whatever the compute precision (bf16 means lose detail)."""
-    return F.instance_norm(x.float(), eps=INSTANCE_NORM_EPS).to(x.dtype)
+    """Instance statistics in fp32 whatever the compute precision (bf16 means lose detail).
+
+    ``F.instance_norm`` reshapes to batch norm and so copies an NHWC (channels-last) tensor to NCHW and
+    back; for NHWC the same arithmetic is written out, which keeps the layout."""
+    if not _is_channels_last(x):
+        return F.instance_norm(x.float(), eps=INSTANCE_NORM_EPS).to(x.dtype)
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=(2, 3), keepdim=True, correction=0)
+    return ((xf - mean) * torch.rsqrt(var + INSTANCE_NORM_EPS)).to(x.dtype)
 
 
 class FusedSPADEResnetBlock(nn.Module):
