@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 from .batch import FAILED, RowResult, Task, run_task
 from .pipeline import output_paths
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.01  # between looks at the workers' outboxes when none spoke
 JOIN_SECONDS = 10.0
 RETRIES = 1  # a dead worker's clip is tried once more
 START_FAILURES = 3  # workers dying without a task before the batch gives up on worker processes
@@ -77,9 +77,10 @@ class WorkerPoolBackend:
         if not tasks:
             return
         context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
-        results = context.Queue()
         pending = collections.deque(tasks)  # longest first
-        workers: Dict[int, tuple] = {}  # pid -> (process, inbox)
+        # Each worker has its own inbox and outbox: a worker killed while writing to a queue shared with
+        # the others would leave that queue's lock held, and every other worker stuck behind it.
+        workers: Dict[int, tuple] = {}  # pid -> (process, inbox, outbox)
         assigned: Dict[int, Task] = {}  # pid -> its task
         remaining = len(tasks)
         started = 0
@@ -90,41 +91,42 @@ class WorkerPoolBackend:
             if self.devices:
                 settings["device"] = self.devices[started % len(self.devices)]
             started += 1
-            inbox = context.Queue()
-            process = context.Process(target=_worker_main, args=(settings, self.threads, inbox, results),
+            inbox, outbox = context.Queue(), context.Queue()
+            process = context.Process(target=_worker_main, args=(settings, self.threads, inbox, outbox),
                                       name=f"sfr-worker-{started}", daemon=True)
             process.start()
-            workers[process.pid] = (process, inbox)
+            workers[process.pid] = (process, inbox, outbox)
 
         for _ in range(min(self.workers, len(tasks))):
             start_worker()
         try:
             while remaining:
-                try:
-                    kind, pid, result = results.get(timeout=POLL_SECONDS)
-                except queue.Empty:
+                heard = False
+                for pid, (_, inbox, outbox) in list(workers.items()):
+                    try:
+                        kind, _, result = outbox.get_nowait()
+                    except (queue.Empty, EOFError, OSError):
+                        continue
+                    heard = True
+                    if kind == "done":
+                        task = assigned.pop(pid)
+                        remaining -= 1
+                        on_done(task, result)
+                    elif pending:
+                        task = pending.popleft()
+                        assigned[pid] = task
+                        inbox.put(task)
+                        on_start(task)
+                    else:
+                        inbox.put(None)
+                if not heard:
                     remaining -= self._reap(workers, assigned, pending, on_done, start_worker)
-                    continue
-                if pid not in workers:
-                    continue  # a message from a worker already reaped
-                if kind == "done":
-                    task = assigned.pop(pid)
-                    remaining -= 1
-                    on_done(task, result)
-                    continue
-                inbox = workers[pid][1]
-                if pending:
-                    task = pending.popleft()
-                    assigned[pid] = task
-                    inbox.put(task)
-                    on_start(task)
-                else:
-                    inbox.put(None)
+                    time.sleep(POLL_SECONDS)
         finally:
-            for process, inbox in workers.values():
+            for process, inbox, _ in workers.values():
                 inbox.put(None)
             deadline = time.monotonic() + JOIN_SECONDS
-            for process, _ in workers.values():
+            for process, _, _ in workers.values():
                 process.join(timeout=max(0.1, deadline - time.monotonic()))
                 if process.is_alive():
                     process.kill()
@@ -133,7 +135,7 @@ class WorkerPoolBackend:
     def _reap(self, workers, assigned, pending, on_done, start_worker) -> int:
         """Handle dead workers: put a dead worker's clip back once, else fail it. Returns rows settled."""
         settled = 0
-        for pid, (process, _) in list(workers.items()):
+        for pid, (process, _, _) in list(workers.items()):
             if process.is_alive():
                 continue
             del workers[pid]
