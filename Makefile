@@ -1,10 +1,6 @@
-<<<<<<< HEAD
-# sfr: `make demo` renders a short clip with random weights; `make test` runs the test suite.
-# `make install` includes the `ray` extra, so the tests run `sfr batch --ray local` for real.
-=======
 # sfr: `make demo` renders a short clip with random weights; `make test` runs the whole test suite (what CI
 # runs), `make test-fast` the edit loop's share of it (tiny config only: no test marked `slow`).
->>>>>>> main
+# `make install` includes the `ray` extra, so the tests run `sfr batch --ray local` for real.
 # Every pip call is constrained by constraints.txt so pip never swaps in a newer (CUDA) torch.
 
 PYTHON ?= python3
