@@ -19,7 +19,7 @@ import click
 from . import __version__
 from .errors import CheckpointError, SfrError
 from .modes import DEFAULT_MODE, MODE_NAMES
-from .options import ROW_TYPES, BatchSize, Degrees
+from .options import ROW_TYPES, BatchSize, CropBox, Degrees, Shard
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -56,22 +56,6 @@ def _set_debug(ctx: click.Context, _param, value: bool) -> bool:
 
 debug_option = click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
                             help="Show the full traceback for errors.")
-
-
-class CropBox(click.ParamType):
-    """`x1,y1,x2,y2`: SadTalker's face box in the original picture (ox1,oy1,ox2,oy2), exclusive ends."""
-
-    name = "X1,Y1,X2,Y2"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        from .pasteback import parse_box
-
-        try:
-            return parse_box(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 def _reporter(quiet: bool):
@@ -163,22 +147,6 @@ def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], outpu
         click.echo(report.to_json())
     else:
         click.echo(str(report.output if report.output is not None else report.frames_dir))
-
-
-class Shard(click.ParamType):
-    """`K/N`: the K-th of N shards."""
-
-    name = "K/N"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        from .batch import parse_shard
-
-        try:
-            return parse_shard(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 @sfr.command(context_settings={"max_content_width": 100})

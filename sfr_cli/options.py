@@ -53,20 +53,41 @@ class CheckedFloat(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class Degrees(click.ParamType):
-    """A comma-separated list of degrees like `0,20,-10`, each finite and within one turn."""
+class ParsedText(click.ParamType):
+    """Text that a library parser turns into a tuple (`parser` is "module:function", imported when a value
+    arrives so that `sfr --help` stays light); the parser's ValueError becomes a usage error naming the
+    option. A tuple (a value parsed before) passes through unchanged."""
 
-    name = "DEG[,DEG...]"
+    def __init__(self, name: str, parser: str):
+        self.name = name
+        self.parser = parser
 
     def convert(self, value, param, ctx):
+        import importlib
+
         if isinstance(value, tuple):
             return value
-        from .coeffs import parse_degrees
-
+        module, _, function = self.parser.partition(":")
+        parse = getattr(importlib.import_module(module, __package__), function)
         try:
-            return tuple(parse_degrees(str(value)))
+            return tuple(parse(str(value)))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+def Degrees() -> ParsedText:  # noqa: N802 (used like the other Click types)
+    """A comma-separated list of degrees like `0,20,-10`, each finite and within one turn."""
+    return ParsedText("DEG[,DEG...]", ".coeffs:parse_degrees")
+
+
+def CropBox() -> ParsedText:  # noqa: N802
+    """`x1,y1,x2,y2`: SadTalker's face box in the original picture (ox1,oy1,ox2,oy2), exclusive ends."""
+    return ParsedText("X1,Y1,X2,Y2", ".pasteback:parse_box")
+
+
+def Shard() -> ParsedText:  # noqa: N802
+    """`K/N`: the K-th of N shards."""
+    return ParsedText("K/N", ".batch:parse_shard")
 
 
 
