@@ -203,6 +203,7 @@ def test_glob_form_writes_mp4s_to_the_output_dir(clips, tiny_checkpoints, tmp_pa
     assert len(list(batching.iter_lines(tmp_path / batching.GLOB_REPORT_NAME))) == CLIPS
 
 
+@pytest.mark.slow  # a long end-to-end run (processes started and killed): `make test`, not test-fast
 def test_two_workers_render_the_same_frames(clips, tiny_checkpoints, reference_frames, tmp_path):
     out = tmp_path / "w"
     manifest = write_csv(tmp_path / "m.csv", frame_rows(clips, str(out)))
@@ -213,6 +214,7 @@ def test_two_workers_render_the_same_frames(clips, tiny_checkpoints, reference_f
         np.testing.assert_array_equal(read_frames(out / str(index)), reference_frames[index])
 
 
+@pytest.mark.slow  # a long end-to-end run (processes started and killed): `make test`, not test-fast
 def test_ray_local_renders_the_same_frames(clips, tiny_checkpoints, reference_frames, tmp_path):
     pytest.importorskip("ray", reason="Ray is the 'ray' extra (make install includes it)")
     out = tmp_path / "ray"
@@ -227,6 +229,7 @@ def test_ray_local_renders_the_same_frames(clips, tiny_checkpoints, reference_fr
         np.testing.assert_array_equal(read_frames(out / str(index)), reference_frames[index])
 
 
+@pytest.mark.slow  # a long end-to-end run (processes started and killed): `make test`, not test-fast
 def test_resume_after_kill_9(clips, tiny_checkpoints, tmp_path):
     """A real `sfr batch` process killed with SIGKILL mid-batch; the rerun finishes, renders no finished
     clip again and leaves no temporary or partial file."""
@@ -286,6 +289,7 @@ def test_renderer_frames_and_render_equal_sfr_render(clips, tiny_checkpoints, re
         renderer.render(coeffs=clips / "clip2.npy", source=clips / "nope.png", output=tmp_path / "d.mp4")
 
 
+@pytest.mark.slow  # a long end-to-end run (processes started and killed): `make test`, not test-fast
 def test_a_killed_workers_clip_is_retried_once_on_another_worker(clips, tiny_checkpoints, tmp_path):
     psutil = pytest.importorskip("psutil")
     from sfr_cli.pipeline import RenderJob

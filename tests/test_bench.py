@@ -15,6 +15,7 @@ STAGES = {"mapping_keypoints", "dense_motion", "decoder", "transfer"}
 ROUNDING_PSNR_DB = 10 * math.log10(255.0 ** 2 / (MAX_OFF_BY_ONE_SHARE * MAX_LEVELS ** 2))
 
 
+@pytest.mark.slow  # a long end-to-end run (processes started and killed): `make test`, not test-fast
 def test_bench_reports_both_runs_on_the_same_frames():
     report = run_benchmark(load_config(CONFIG_DIR / "tiny.yaml"), device="cpu", frames=3, batch_size=2)
     json.dumps(report)  # JSON-ready

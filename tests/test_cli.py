@@ -393,6 +393,7 @@ def test_interrupt_mid_render_leaves_nothing(runner, tmp_path, coeffs_npy, out_d
     assert ffmpeg_processes() == []
 
 
+@pytest.mark.slow  # a long end-to-end run (processes started and killed): `make test`, not test-fast
 def test_sigterm_mid_render_leaves_nothing(tmp_path, out_dir, tiny_checkpoints):
     long_clip = tmp_path / "long.npy"
     np.save(long_clip, np.tile(np.load(DEMO_COEFFS), (8, 1)))  # 600 frames: far longer than the test waits
