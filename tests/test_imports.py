@@ -196,14 +196,19 @@ def test_a_module_breaking_its_rule_is_caught(tmp_path):
         assert (internal - allowed.internal) or (external - allowed.external), name
 
 
+def run_fresh_python(code: str) -> None:
+    """Run `code` in a new interpreter (nothing imported yet) and fail with its stderr if it fails."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_renderer_is_importable_from_the_package_without_importing_torch_early():
     code = ("import sys\n"
             "import sfr_cli\n"
             "assert 'torch' not in sys.modules\n"
             "from sfr_cli import Renderer\n"
             "assert Renderer.__module__ == 'sfr_cli.renderer'\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    run_fresh_python(code)
 
 
 def test_cli_and_help_do_not_import_torch():
@@ -217,5 +222,4 @@ def test_cli_and_help_do_not_import_torch():
             "    except SystemExit as exc:\n"
             "        assert exc.code == 0, (args, exc.code)\n"
             "    assert 'torch' not in sys.modules, f'sfr {args} imported torch'\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    run_fresh_python(code)
