@@ -12,7 +12,8 @@ import contextlib
 import resource
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional
+from bisect import bisect_right
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -109,6 +110,69 @@ class SourceState:
     kp_source: torch.Tensor  # (1, K, 3) float32
     feature_3d: torch.Tensor  # (1, C, D, h, w)
     dense: Dict[str, torch.Tensor]
+
+
+POSE_NAMES = ("yaw", "pitch", "roll")
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One clip of a render: its ``coeffs.Semantics`` and, optionally, per-frame head angles in degrees
+    ``(N,) float32`` that replace the predicted ones (``yaw``, ``pitch``, ``roll``)."""
+
+    semantics: object
+    yaw: Optional[np.ndarray] = None
+    pitch: Optional[np.ndarray] = None
+    roll: Optional[np.ndarray] = None
+
+    @property
+    def frame_count(self) -> int:
+        return self.semantics.frame_count
+
+    def angles(self) -> Tuple[Optional[np.ndarray], ...]:
+        return self.yaw, self.pitch, self.roll
+
+    def check(self) -> None:
+        for name, values in zip(POSE_NAMES, self.angles()):
+            if values is not None and len(values) != self.frame_count:
+                raise RenderError(f"{name} sequence has {len(values)} values for {self.frame_count} frames")
+
+
+class _ClipStream:
+    """Clips laid end to end as one stream of frames; ``batch(start, stop)`` cuts any stretch of it."""
+
+    def __init__(self, clips: Sequence[Clip]):
+        self.clips = list(clips)
+        counts = [clip.frame_count for clip in self.clips]
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
+        self.total = self.starts[-1]
+        # per angle: given by some clip? (then frames of the others carry NaN: "keep the predicted angle")
+        self.given = [any(clip.angles()[k] is not None for clip in self.clips) for k in range(len(POSE_NAMES))]
+
+    def clip_at(self, position: int) -> int:
+        """The clip holding stream frame ``position`` (empty clips hold none)."""
+        return bisect_right(self.starts, position) - 1
+
+    def batch(self, start: int, stop: int):
+        """Stream frames ``start .. stop-1`` -> (windows ``(B, C, 27)``, (yaw, pitch, roll) each ``(B,)`` or
+        None, the clip index of each frame)."""
+        windows, owners = [], []
+        angles: List[list] = [[] for _ in POSE_NAMES]
+        position = start
+        while position < stop:
+            index = self.clip_at(position)
+            clip = self.clips[index]
+            first = position - self.starts[index]
+            last = min(stop, self.starts[index + 1]) - self.starts[index]
+            windows.append(clip.semantics.windows(first, last))
+            owners.extend([index] * (last - first))
+            for k, values in enumerate(clip.angles()):
+                if self.given[k]:
+                    angles[k].append(np.full(last - first, np.nan, np.float32) if values is None
+                                     else np.asarray(values[first:last], np.float32))
+            position += last - first
+        joined = windows[0] if len(windows) == 1 else np.concatenate(windows)
+        return joined, [np.concatenate(a) if self.given[k] else None for k, a in enumerate(angles)], owners
 
 
 def resolve_device(name: str) -> torch.device:
@@ -301,27 +365,36 @@ class Engine:
 
     def render(self, source: SourceState, semantics, *, yaw=None, pitch=None, roll=None,
                progress: Optional[Callable[[int], None]] = None) -> Iterator[np.ndarray]:
-        """Yield every frame of ``semantics`` in order, ``(S, S, 3) uint8``, in batches.
+        """Yield every frame of ``semantics`` in order, ``(S, S, 3) uint8``, in batches: the one-clip case
+        of ``render_clips``."""
+        for _, frame in self.render_clips(source, [Clip(semantics, yaw, pitch, roll)], progress=progress):
+            yield frame
+
+    def render_clips(self, source: SourceState, clips: Sequence["Clip"], *,
+                     progress: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[int, np.ndarray]]:
+        """Yield ``(clip index, frame)`` for every frame of every clip, clip after clip, each clip's frames
+        in order, ``(S, S, 3) uint8``. All clips share ``source``; the clips are one stream of frames cut
+        into batches, so a batch may end one clip and begin the next (``stats.batch_sizes`` shows it): short
+        clips fill a GPU's batch, and the GPU is not drained between clips.
 
         On CUDA each batch is launched before the previous one is collected, so the GPU renders the next
-        batch while the caller encodes this one (``BatchPolicy.launch_ahead``). A CUDA out-of-memory error halves the batch and retries
-        the same frames (down to 1, then a RenderError); every other error propagates untouched.
+        batch while the caller encodes this one (``BatchPolicy.launch_ahead``). A CUDA out-of-memory error
+        halves the batch and retries the same frames (down to 1, then a RenderError); every other error
+        propagates untouched. ``progress(n)`` hears of every collected batch.
         """
-        total = semantics.frame_count
-        for name, seq in (("yaw", yaw), ("pitch", pitch), ("roll", roll)):
-            if seq is not None and len(seq) != total:
-                raise RenderError(f"{name} sequence has {len(seq)} values for {total} frames")
-        if not self.batch_size:
-            self.batch_size = self._auto_cuda_batch(source, semantics)
+        for clip in clips:
+            clip.check()
+        stream = _ClipStream(clips)
+        if stream.total and not self.batch_size:
+            self.batch_size = self._auto_cuda_batch(source, clips[stream.clip_at(0)].semantics, stream.total)
         batch = self.batch_size
         start = 0
-        pending: Optional[PendingFrames] = None
-        while start < total:
-            stop = min(start + batch, total)
-            pick = slice(start, stop)
+        pending: Optional[Tuple[PendingFrames, List[int]]] = None
+        while start < stream.total:
+            stop = min(start + batch, stream.total)
+            windows, angles, owners = stream.batch(start, stop)
             try:
-                launched = self.launch_batch(source, semantics.windows(start, stop),
-                                             *(None if s is None else s[pick] for s in (yaw, pitch, roll)))
+                launched = self.launch_batch(source, windows, *angles)
             except torch.cuda.OutOfMemoryError:
                 launched = None
             if launched is None:  # recover outside the handler, so the failed batch's tensors are freed
@@ -334,24 +407,25 @@ class Engine:
                 continue
             self.stats.batch_sizes.append(stop - start)
             if pending is not None:
-                yield from self._collect(pending, progress)
-            pending = launched
+                yield from self._collect(*pending, progress)
+            pending = (launched, owners)
             start = stop
             if not self.policy.launch_ahead:
-                yield from self._collect(pending, progress)
+                yield from self._collect(*pending, progress)
                 pending = None
         if pending is not None:
-            yield from self._collect(pending, progress)
+            yield from self._collect(*pending, progress)
 
-    def _collect(self, pending: "PendingFrames", progress) -> Iterator[np.ndarray]:
+    def _collect(self, pending: "PendingFrames", owners: List[int], progress) -> Iterator[Tuple[int, np.ndarray]]:
         frames = pending.frames()
         self._record_memory()
-        yield from frames
+        yield from zip(owners, frames)
         if progress is not None:
             progress(len(frames))
 
-    def _auto_cuda_batch(self, source: SourceState, semantics) -> int:
-        """Measure one frame's peak memory, then plan a batch that fits in the free memory.
+    def _auto_cuda_batch(self, source: SourceState, semantics, frame_count: int) -> int:
+        """Measure one frame's peak memory (the first of ``semantics``), then plan a batch that fits in the
+        free memory, no larger than the ``frame_count`` frames to render.
 
         The frame is rendered twice, eagerly: the first time cuDNN's algorithm search allocates large
         trial workspaces that are no part of a frame's needs; the second is measured."""
@@ -372,7 +446,7 @@ class Engine:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         batch = int(free * CUDA_MEMORY_HEADROOM // per_frame)
-        return max(1, min(CUDA_MAX_AUTO_BATCH, batch, semantics.frame_count))
+        return max(1, min(CUDA_MAX_AUTO_BATCH, batch, frame_count))
 
     def _release_cached_memory(self) -> None:
         if self.device.type == "cuda":

@@ -48,11 +48,13 @@ def transform_keypoints(kp_canonical: torch.Tensor, pose: Dict[str, torch.Tensor
     """Canonical keypoints ``(B, K, 3)`` posed by the mapping net's output -> ``(B, K, 3)`` float32.
 
     Rotation from the predicted angles (or the given ``yaw``/``pitch``/``roll`` in degrees, ``(B,)``,
-    which replace them), then the vertical part of the translation (SadTalker zeroes x and z), then the
+    which replace them; a NaN keeps that frame's predicted angle, so clips with and without given angles
+    share a batch), then the vertical part of the translation (SadTalker zeroes x and z), then the
     per-keypoint expression offsets.
     """
     kp = kp_canonical.float()
-    angles = [headpose_to_degrees(pose[name]) if given is None else given.float()
+    angles = [headpose_to_degrees(pose[name]) if given is None
+              else torch.where(torch.isnan(given), headpose_to_degrees(pose[name]), given.float())
               for name, given in (("yaw", yaw), ("pitch", pitch), ("roll", roll))]
     rot = rotation_matrix(*angles)
     rotated = torch.einsum("bmp,bkp->bkm", rot, kp)
