@@ -5,12 +5,15 @@ audio, output location, checkpoint files) is checked before any network loads, s
 seconds, not a model load. Then frames stream from the engine through a small bounded queue to a
 writer thread that feeds the MP4 and/or the PNG frames: rendering the next batch overlaps with encoding,
 and memory stays flat whatever the clip length. On any failure or interrupt both sinks are aborted:
-no partial MP4, no temporary files, no ffmpeg left running.
+no partial MP4, no temporary files, no ffmpeg left running. Jobs sharing a model and a source face can
+run as one group (`render_prepared_group`): one stream of batches spanning the clips, each job with its
+own sinks, committed or failed alone.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -18,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -311,93 +314,203 @@ def render_job(job: RenderJob, reporter: Reporter, models=None) -> RenderReport:
 
 
 def render_prepared(prepared: PreparedJob, reporter: Reporter, models=None) -> RenderReport:
-    """Steps 2 and 3 of `render_job` for a job `prepare_job` has checked."""
-    from .engine import peak_rss_mib
+    """Steps 2 and 3 of `render_job` for a job `prepare_job` has checked: a group of one."""
+    (_, outcome), = render_prepared_group([prepared], reporter, models)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
+
+def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, models=None
+                          ) -> Iterator[Tuple[int, Union[RenderReport, Exception]]]:
+    """Render checked jobs that share one engine and one source state (the same model files and
+    settings, the same face and source coefficients: the caller groups them, `renderer.pack_key`) as one
+    stream of batches, each job into its own sinks.
+
+    Yields `(index in group, RenderReport)` as each job's outputs are committed (after its last frame),
+    or `(index, error)` when it fails: its sinks failing fails it alone, nothing left at its outputs,
+    and the others go on; the model, the source work or the engine failing fails every job not yet
+    committed. Ctrl-C and other BaseExceptions abort every open sink and propagate. A job's `seconds`
+    run from the previous job's commit (or the stream's start) to its own, so they add up to the group's
+    time. Close the generator (or run it to the end) to release open sinks early.
+    """
+    from .engine import Clip, peak_rss_mib
+
+    if not group:
+        return
     models = models if models is not None else FreshModels()
-    files, frame_count, notes = prepared.files, prepared.frame_count, prepared.notes
+    first = group[0]
+    files = first.files
 
     # 2. The model (loaded, or found in the caller's cache) and the source work.
-    reporter.loading(f"loading {files.renderer.name} and {files.mapping.name} ({prepared.config.name})")
-    engine = models.engine(prepared)
-    state = models.source_state(engine, prepared)
-    if prepared.transform is not None:
-        prepared.transform.bind(engine.device)  # the blend runs on the render device, in its own stage thread
-    reporter.finish()
-    message = f"{frame_count} frames on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}"
-    notes.append(message)
-    reporter.note(message)
-
-    # 3. Frames: engine -> bounded queue -> writer thread -> MP4 and/or PNG frames.
-    started = time.perf_counter()
-    written = _stream(engine, state, prepared.semantics, prepared.yaw, prepared.pitch, prepared.roll, reporter,
-                      prepared.output, prepared.frames_dir, prepared.ffmpeg, prepared.job, prepared.transform)
-    seconds = time.perf_counter() - started
-    reporter.finish()
-
-    stats = engine.stats
-    batch_sizes = stats.batch_sizes or [engine.batch_size]  # CUDA auto decides in render()
-    return RenderReport(
-        output=prepared.output,
-        frames_dir=prepared.frames_dir,
-        frames=written,
-        seconds=seconds,
-        frames_per_second=written / seconds if seconds > 0 else 0.0,
-        peak_rss_mib=round(stats.peak_rss_mib or peak_rss_mib(), 1),
-        peak_cuda_mib=round(stats.peak_cuda_mib, 1) if engine.device.type == "cuda" else None,
-        device=str(engine.device),
-        precision=engine.precision,
-        batch_size=int(max(batch_sizes)),
-        notes=notes,
-    )
-
-
-def _stream(engine, state, semantics, yaw, pitch, roll, reporter: Reporter, output: Optional[Path],
-            frames_dir: Optional[Path], ffmpeg: Optional[str], job: RenderJob,
-            transform: Optional["pasteback.FrameTransform"] = None) -> int:
-    """Render every frame into the sinks; commit them only when all frames are in. Returns the frame count.
-
-    With `transform` (paste-back), a stage thread transforms frames between the engine and the writer
-    thread: rendering, blending and encoding overlap, each queue bounded."""
-    frame_count = semantics.frame_count
-    width_px, height_px = transform.output_size if transform is not None else (job.size_px, job.size_px)
-    sinks: list = []
-    mp4 = png = writer = stage = None
+    reporter.loading(f"loading {files.renderer.name} and {files.mapping.name} ({first.config.name})")
     try:
-        if output is not None:
-            mp4 = media.Mp4Writer(output, width_px=width_px, height_px=height_px, fps=job.fps,
-                                  audio=job.audio, frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True)
-            sinks.append(mp4)
-        if frames_dir is not None:
-            png = media.PngFrameWriter(frames_dir, replace_existing=job.overwrite)
-            sinks.append(png)
-        writer = FrameWriterThread(sinks)
-        feed = writer
-        if transform is not None:
-            stage = FrameWriterThread([_TransformSink(transform, writer)], name="sfr-paste-back")
-            feed = stage
-        reporter.start(frame_count)
-        for frame in engine.render(state, semantics, yaw=yaw, pitch=pitch, roll=roll, progress=reporter.advance):
-            feed.put(frame)
-        if stage is not None:
-            stage.finish()
-        written = writer.finish()
-        if written != frame_count:
-            raise RenderError(f"the engine yielded {written} frames for {frame_count} coefficient frames")
-        if mp4 is not None:
-            mp4.close()
-        if png is not None:
-            png.close()
-        return written
+        engine = models.engine(first)
+        state = models.source_state(engine, first)
+    except Exception as exc:
+        reporter.finish()
+        for index in range(len(group)):
+            yield index, exc
+        return
+    for prepared in group:
+        if prepared.transform is not None:
+            prepared.transform.bind(engine.device)  # the blend runs on the render device, in its own stage thread
+    reporter.finish()
+    for prepared in group:
+        prepared.notes.append(f"{prepared.frame_count} frames on {engine.device}, {engine.precision}, "
+                              f"batch size {engine.batch_size or 'auto'}")
+    total = sum(prepared.frame_count for prepared in group)
+    reporter.note(group[0].notes[-1] if len(group) == 1 else f"{total} frames of {len(group)} clips sharing one "
+                  f"source on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}")
+
+    # 3. Frames: engine -> bounded queue -> writer thread -> MP4 and/or PNG frames, per job.
+    clock = time.perf_counter()
+    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
+    reporter.start(total)
+    with contextlib.closing(_stream(engine, state, clips, group, reporter.advance)) as outcomes:
+        for index, outcome in outcomes:
+            now = time.perf_counter()
+            seconds, clock = now - clock, now
+            if isinstance(outcome, BaseException):
+                yield index, outcome
+                continue
+            prepared, stats = group[index], engine.stats
+            batch_sizes = stats.batch_sizes or [engine.batch_size]  # CUDA auto decides in render_clips()
+            yield index, RenderReport(
+                output=prepared.output,
+                frames_dir=prepared.frames_dir,
+                frames=outcome,
+                seconds=seconds,
+                frames_per_second=outcome / seconds if seconds > 0 else 0.0,
+                peak_rss_mib=round(stats.peak_rss_mib or peak_rss_mib(), 1),
+                peak_cuda_mib=round(stats.peak_cuda_mib, 1) if engine.device.type == "cuda" else None,
+                device=str(engine.device),
+                precision=engine.precision,
+                batch_size=int(max(batch_sizes)),
+                notes=prepared.notes,
+            )
+    reporter.finish()
+
+
+def _stream(engine, state, clips, group: Sequence[PreparedJob], progress
+            ) -> Iterator[Tuple[int, Union[int, Exception]]]:
+    """Render `clips` (one per job of `group`) as one stream into each job's `ClipSinks`; yield
+    `(index, frames written)` when a job commits, `(index, error)` when it fails (see
+    `render_prepared_group`). A job's sinks open with its first frame and commit with its last, so at
+    most the jobs of two batches have sinks (and ffmpeg processes) open at once."""
+    open_sinks: Dict[int, ClipSinks] = {}
+    counts = [0] * len(group)
+    settled = [False] * len(group)
+    frames = engine.render_clips(state, clips, progress=progress)
+    try:
+        while True:
+            try:
+                index, frame = next(frames)
+            except StopIteration:
+                break
+            except Exception as exc:  # the engine failed: every job not yet committed fails with it
+                for sinks in open_sinks.values():
+                    sinks.abort()
+                open_sinks.clear()
+                for index in range(len(group)):
+                    if not settled[index]:
+                        settled[index] = True
+                        yield index, exc
+                return
+            if settled[index]:
+                continue  # a job whose sinks failed: its frames go nowhere
+            try:
+                sinks = open_sinks.get(index)
+                if sinks is None:
+                    sinks = open_sinks[index] = ClipSinks(group[index])
+                sinks.put(frame)
+                counts[index] += 1
+                outcome = sinks.commit() if counts[index] == group[index].frame_count else None
+            except Exception as exc:  # this job's sinks (ffmpeg died, a disk filled): it alone fails
+                outcome = exc
+            if outcome is None:
+                continue
+            settled[index] = True
+            sinks = open_sinks.pop(index, None)
+            if isinstance(outcome, Exception) and sinks is not None:
+                sinks.abort()
+            yield index, outcome
+        for index in range(len(group)):  # a job the engine gave too few frames (or none): commit says so
+            if not settled[index]:
+                settled[index] = True
+                sinks = open_sinks.pop(index, None)
+                try:
+                    sinks = sinks if sinks is not None else ClipSinks(group[index])
+                    outcome = sinks.commit()
+                except Exception as exc:
+                    if sinks is not None:
+                        sinks.abort()
+                    outcome = exc
+                yield index, outcome
     except BaseException:
-        # Ctrl-C, SIGTERM, an engine or ffmpeg failure: stop the writer, leave nothing behind, propagate.
-        if writer is not None:  # first: a stage blocked handing it a frame then fails and ends
-            writer.stop(unblock=mp4.abort if mp4 is not None else None)
-        if stage is not None:
-            stage.stop()
-        for sink in sinks:
-            sink.abort()
+        # Ctrl-C, SIGTERM, the consumer closing this generator: stop every writer, leave nothing behind.
+        for sinks in open_sinks.values():
+            sinks.abort()
         raise
+    finally:
+        frames.close()
+
+
+class ClipSinks:
+    """One job's outputs while its frames stream: the MP4 and/or PNG writers fed by a writer thread (and,
+    with paste-back, a stage thread transforming frames before it: rendering, blending and encoding
+    overlap, each queue bounded). `commit` after the last frame checks the count and commits the files;
+    `abort` on any failure or interrupt stops the threads and ffmpeg and leaves nothing behind."""
+
+    def __init__(self, prepared: PreparedJob):
+        job, transform = prepared.job, prepared.transform
+        self.frame_count = prepared.frame_count
+        width_px, height_px = transform.output_size if transform is not None else (job.size_px, job.size_px)
+        self._sinks: list = []
+        self._mp4 = self._png = self._writer = self._stage = None
+        try:
+            if prepared.output is not None:
+                self._mp4 = media.Mp4Writer(prepared.output, width_px=width_px, height_px=height_px, fps=job.fps,
+                                            audio=job.audio, frame_count=self.frame_count, ffmpeg=prepared.ffmpeg,
+                                            pad_odd=True)
+                self._sinks.append(self._mp4)
+            if prepared.frames_dir is not None:
+                self._png = media.PngFrameWriter(prepared.frames_dir, replace_existing=job.overwrite)
+                self._sinks.append(self._png)
+            self._writer = self._feed = FrameWriterThread(self._sinks)
+            if transform is not None:
+                self._stage = self._feed = FrameWriterThread([_TransformSink(transform, self._writer)],
+                                                             name="sfr-paste-back")
+        except BaseException:
+            self.abort()
+            raise
+
+    def put(self, frame: np.ndarray) -> None:
+        """Hand on one `(S, S, 3) uint8` frame; raises the writer's error, if any."""
+        self._feed.put(frame)
+
+    def commit(self) -> int:
+        """Wait for the last frame to be written, check the count, commit the files; returns the count."""
+        if self._stage is not None:
+            self._stage.finish()
+        written = self._writer.finish()
+        if written != self.frame_count:
+            raise RenderError(f"the engine yielded {written} frames for {self.frame_count} coefficient frames")
+        if self._mp4 is not None:
+            self._mp4.close()
+        if self._png is not None:
+            self._png.close()
+        return written
+
+    def abort(self) -> None:
+        """Stop the threads (the writer first: a stage blocked handing it a frame then fails and ends),
+        kill ffmpeg, remove every file written. Safe to call more than once."""
+        if self._writer is not None:
+            self._writer.stop(unblock=self._mp4.abort if self._mp4 is not None else None)
+        if self._stage is not None:
+            self._stage.stop()
+        for sink in self._sinks:
+            sink.abort()
 
 
 class _TransformSink:

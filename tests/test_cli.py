@@ -375,15 +375,15 @@ def test_interrupt_mid_render_leaves_nothing(runner, tmp_path, coeffs_npy, out_d
                                              monkeypatch):
     from sfr_cli import engine
 
-    original = engine.Engine.render
+    original = engine.Engine.render_clips  # the one render loop (Engine.render is its one-clip case)
 
     def interrupted(self, *args, **kwargs):
-        for index, frame in enumerate(original(self, *args, **kwargs)):
+        for index, tagged in enumerate(original(self, *args, **kwargs)):
             if index == 2:
                 raise KeyboardInterrupt
-            yield frame
+            yield tagged
 
-    monkeypatch.setattr(engine.Engine, "render", interrupted)
+    monkeypatch.setattr(engine.Engine, "render_clips", interrupted)
     frames = out_dir / "frames"
     result = runner.invoke(sfr, render_args(coeffs_npy, out_dir, tiny_checkpoints, "--frames-dir", str(frames),
                                             "--audio", str(REPO / "demo" / "speech.wav")))
