@@ -12,6 +12,7 @@ checks `sfr render` makes, before any model loads -> rendered by a backend -> on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
@@ -348,27 +349,42 @@ def _clear_earlier_output(job: RenderJob) -> None:
 def run_task(renderer, task: Task, *, reraise: bool = False) -> RowResult:
     """Render one task with `renderer` (a `Renderer`); any failure becomes the row's failed result.
     `reraise` (in-process with --debug) lets an unexpected error out with its traceback."""
+    started = time.perf_counter()
+    try:
+        outcome = renderer.render_job(task.job)
+    except Exception as exc:  # judged by row_result, as a packed row's error is
+        outcome = exc
+    return row_result(task, outcome, time.perf_counter() - started, reraise=reraise)
+
+
+def row_result(task: Task, outcome, seconds: float, *, reraise: bool = False) -> RowResult:
+    """A task's report line from what rendering it gave: a `RenderReport` (done), an `SfrError` (the
+    user's: failed with its message) or another exception (a bug: failed as an internal error, or
+    raised with its traceback when `reraise`)."""
     job = task.job
     output, frames_dir = output_paths(job)
-    started = time.perf_counter()
-    base = dict(row=task.row, coeffs=str(job.coeffs), output=_str(output), frames_dir=_str(frames_dir))
-    try:
-        report = renderer.render_job(job)
-    except SfrError as exc:
-        return RowResult(status=FAILED, error=f"row {task.row}: {exc}", seconds=time.perf_counter() - started,
-                         **base)
-    except Exception as exc:  # a bug, not the user's: reported on its row, loud with --debug
+    base = dict(row=task.row, coeffs=str(job.coeffs), output=_str(output), frames_dir=_str(frames_dir),
+                seconds=seconds)
+    if isinstance(outcome, SfrError):
+        return RowResult(status=FAILED, error=f"row {task.row}: {outcome}", **base)
+    if isinstance(outcome, Exception):
         if reraise:
-            raise
-        return RowResult(status=FAILED, seconds=time.perf_counter() - started, **base,
-                         error=f"row {task.row}: internal error {type(exc).__name__}: {exc} (a bug in sfr; "
+            raise outcome
+        return RowResult(status=FAILED, **base,
+                         error=f"row {task.row}: internal error {type(outcome).__name__}: {outcome} (a bug in sfr; "
                                "rerun with --debug for the traceback)")
-    return RowResult(status=DONE, frames=report.frames, seconds=time.perf_counter() - started,
-                     render_seconds=report.seconds, **base)
+    return RowResult(status=DONE, frames=outcome.frames, render_seconds=outcome.seconds, **base)
 
 
 class InProcessBackend:
-    """Rows one after another in this process, with one `Renderer` (models loaded once)."""
+    """Rows one after another in this process, with one `Renderer` (models loaded once).
+
+    Consecutive tasks sharing the model and the source face are packed (`Renderer.render_jobs`): one
+    stream of batches across their clips, each row still committed, reported and failed on its own. It
+    is always on: at batch size 1 (a CPU's default) it renders exactly the batches of one row at a time,
+    and on a GPU it fills the batches of clips shorter than a batch. A row's `seconds` are its share of
+    the wall time: from the previous row's line to its own. (Worker processes and Ray actors render
+    one task at a time, unpacked.)"""
 
     def __init__(self, renderer_settings: Dict, *, debug: bool = False, renderer=None):
         self.renderer_settings = renderer_settings
@@ -379,9 +395,13 @@ class InProcessBackend:
         from .renderer import Renderer
 
         renderer = self.renderer if self.renderer is not None else Renderer(**self.renderer_settings)
-        for task in tasks:
-            on_start(task)
-            on_done(task, run_task(renderer, task, reraise=self.debug))
+        clock = time.perf_counter()
+        outcomes = renderer.render_jobs([task.job for task in tasks], on_start=lambda index: on_start(tasks[index]))
+        with contextlib.closing(outcomes):
+            for index, outcome in outcomes:
+                now = time.perf_counter()
+                on_done(tasks[index], row_result(tasks[index], outcome, now - clock, reraise=self.debug))
+                clock = now
 
 
 def renderer_settings(template: RenderJob) -> Dict:

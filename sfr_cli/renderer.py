@@ -17,19 +17,23 @@ number of clips.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import ConfigError
-from .pipeline import PreparedJob, RenderJob, RenderReport, prepare_job, render_prepared
+from .pipeline import PreparedJob, RenderJob, RenderReport, prepare_job, render_prepared, render_prepared_group
 from .progress import Reporter, SilentReporter
 
 SOURCE_CACHE_ENTRIES = 8  # source states kept (a 256 px source state is a few MiB)
+# Jobs packed into one stream at most: each holds its source image and coefficients until the group is
+# done; one more group boundary per 16 clips costs one short batch.
+PACK_MAX_JOBS = 16
 # RenderJob fields that are the Renderer's, not a clip's: set once in the constructor.
 SHARED_FIELDS = ("checkpoint_dir", "checkpoint", "mapping", "config", "size_px", "batch_size", "device",
                  "precision", "compile")
@@ -63,14 +67,25 @@ class ModelCache:
 
             engine = self._engines[key] = FreshModels().engine(prepared)
             self.loads += 1
-        engine.stats.batch_sizes.clear()  # per clip: the report gives this clip's batch
+        engine.stats.batch_sizes.clear()  # per clip (or packed group): the report gives its batches
         return engine
+
+    @staticmethod
+    def _source_key(prepared: PreparedJob) -> str:
+        """What a source state is computed from: the face image's pixels and the source window."""
+        window = np.ascontiguousarray(prepared.semantics.source_window(), dtype=np.float32)
+        digest = hashlib.blake2b(np.ascontiguousarray(prepared.image).tobytes(), digest_size=16)
+        digest.update(window.tobytes())
+        return digest.hexdigest()
+
+    def pack_key(self, prepared: PreparedJob) -> Tuple:
+        """Jobs with equal keys share one engine and one source state, so they can render as one packed
+        stream (`pipeline.render_prepared_group`). Loads nothing."""
+        return self._engine_key(prepared), self._source_key(prepared)
 
     def source_state(self, engine, prepared: PreparedJob):
         window = np.ascontiguousarray(prepared.semantics.source_window(), dtype=np.float32)
-        digest = hashlib.blake2b(prepared.image.tobytes(), digest_size=16)
-        digest.update(window.tobytes())
-        key = (id(engine), digest.hexdigest())
+        key = (id(engine), self._source_key(prepared))
         state = self._sources.get(key)
         if state is not None:
             self._sources.move_to_end(key)
@@ -142,6 +157,49 @@ class Renderer:
         job = replace(job, **self.settings)
         prepared = prepare_job(job, reporter.note)
         return render_prepared(prepared, reporter, self.models)
+
+    def render_jobs(self, jobs: Sequence[RenderJob], reporter: Optional[Reporter] = None,
+                    on_start: Optional[Callable[[int], None]] = None
+                    ) -> Iterator[Tuple[int, Union[RenderReport, Exception]]]:
+        """Render many ready `RenderJob`s (shared settings replaced by this renderer's); yield
+        `(index in jobs, RenderReport)` as each job's outputs are committed, or `(index, error)` when it
+        fails (its checks, its sinks, the model or the render), every job exactly once, in order.
+
+        Consecutive jobs that share the model and the source face (`ModelCache.pack_key`: same face
+        pixels and source coefficients) are packed: their frames run as one stream of batches, so a batch
+        may end one clip and begin the next. On a GPU this fills the batches of clips shorter than a batch
+        and keeps the GPU busy between clips; at batch size 1 (a CPU's default) it renders the same batches
+        as one job at a time. A job failing its checks breaks the run of packed jobs and fails alone.
+        `on_start(index)` is called as a job's checks begin. Close the generator (or run it to the end) to
+        release open outputs at once when stopping early.
+        """
+        reporter = reporter if reporter is not None else SilentReporter()
+        group: List[Tuple[int, PreparedJob]] = []
+        key = None
+
+        def flush():
+            indices = [index for index, _ in group]
+            outcomes = render_prepared_group([prepared for _, prepared in group], reporter, self.models)
+            with contextlib.closing(outcomes):
+                for position, outcome in outcomes:
+                    yield indices[position], outcome
+            group.clear()
+
+        for index, job in enumerate(jobs):
+            if on_start is not None:
+                on_start(index)
+            try:
+                prepared = prepare_job(replace(job, **self.settings), reporter.note)
+                job_key = self.models.pack_key(prepared)
+            except Exception as exc:  # SfrError or a bug: this job's outcome (the caller decides how loud)
+                yield from flush()
+                yield index, exc
+                continue
+            if group and (job_key != key or len(group) >= PACK_MAX_JOBS):
+                yield from flush()
+            group.append((index, prepared))
+            key = job_key
+        yield from flush()
 
 
 def _path(value) -> Optional[Path]:
