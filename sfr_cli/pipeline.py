@@ -396,8 +396,8 @@ def _stream(engine, state, clips, group: Sequence[PreparedJob], progress
             ) -> Iterator[Tuple[int, Union[int, Exception]]]:
     """Render `clips` (one per job of `group`) as one stream into each job's `ClipSinks`; yield
     `(index, frames written)` when a job commits, `(index, error)` when it fails (see
-    `render_prepared_group`). A job's sinks open with its first frame and commit with its last, so at
-    most the jobs of two batches have sinks (and ffmpeg processes) open at once."""
+    `render_prepared_group`). A job's sinks open with its first frame and commit with its last, so one
+    job at a time has sinks (and an ffmpeg process) open."""
     open_sinks: Dict[int, ClipSinks] = {}
     counts = [0] * len(group)
     settled = [False] * len(group)
