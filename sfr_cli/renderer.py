@@ -53,6 +53,11 @@ class ModelCache:
         self.source_hits = 0
         self.source_seconds = 0.0  # spent on source work (a render cost, kept apart by the benchmark)
 
+    @property
+    def engines(self) -> List:
+        """The engines loaded so far (their `stats` show the batches of the last clip or packed group)."""
+        return list(self._engines.values())
+
     @staticmethod
     def _engine_key(prepared: PreparedJob) -> Tuple:
         job, files = prepared.job, prepared.files

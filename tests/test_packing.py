@@ -114,7 +114,7 @@ def test_render_jobs_writes_each_clip_with_its_own_sinks(folder, tiny_checkpoint
     assert started == [0, 1, 2]
     assert [index for index, _ in outcomes] == [0, 1, 2]
     assert [report.frames for _, report in outcomes] == list(FRAME_COUNTS)
-    engine = next(iter(r.models._engines.values()))
+    engine = r.models.engines[0]
     assert engine.stats.batch_sizes == [4, 4, 2]
     assert all(report.batch_size == BATCH for _, report in outcomes)
     for index, want in enumerate(alone):
@@ -259,3 +259,28 @@ def test_interrupt_mid_group_leaves_only_committed_clips(folder, tiny_checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.mp4"]  # no temporary file, no frames folder
     assert media.count_video_frames(tmp_path / "0.mp4") == FRAME_COUNTS[0]
     assert ffmpeg_processes() == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paste-back
+
+
+def test_paste_back_clips_pack_like_any_other(reference_dir, tiny_checkpoints, tmp_path):
+    """Full mode pasted into the original picture: each clip's stage thread blends its own frames, so
+    two clips of the golden case packed at batch size 2 (batches [2, 2, 2]) equal one rendered alone."""
+    golden = reference_dir / "golden-paste"
+    r = renderer(tiny_checkpoints, batch_size=2)
+
+    def job(name):
+        return r.job(golden / "coeffs.mat", golden / "crop.png", source_coeffs=golden / "source_coeffs.mat",
+                     preprocess="full", paste_into=golden / "original.png", crop_box=(150, 120, 450, 426),
+                     frames_dir=tmp_path / name)
+
+    r.render_job(job("alone"))
+    outcomes = dict(r.render_jobs([job("a"), job("b")]))
+    assert [outcomes[i].frames for i in (0, 1)] == [3, 3]
+    assert r.models.engines[0].stats.batch_sizes == [2, 2, 2]
+    want = read_frames(tmp_path / "alone")
+    assert want.shape == (3, 1024, 640, 3)
+    for name in ("a", "b"):
+        assert_same_frames(read_frames(tmp_path / name), want, f"packed paste-back clip {name}")
