@@ -107,6 +107,34 @@ def test_packed_clips_render_the_frames_each_clip_renders_alone(folder, tiny_che
     assert not np.array_equal(unposed, alone[0])
 
 
+def test_launch_ahead_keeps_every_frame_with_its_clip(folder, tiny_checkpoints, alone):
+    """CUDA's order (the next batch launched before this one is handed out), run on the CPU: the same
+    tags and frames."""
+    from dataclasses import replace
+
+    from sfr_cli.engine import Clip
+    from sfr_cli.pipeline import prepare_job
+
+    r = renderer(tiny_checkpoints)
+    prepared = [prepare_job(job, in_memory=True) for job in jobs(r, folder, folder / "unused")]
+    engine = r.models.engine(prepared[0])
+    engine.policy = replace(engine.policy, launch_ahead=True)
+    state = r.models.source_state(engine, prepared[0])
+    collected, launched = [], []
+    original = engine.launch_batch
+
+    def launch(*args, **kwargs):
+        launched.append(len(collected))  # frames handed out when this batch was launched
+        return original(*args, **kwargs)
+
+    engine.launch_batch = launch
+    for tagged in engine.render_clips(state, [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in prepared]):
+        collected.append(tagged)
+    assert launched == [0, 0, 4]  # the second batch launched before the first was collected
+    for index, want in enumerate(alone):
+        assert_same_frames(np.stack([f for owner, f in collected if owner == index]), want, f"clip {index}")
+
+
 def test_render_jobs_writes_each_clip_with_its_own_sinks(folder, tiny_checkpoints, alone, tmp_path):
     r = renderer(tiny_checkpoints)
     started = []
