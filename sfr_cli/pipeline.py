@@ -220,9 +220,11 @@ def read_source(value, size_px: int) -> np.ndarray:
     return image
 
 
-def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False) -> PreparedJob:
+def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_created: bool = False) -> PreparedJob:
     """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
-    `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes."""
+    `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
+    `folder_created`: the caller creates the MP4's folder before rendering (`sfr batch`), so a missing
+    one is fine when it can be created."""
     notes: List[str] = []
 
     def noted(message: str) -> None:
@@ -272,7 +274,7 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False) -> Prepar
     ffmpeg = None
     if output is not None:
         ffmpeg = media.find_ffmpeg()
-        media.check_output_writable(output)
+        media.check_output_writable(output, folder_created=folder_created)
         if job.audio is not None:
             audio = media.probe_audio(job.audio, ffmpeg)
             video_seconds = frame_count / job.fps
