@@ -308,7 +308,7 @@ def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: 
                 _make_output_folder(output)
                 if frames_dir is not None:
                     _clear_earlier_output(job)
-            prepared = prepare_job(job)
+            prepared = prepare_job(job, folder_created=True)
         except SfrError as exc:
             failed(str(exc), shown)
             continue

@@ -129,6 +129,10 @@ def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Se
             if removed:
                 note(outputs.describe_leftovers(output, removed))
         outputs.check_output(output, inputs, overwrite=overwrite)
+    if output is not None and frames_dir is not None and media.is_frame_name(output.name) \
+            and output.absolute().parent.resolve() == frames_dir.absolute().resolve():
+        raise MediaError(f"{output}: a PNG frame of --frames-dir {frames_dir} has this name and would replace "
+                         "the MP4; give the MP4 another name or folder")
     if frames_dir is not None:
         if note is not None:
             removed = outputs.remove_leftovers_in(frames_dir, media.is_frame_name)
@@ -223,9 +227,11 @@ def read_source(value, size_px: int) -> np.ndarray:
     return image
 
 
-def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False) -> PreparedJob:
+def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_created: bool = False) -> PreparedJob:
     """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
-    `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes."""
+    `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
+    `folder_created`: the caller creates the MP4's folder before rendering (`sfr batch`), so a missing
+    one is fine when it can be created."""
     notes: List[str] = []
 
     def noted(message: str) -> None:
@@ -275,7 +281,7 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False) -> Prepar
     ffmpeg = None
     if output is not None:
         ffmpeg = media.find_ffmpeg()
-        media.check_output_writable(output)
+        media.check_output_writable(output, folder_created=folder_created)
         if job.audio is not None:
             audio = media.probe_audio(job.audio, ffmpeg)
             video_seconds = frame_count / job.fps

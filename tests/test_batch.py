@@ -167,6 +167,20 @@ def test_dry_run_checks_every_row_and_loads_nothing(clips, tiny_checkpoints, tmp
     assert not (tmp_path / "dry").exists() and not (tmp_path / "m.report.jsonl").exists()
 
 
+def test_dry_run_accepts_mp4_folders_the_batch_would_create(clips, tiny_checkpoints, tmp_path):
+    """A batch creates its MP4 folders, so --dry-run must not fail a row for a folder that does not exist
+    yet (it creates nothing either); a folder that cannot be created still fails its row."""
+    (tmp_path / "a-file").write_text("not a folder")
+    rows = [f"{clips}/clip0.npy,{clips}/face_a.png,{tmp_path}/new/deeper/clip0.mp4",
+            f"{clips}/clip1.npy,{clips}/face_b.png,{tmp_path}/a-file/clip1.mp4"]
+    manifest = write_csv(tmp_path / "m.csv", rows, header="coeffs,source,output")
+    result = run_batch(manifest, "--dry-run", "--json", *tiny(tiny_checkpoints))
+    rows_out = json.loads(result.stdout)["rows"]
+    assert [row["status"] for row in rows_out] == ["todo", "failed"], rows_out
+    assert "a-file" in rows_out[1]["error"] and "not a" in rows_out[1]["error"].lower()
+    assert not (tmp_path / "new").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rendering
 

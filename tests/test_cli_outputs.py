@@ -110,6 +110,17 @@ def test_a_frames_folder_holding_an_input_is_refused(runner, job, tiny_checkpoin
     assert (job / "out" / "000000.png").read_bytes() == (job / "face.png").read_bytes()
 
 
+def test_an_mp4_named_like_a_frame_of_its_own_frames_folder_is_refused(runner, job, tiny_checkpoints,
+                                                                        no_model_load):
+    """`-o out/000000.png --frames-dir out`: the first PNG frame would replace the MP4 (or the MP4's rename
+    the frame); refused before the model loads, whatever the flags, written either way."""
+    for output, frames_dir in ((job / "out" / "000000.png", job / "out"),
+                               (job / "out" / ".." / "out" / "000003.png", job / "out")):
+        args = job_args(job, output, tiny_checkpoints, "--frames-dir", str(frames_dir), "--overwrite")
+        result = runner.invoke(sfr, args)
+        assert_user_error(result, job / "out", f"{output}: a PNG frame of --frames-dir")
+
+
 def test_a_fifo_output_is_refused_whatever_the_flags(runner, job, tiny_checkpoints, no_model_load):
     fifo = job / "out" / "pipe.mp4"
     os.mkfifo(fifo)

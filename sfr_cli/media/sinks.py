@@ -143,14 +143,29 @@ def _missing_dirs(directory: Path) -> List[Path]:
     return list(reversed(missing))
 
 
-def check_output_writable(path: PathLike) -> None:
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest ancestor that does."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
+def check_output_writable(path: PathLike, *, folder_created: bool = False) -> None:
     """Raise MediaError unless a regular file can be created at `path` (nothing or a regular file there,
-    and its folder exists and is writable)."""
+    and its folder exists and is writable). With `folder_created` (a batch creates its output folders
+    before rendering) a missing folder is fine when it can be created."""
     target = Path(path)
     check_regular_target(target)
     folder = target.absolute().parent
     if not folder.is_dir():
-        raise MediaError(f"{target}: output folder {folder} does not exist; create it first")
+        existing = _nearest_existing(folder)
+        if not folder_created or existing == folder:
+            raise MediaError(f"{target}: output folder {folder} does not exist; create it first")
+        if not existing.is_dir():
+            raise MediaError(f"{target}: {existing} is not a folder; cannot create the output folder {folder}")
+        probe_writable(existing, f"{target}: cannot create the output folder {folder} in {existing}")
+        return
     probe_writable(folder, f"{target}: output folder {folder} is not writable")
 
 
@@ -178,9 +193,7 @@ def check_frames_dir(frames_dir: PathLike, overwrite: bool = False) -> None:
     if old and not overwrite:
         raise MediaError(f"{frames_dir}: already holds {len(old)} frame(s) like {old[0].name} from an earlier "
                          "render; remove them, choose another --frames-dir, or pass --overwrite to replace them")
-    existing = frames_dir.absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = _nearest_existing(frames_dir)
     if not existing.is_dir():
         raise MediaError(f"{frames_dir}: {existing} is not a folder; cannot create the frames folder")
     probe_writable(existing, f"{frames_dir}: cannot write in {existing}")
