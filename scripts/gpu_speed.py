@@ -35,7 +35,7 @@ from sfr_cli.engine import Engine, EngineOptions, configure_torch
 
 def sync() -> None:
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def make_engine(nets, device: str, precision: str, batch: int, compile_scope: str) -> Engine:
