@@ -382,9 +382,9 @@ class InProcessBackend:
     Consecutive tasks sharing the model and the source face are packed (`Renderer.render_jobs`): one
     stream of batches across their clips, each row still committed, reported and failed on its own. It
     is always on: at batch size 1 (a CPU's default) it renders exactly the batches of one row at a time,
-    and on a GPU it fills the batches of clips shorter than a batch. A row's `seconds` are its share of
-    the wall time: from the previous row's line to its own. (Worker processes and Ray actors render
-    one task at a time, unpacked.)"""
+    and on a GPU it fills the batches of clips shorter than a batch. A row's `seconds` run from its
+    checks to its report line, so packed rows overlap in time (as rows of worker processes do).
+    (Worker processes and Ray actors render one task at a time, unpacked.)"""
 
     def __init__(self, renderer_settings: Dict, *, debug: bool = False, renderer=None):
         self.renderer_settings = renderer_settings
@@ -395,13 +395,17 @@ class InProcessBackend:
         from .renderer import Renderer
 
         renderer = self.renderer if self.renderer is not None else Renderer(**self.renderer_settings)
-        clock = time.perf_counter()
-        outcomes = renderer.render_jobs([task.job for task in tasks], on_start=lambda index: on_start(tasks[index]))
+        started: Dict[int, float] = {}
+
+        def start(index: int) -> None:
+            started[index] = time.perf_counter()
+            on_start(tasks[index])
+
+        outcomes = renderer.render_jobs([task.job for task in tasks], on_start=start)
         with contextlib.closing(outcomes):
             for index, outcome in outcomes:
-                now = time.perf_counter()
-                on_done(tasks[index], row_result(tasks[index], outcome, now - clock, reraise=self.debug))
-                clock = now
+                seconds = time.perf_counter() - started.pop(index)
+                on_done(tasks[index], row_result(tasks[index], outcome, seconds, reraise=self.debug))
 
 
 def renderer_settings(template: RenderJob) -> Dict:

@@ -34,6 +34,7 @@ from .progress import Reporter
 QUEUE_FRAMES = 8  # frames between the renderer and the writer thread
 QUEUE_POLL_SECONDS = 0.1
 STOP_WAIT_SECONDS = 5.0  # how long a stopping writer may take to finish its frame before ffmpeg is killed
+COMMITS_IN_FLIGHT = 2  # clips whose ffmpeg may still be finishing while the next clip renders
 SIZES_PX = (256, 512)
 
 
@@ -333,14 +334,14 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
     settings, the same face and source coefficients: the caller groups them, `renderer.pack_key`) as one
     stream of batches, each job into its own sinks.
 
-    Yields `(index in group, RenderReport)` as each job's outputs are committed (after its last frame),
-    or `(index, error)` when it fails: its sinks failing fails it alone, nothing left at its outputs,
+    Yields, in job order, `(index in group, RenderReport)` once a job's outputs are committed (after
+    its last frame; the commit overlaps the next job's frames), or `(index, error)` when it fails: its sinks failing fails it alone, nothing left at its outputs,
     and the others go on; the model, the source work or the engine failing fails every job not yet
     committed. Ctrl-C and other BaseExceptions abort every open sink and propagate. A job's `seconds`
-    run from the previous job's commit (or the stream's start) to its own, so they add up to the group's
-    time. Close the generator (or run it to the end) to release open sinks early.
+    run from the previous job's last frame (or the stream's start) to the end of its commit: rendering
+    and encoding its frames (commits overlap the next job a little). Close the generator (or run it to the end) to release open sinks early.
     """
-    from .engine import Clip, peak_rss_mib
+    from .engine import peak_rss_mib
 
     if not group:
         return
@@ -370,13 +371,9 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
                   f"source on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}")
 
     # 3. Frames: engine -> bounded queue -> writer thread -> MP4 and/or PNG frames, per job.
-    clock = time.perf_counter()
-    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
     reporter.start(total)
-    with contextlib.closing(_stream(engine, state, clips, group, reporter.advance)) as outcomes:
-        for index, outcome in outcomes:
-            now = time.perf_counter()
-            seconds, clock = now - clock, now
+    with contextlib.closing(_stream(engine, state, group, reporter.advance)) as outcomes:
+        for index, outcome, seconds in outcomes:
             if isinstance(outcome, BaseException):
                 yield index, outcome
                 continue
@@ -398,15 +395,52 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
     reporter.finish()
 
 
-def _stream(engine, state, clips, group: Sequence[PreparedJob], progress
-            ) -> Iterator[Tuple[int, Union[int, Exception]]]:
-    """Render `clips` (one per job of `group`) as one stream into each job's `ClipSinks`; yield
-    `(index, frames written)` when a job commits, `(index, error)` when it fails (see
-    `render_prepared_group`). A job's sinks open with its first frame and commit with its last, so one
-    job at a time has sinks (and an ffmpeg process) open."""
+def _stream(engine, state, group: Sequence[PreparedJob], progress
+            ) -> Iterator[Tuple[int, Union[int, Exception], float]]:
+    """Render the jobs of `group` as one stream into each job's `ClipSinks`; yield `(index, frames
+    written, seconds)` when a job is committed, `(index, error, seconds)` when it fails, in job order
+    (see `render_prepared_group`). A job's seconds run from the previous job's last frame (or the
+    stream's start) to its commit's end.
+
+    A job's sinks open with its first frame. After its last, its commit (the writer draining, ffmpeg
+    finishing the file) runs in the background while the next job's frames render and encode, so
+    neither the engine nor the GPU waits for the encoder between clips; at most
+    `COMMITS_IN_FLIGHT` commits run at once (then the oldest is waited for)."""
+    from .engine import Clip
+
+    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
     open_sinks: Dict[int, ClipSinks] = {}
+    settling: "collections.deque[Tuple[int, Optional[ClipSinks], object]]" = collections.deque()  # job order
     counts = [0] * len(group)
     settled = [False] * len(group)
+    begun = [time.perf_counter()] * len(group)  # when each job's frames began: the previous job's last frame
+    ended = [0.0] * len(group)  # when each job's last frame (or its failure) came
+
+    def ready(limit: int) -> Iterator[Tuple[int, Union[int, Exception], float]]:
+        """Hand out the settled jobs at the front; a commit still running holds back the jobs behind it,
+        unless more than `limit` are waiting."""
+        while settling:
+            index, sinks, outcome = settling[0]
+            if sinks is not None:
+                if sinks.committing and len(settling) <= limit:
+                    return
+                outcome, ended[index] = sinks.result(), sinks.committed_at
+            settling.popleft()
+            yield index, outcome, ended[index] - begun[index]
+
+    def settle(index: int, sinks: Optional[ClipSinks], error: Optional[Exception] = None) -> None:
+        """The job is over: commit its sinks in the background or, on `error`, abort them."""
+        settled[index] = True
+        open_sinks.pop(index, None)
+        ended[index] = time.perf_counter()
+        if index + 1 < len(group):
+            begun[index + 1] = ended[index]
+        if error is None:
+            sinks.commit_in_background()
+        elif sinks is not None:
+            sinks.abort()
+        settling.append((index, sinks if error is None else None, error))
+
     frames = engine.render_clips(state, clips, progress=progress)
     try:
         while True:
@@ -414,48 +448,36 @@ def _stream(engine, state, clips, group: Sequence[PreparedJob], progress
                 index, frame = next(frames)
             except StopIteration:
                 break
-            except Exception as exc:  # the engine failed: every job not yet committed fails with it
-                for sinks in open_sinks.values():
-                    sinks.abort()
-                open_sinks.clear()
+            except Exception as exc:  # the engine failed: every job not yet written fails with it
                 for index in range(len(group)):
                     if not settled[index]:
-                        settled[index] = True
-                        yield index, exc
-                return
+                        settle(index, open_sinks.get(index), exc)
+                break
             if settled[index]:
                 continue  # a job whose sinks failed: its frames go nowhere
+            sinks = open_sinks.get(index)
             try:
-                sinks = open_sinks.get(index)
                 if sinks is None:
                     sinks = open_sinks[index] = ClipSinks(group[index])
                 sinks.put(frame)
-                counts[index] += 1
-                outcome = sinks.commit() if counts[index] == group[index].frame_count else None
             except Exception as exc:  # this job's sinks (ffmpeg died, a disk filled): it alone fails
-                outcome = exc
-            if outcome is None:
-                continue
-            settled[index] = True
-            sinks = open_sinks.pop(index, None)
-            if isinstance(outcome, Exception) and sinks is not None:
-                sinks.abort()
-            yield index, outcome
+                settle(index, sinks, exc)
+            else:
+                counts[index] += 1
+                if counts[index] == group[index].frame_count:
+                    settle(index, sinks)
+            yield from ready(COMMITS_IN_FLIGHT)
         for index in range(len(group)):  # a job the engine gave too few frames (or none): commit says so
             if not settled[index]:
-                settled[index] = True
-                sinks = open_sinks.pop(index, None)
                 try:
-                    sinks = sinks if sinks is not None else ClipSinks(group[index])
-                    outcome = sinks.commit()
+                    settle(index, open_sinks.get(index) or ClipSinks(group[index]))
                 except Exception as exc:
-                    if sinks is not None:
-                        sinks.abort()
-                    outcome = exc
-                yield index, outcome
+                    settle(index, open_sinks.get(index), exc)
+        yield from ready(0)
     except BaseException:
-        # Ctrl-C, SIGTERM, the consumer closing this generator: stop every writer, leave nothing behind.
-        for sinks in open_sinks.values():
+        # Ctrl-C, SIGTERM, the consumer closing this generator: stop every writer, leave nothing behind
+        # (a job whose last frame is in finishes its commit: its files are complete).
+        for sinks in list(open_sinks.values()) + [sinks for _, sinks, _ in settling if sinks is not None]:
             sinks.abort()
         raise
     finally:
@@ -465,15 +487,18 @@ def _stream(engine, state, clips, group: Sequence[PreparedJob], progress
 class ClipSinks:
     """One job's outputs while its frames stream: the MP4 and/or PNG writers fed by a writer thread (and,
     with paste-back, a stage thread transforming frames before it: rendering, blending and encoding
-    overlap, each queue bounded). `commit` after the last frame checks the count and commits the files;
-    `abort` on any failure or interrupt stops the threads and ffmpeg and leaves nothing behind."""
+    overlap, each queue bounded). `commit` after the last frame checks the count and commits the files
+    (`commit_in_background` does it in a thread of its own); `abort` on any failure or interrupt stops
+    the threads and ffmpeg and leaves nothing behind."""
 
     def __init__(self, prepared: PreparedJob):
         job, transform = prepared.job, prepared.transform
         self.frame_count = prepared.frame_count
         width_px, height_px = transform.output_size if transform is not None else (job.size_px, job.size_px)
         self._sinks: list = []
-        self._mp4 = self._png = self._writer = self._stage = None
+        self._mp4 = self._png = self._writer = self._stage = self._committer = None
+        self._outcome: Union[int, Exception, None] = None
+        self.committed_at = 0.0  # perf_counter() when the background commit ended
         try:
             if prepared.output is not None:
                 self._mp4 = media.Mp4Writer(prepared.output, width_px=width_px, height_px=height_px, fps=job.fps,
@@ -508,9 +533,41 @@ class ClipSinks:
             self._png.close()
         return written
 
+    def commit_in_background(self) -> None:
+        """Start `commit` in its own thread; `result` waits for it. On failure its files are removed."""
+        self._committer = threading.Thread(target=self._run_commit, name="sfr-commit", daemon=True)
+        self._committer.start()
+
+    def _run_commit(self) -> None:
+        try:
+            self._outcome = self.commit()
+        except Exception as exc:  # handed to the caller's thread by result(), never dropped
+            self._release()
+            self._outcome = exc
+        self.committed_at = time.perf_counter()
+
+    @property
+    def committing(self) -> bool:
+        return self._committer is not None and self._committer.is_alive()
+
+    def result(self) -> Union[int, Exception]:
+        """After `commit_in_background`: wait; the frames written, or the error (nothing left behind)."""
+        self._committer.join()
+        return self._outcome
+
     def abort(self) -> None:
-        """Stop the threads (the writer first: a stage blocked handing it a frame then fails and ends),
-        kill ffmpeg, remove every file written. Safe to call more than once."""
+        """Stop the threads and ffmpeg and remove every file written. A commit under way is waited for
+        (its ffmpeg killed if it hangs past STOP_WAIT_SECONDS): it ends complete or leaves nothing."""
+        if self._committer is not None:
+            self._committer.join(timeout=STOP_WAIT_SECONDS)
+            if self._committer.is_alive() and self._mp4 is not None:
+                self._mp4.abort()
+            self._committer.join()
+            return
+        self._release()
+
+    def _release(self) -> None:
+        # the writer first: a stage blocked handing it a frame then fails and ends
         if self._writer is not None:
             self._writer.stop(unblock=self._mp4.abort if self._mp4 is not None else None)
         if self._stage is not None:

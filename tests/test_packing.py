@@ -150,6 +150,34 @@ def test_render_jobs_writes_each_clip_with_its_own_sinks(folder, tiny_checkpoint
     assert r.models.loads == 1
 
 
+def test_a_clips_commit_overlaps_the_next_clips_frames(folder, tiny_checkpoints, tmp_path, monkeypatch):
+    """ffmpeg finishing clip 0 does not hold up clip 1: clip 0's MP4 closes only once clip 1's frames are
+    encoding (an event, with a time-out so a serial loop fails instead of hanging); reports stay in order."""
+    import threading
+
+    next_clip_encoding = threading.Event()
+    waited = []
+    original_write, original_close = media.Mp4Writer.write, media.Mp4Writer.close
+
+    def write(self, frame):
+        if self.path.name == "1.mp4":
+            next_clip_encoding.set()
+        original_write(self, frame)
+
+    def close(self):
+        if self.path.name == "0.mp4":
+            waited.append(next_clip_encoding.wait(timeout=30))
+        return original_close(self)
+
+    monkeypatch.setattr(media.Mp4Writer, "write", write)
+    monkeypatch.setattr(media.Mp4Writer, "close", close)
+    r = renderer(tiny_checkpoints)
+    outcomes = list(r.render_jobs(jobs(r, folder, tmp_path, kind="output")))
+    assert waited == [True]
+    assert [(index, report.frames) for index, report in outcomes] == list(enumerate(FRAME_COUNTS))
+    assert [media.count_video_frames(tmp_path / f"{i}.mp4") for i in range(3)] == list(FRAME_COUNTS)
+
+
 # ---------------------------------------------------------------------------------------------------
 # sfr batch
 
@@ -283,7 +311,7 @@ def test_interrupt_mid_group_leaves_only_committed_clips(folder, tiny_checkpoint
     with pytest.raises(KeyboardInterrupt):
         for index, outcome in r.render_jobs(made):
             settled.append(index)
-    assert settled == [0]
+    assert settled in ([], [0])  # clip 0's commit may still have been finishing: it completes, unreported
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.mp4"]  # no temporary file, no frames folder
     assert media.count_video_frames(tmp_path / "0.mp4") == FRAME_COUNTS[0]
     assert ffmpeg_processes() == []
