@@ -178,6 +178,25 @@ def test_a_clips_commit_overlaps_the_next_clips_frames(folder, tiny_checkpoints,
     assert [media.count_video_frames(tmp_path / f"{i}.mp4") for i in range(3)] == list(FRAME_COUNTS)
 
 
+def test_groups_end_at_a_failed_check_and_at_the_size_cap(folder, tiny_checkpoints, tmp_path, monkeypatch,
+                                                          packed_calls):
+    from sfr_cli import renderer as renderer_module
+    from sfr_cli.errors import SfrError
+
+    monkeypatch.setattr(renderer_module, "PACK_MAX_JOBS", 2)
+    r = renderer(tiny_checkpoints)
+    made = jobs(r, folder, tmp_path)
+    bad = r.job(folder / "clip0.npy", folder / "missing.png", frames_dir=tmp_path / "bad")
+    again = r.job(folder / "clip0.npy", folder / "face.png", source_coeffs=folder / "face_coeffs.npy",
+                  frames_dir=tmp_path / "again")
+    outcomes = list(r.render_jobs(made + [bad, again]))
+    assert [index for index, _ in outcomes] == [0, 1, 2, 3, 4]
+    assert isinstance(outcomes[3][1], SfrError) and "source image not found" in str(outcomes[3][1])
+    assert [report.frames for i, report in outcomes if i != 3] == [3, 5, 2, 3]
+    assert packed_calls == [[3, 5], [2], [3]]  # two at most, and the failed check ends the run
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # sfr batch
 
