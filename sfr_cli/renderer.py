@@ -175,7 +175,9 @@ class Renderer:
         may end one clip and begin the next. On a GPU this fills the batches of clips shorter than a batch
         and keeps the GPU busy between clips; at batch size 1 (a CPU's default) it renders the same batches
         as one job at a time. A job failing its checks breaks the run of packed jobs and fails alone.
-        `on_start(index)` is called as a job's checks begin. Close the generator (or run it to the end) to
+        `on_start(index)` is called when a job's turn comes: before its checks, or, when they ran ahead
+        while an earlier group waited to render (the next job's checks decide whether it joins), as it
+        joins that group or once that group is done. Close the generator (or run it to the end) to
         release open outputs at once when stopping early.
         """
         reporter = reporter if reporter is not None else SilentReporter()
@@ -191,17 +193,21 @@ class Renderer:
             group.clear()
 
         for index, job in enumerate(jobs):
-            if on_start is not None:
-                on_start(index)
+            if not group and on_start is not None:
+                on_start(index)  # its turn has come: nothing is waiting to render
             try:
-                prepared = prepare_job(replace(job, **self.settings), reporter.note)
+                prepared, error = prepare_job(replace(job, **self.settings), reporter.note), None
                 job_key = self.models.pack_key(prepared)
             except Exception as exc:  # SfrError or a bug: this job's outcome (the caller decides how loud)
-                yield from flush()
-                yield index, exc
+                prepared, error = None, exc
+            if group:  # checked ahead while a group waits: render that group first unless this job joins it
+                if error is not None or job_key != key or len(group) >= PACK_MAX_JOBS:
+                    yield from flush()
+                if on_start is not None:
+                    on_start(index)
+            if error is not None:
+                yield index, error
                 continue
-            if group and (job_key != key or len(group) >= PACK_MAX_JOBS):
-                yield from flush()
             group.append((index, prepared))
             key = job_key
         yield from flush()
