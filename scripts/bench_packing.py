@@ -18,8 +18,10 @@ on a GPU batches of another make-up may round differently).
 
 ``--end-to-end`` also times the same clips into H.264 MP4s through one warm ``Renderer`` (what `sfr
 batch` runs in-process): ``render_job`` per clip against ``render_jobs`` (packed, each clip's commit
-overlapping the next clip's frames); checks and files included, model load excluded. A CPU figure stands for a CPU only: there
-the default batch is 1 and packing changes nothing unless ``--batch-size`` is larger.
+overlapping the next clip's frames); checks and files included, model load excluded.
+
+A CPU figure stands for a CPU only: there the default batch is 1 and packing changes nothing unless
+``--batch-size`` is larger.
 """
 
 from __future__ import annotations

@@ -335,11 +335,13 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
     stream of batches, each job into its own sinks.
 
     Yields, in job order, `(index in group, RenderReport)` once a job's outputs are committed (after
-    its last frame; the commit overlaps the next job's frames), or `(index, error)` when it fails: its sinks failing fails it alone, nothing left at its outputs,
-    and the others go on; the model, the source work or the engine failing fails every job not yet
-    committed. Ctrl-C and other BaseExceptions abort every open sink and propagate. A job's `seconds`
-    run from the previous job's last frame (or the stream's start) to the end of its commit: rendering
-    and encoding its frames (commits overlap the next job a little). Close the generator (or run it to the end) to release open sinks early.
+    its last frame; the commit overlaps the next job's frames), or `(index, error)` when it fails: its
+    sinks failing fails it alone, nothing left at its outputs, and the others go on; the model, the
+    source work or the engine failing fails every job not yet committed. Ctrl-C and other
+    BaseExceptions abort every open sink and propagate. A job's `seconds` run from the previous job's
+    last frame (or the stream's start) to the end of its commit: rendering and encoding its frames
+    (commits overlap the next job a little). Close the generator (or run it to the end) to release open
+    sinks early.
     """
     from .engine import peak_rss_mib
 

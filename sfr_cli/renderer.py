@@ -11,7 +11,8 @@
 (`pipeline.prepare_job`), the same frames, the same files. Models load on the first clip that needs
 them, once per (config, checkpoint files, device, precision); the source work of a face (keypoints,
 feature volume, dense-motion source features) is kept in a small LRU, so memory stays flat over any
-number of clips.
+number of clips. `render_jobs` renders many jobs, packing consecutive ones that share the model and the
+source face into one stream of batches (what `sfr batch` does in-process).
 """
 
 from __future__ import annotations
