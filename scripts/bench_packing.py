@@ -36,14 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfr_cli.bench import job_inputs, load_or_random_networks
+from sfr_cli.bench import job_inputs, load_or_random_networks, sync_device
 from sfr_cli.config import CONFIG_DIR, load_config
 from sfr_cli.engine import Clip, Engine, EngineOptions, configure_torch
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def alone(engine: Engine, source, clips):
@@ -60,10 +55,10 @@ def packed(engine: Engine, source, clips):
 def timed(way, engine: Engine, source, clips):
     """(seconds, frames per clip, batch sizes) of one pass."""
     engine.stats.batch_sizes.clear()
-    sync(engine.device)
+    sync_device(engine.device)
     started = time.perf_counter()
     frames = way(engine, source, clips)
-    sync(engine.device)
+    sync_device(engine.device)
     return time.perf_counter() - started, frames, list(engine.stats.batch_sizes)
 
 

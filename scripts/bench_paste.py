@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from sfr_cli.bench import sync_device
 from sfr_cli.nets import paste
 
 CASES = {  # name: (picture width, height, box)
@@ -26,20 +27,15 @@ CASES = {  # name: (picture width, height, box)
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device, repeats: int) -> float:
     fn()
     fn()  # warm-up: FFT plans, allocator
-    _sync(device)
+    sync_device(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 

@@ -28,14 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfr_cli.bench import job_inputs, load_or_random_networks
+from sfr_cli.bench import job_inputs, load_or_random_networks, sync_device
 from sfr_cli.config import CONFIG_DIR, load_config
 from sfr_cli.engine import Engine, EngineOptions, configure_torch
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def make_engine(nets, device: str, precision: str, batch: int, compile_scope: str) -> Engine:
@@ -50,11 +45,11 @@ def make_engine(nets, device: str, precision: str, batch: int, compile_scope: st
 
 
 def timed_pass(engine: Engine, source, semantics) -> float:
-    sync()
+    sync_device(engine.device)
     start = time.perf_counter()
     for _ in engine.render(source, semantics):
         pass
-    sync()
+    sync_device(engine.device)
     return time.perf_counter() - start
 
 
@@ -64,18 +59,18 @@ def new_shape_cost(engine: Engine, source, semantics) -> float:
     windows = semantics.windows(0, max(1, engine.batch_size - 5))
     times = []
     for _ in range(2):
-        sync()
+        sync_device(engine.device)
         start = time.perf_counter()
         engine.render_batch(source, windows)
-        sync()
+        sync_device(engine.device)
         times.append(time.perf_counter() - start)
     return times[0] - times[1]
 
 
-def run_variant(spec: str, nets_by_size, frames: int, device: str) -> dict:
+def run_variant(spec: str, config, nets_by_size, frames: int, device: str) -> dict:
     size, precision, batch, scope = spec.split(":")
     size, batch = int(size), int(batch)
-    nets, config = nets_by_size[size]
+    nets = nets_by_size[size]
     image, semantics = job_inputs(config.mapping.coeff_nc, frames, size)
     engine = make_engine(nets, device, precision, batch, scope)
     source = engine.prepare_source(image, semantics.source_window())
@@ -124,7 +119,7 @@ def main() -> None:
     configure_torch(torch.device(args.device))
     config = load_config(args.config)
     sizes = sorted({int(v.split(":")[0]) for v in args.variants.split(",")})
-    nets_by_size = {s: (load_or_random_networks(config, args.checkpoint_dir, s)[0], config) for s in sizes}
+    nets_by_size = {s: load_or_random_networks(config, args.checkpoint_dir, s)[0] for s in sizes}
     rows = []
     if args.encode:
         for size in sizes:
@@ -132,7 +127,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     for spec in args.variants.split(","):
         try:
-            rows.append(run_variant(spec, nets_by_size, args.frames, args.device))
+            rows.append(run_variant(spec, config, nets_by_size, args.frames, args.device))
         except Exception as exc:  # one failing variant must not cost the others' figures
             rows.append({"variant": spec, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)

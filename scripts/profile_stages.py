@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
-from sfr_cli.bench import job_inputs, load_or_random_networks
+from sfr_cli.bench import job_inputs, load_or_random_networks, sync_device
 from sfr_cli.config import CONFIG_DIR, load_config
 from sfr_cli.engine import Engine, EngineOptions, configure_torch, resolve_device
 
@@ -80,14 +80,14 @@ def main() -> None:
     flops = stage_flops(engine, source, windows[:1])
     for _ in range(3):  # warm-up: cuDNN autotuning, compilation
         engine.render_batch(source, windows)
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    sync_device(device)
 
     engine.stage_hook = record_function
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.batches):
             engine.render_batch(source, windows)
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        sync_device(device)
     engine.stage_hook = None
     frames = args.batches * args.batch_size
 

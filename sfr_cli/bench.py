@@ -86,7 +86,9 @@ def load_or_random_networks(config: ModelConfig, checkpoint_dir=None, size_px: i
     return load_networks(config, files), str(checkpoint_dir)
 
 
-def _sync(device: torch.device):
+def sync_device(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA work is asynchronous; a CPU's is done when it returns);
+    every timer around device work calls this on both sides."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -118,12 +120,12 @@ class StageTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        _sync(self.device)
+        sync_device(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
-            _sync(self.device)
+            sync_device(self.device)
             self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000
 
 
@@ -193,10 +195,10 @@ def run_plain(nets: Networks, device: torch.device, image: np.ndarray, semantics
     with RssSampler() as rss:
         t0 = time.perf_counter()
         loop = PlainLoop(nets, device, rows)
-        _sync(device)
+        sync_device(device)
         startup = time.perf_counter() - t0
         loop.render(image, semantics, frame_limit=_warm_up_frames(device, semantics, rows))
-        _sync(device)
+        sync_device(device)
         _reset_peak(device)
         t_render = time.perf_counter()
         frames_out = loop.render(image, semantics)
@@ -222,12 +224,12 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
         t0 = time.perf_counter()
         engine = Engine(nets, options)
         source = engine.prepare_source(image, semantics.source_window())
-        _sync(engine.device)
+        sync_device(engine.device)
         startup = time.perf_counter() - t0
         warm_up = _warm_up_frames(engine.device, semantics, engine.batch_size)
         for _ in itertools.islice(engine.render(source, semantics), warm_up):
             pass
-        _sync(engine.device)
+        sync_device(engine.device)
         _reset_peak(engine.device)  # the warm-up's cuDNN algorithm search tries workspaces no frame needs
         size = image.shape[-1]
         writer = Mp4Writer(Path(tmp) / "bench.mp4", width_px=size, height_px=size,
