@@ -200,12 +200,24 @@ def check_folder_holds_no_input(folder: PathLike, inputs: Sequence[JobInput], is
     (`is_output_name`, e.g. 000000.png): writing, or replacing old outputs, would destroy it."""
     folder_real = _resolved(Path(folder))
     for item in inputs:
-        if item.path is None:
-            continue
-        in_real = _resolved(Path(item.path))
-        if in_real.parent == folder_real and is_output_name(in_real.name):
+        if item.path is not None and _written_in(folder_real, Path(item.path), is_output_name):
             raise MediaError(f"{folder}: the {what} would replace {item.path}, the {item.role} input of this "
                              "job; choose another folder")
+
+
+def check_output_not_in_folder(output: PathLike, folder: PathLike, is_output_name: Callable[[str], bool],
+                               what: str = "--frames-dir") -> None:
+    """Raise MediaError when the output file `output` is one of the files the job writes in `folder`
+    (e.g. `-o out/000000.png --frames-dir out`): one would replace the other."""
+    if _written_in(_resolved(Path(folder)), Path(output), is_output_name):
+        raise MediaError(f"{output}: a PNG frame of {what} {folder} has this name and would replace the MP4; "
+                         "give the MP4 another name or folder")
+
+
+def _written_in(folder_real: Path, path: Path, is_output_name: Callable[[str], bool]) -> bool:
+    """Whether `path` resolves to a name the job writes in the (resolved) folder."""
+    real = _resolved(path)
+    return real.parent == folder_real and is_output_name(real.name)
 
 
 def check_regular_target(output: PathLike, what: str = "output") -> None:

@@ -130,10 +130,8 @@ def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Se
             if removed:
                 note(outputs.describe_leftovers(output, removed))
         outputs.check_output(output, inputs, overwrite=overwrite)
-    if output is not None and frames_dir is not None and media.is_frame_name(output.name) \
-            and output.absolute().parent.resolve() == frames_dir.absolute().resolve():
-        raise MediaError(f"{output}: a PNG frame of --frames-dir {frames_dir} has this name and would replace "
-                         "the MP4; give the MP4 another name or folder")
+    if output is not None and frames_dir is not None:
+        outputs.check_output_not_in_folder(output, frames_dir, media.is_frame_name)
     if frames_dir is not None:
         if note is not None:
             removed = outputs.remove_leftovers_in(frames_dir, media.is_frame_name)
