@@ -51,6 +51,20 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="session")
+def enhancer_reference_weights(reference_dir, tmp_path_factory) -> Path:
+    """The face enhancer's reference weights (GFPGANv1.4.pth, detection_Resnet50_Final.pth,
+    parsing_parsenet.pth) as `golden-enhance/` was made with them: `make_enhancer_checkpoints.py --seed 14`,
+    written once per session (about 0.55 GB, 10-20 s)."""
+    import subprocess
+    import sys
+
+    out_dir = tmp_path_factory.mktemp("enhancer-weights")
+    subprocess.run([sys.executable, str(reference_dir / "make_enhancer_checkpoints.py"), str(out_dir),
+                    "--seed", "14"], check=True, stdout=subprocess.DEVNULL)
+    return out_dir
+
+
 # How far two renders of the same frames may differ when only the order of float arithmetic differs
 # (batching, folded weights, another CPU's SIMD width or thread count), taken from what SadTalker itself
 # shows: its own frames at batch size 1 and 2 differ by at most 1 uint8 level, on 0.12 % of values
