@@ -150,7 +150,7 @@ def overhead(work: Path, manifest: Path, clips: int) -> float:
     """(wall of plan + run over warm models - sum of render+encode seconds) / clips, in ms."""
     sys.path.insert(0, str(REPO))
     from sfr_cli import batch as batching
-    from sfr_cli.pipeline import RenderJob
+    from sfr_cli.jobs import RenderJob
     from sfr_cli.progress import BatchProgress
     from sfr_cli.renderer import Renderer
 

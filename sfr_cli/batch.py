@@ -6,7 +6,7 @@ Where rows run is not this module's business: a backend (`InProcessBackend` here
 says) is decided here, the same for every backend.
 
 A row's life: parsed (a bad cell fails the row, tagged with its row number) -> a `RenderJob` with the
-batch's defaults -> skipped when its outputs exist (resume) -> checked by `pipeline.prepare_job`, the
+batch's defaults -> skipped when its outputs exist (resume) -> checked by `jobs.prepare_job`, the
 checks `sfr render` makes, before any model loads -> rendered by a backend -> one report line.
 """
 
@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import media, outputs
 from .errors import SfrError
-from .pipeline import RenderJob, output_paths, prepare_job
+from .jobs import RenderJob, output_paths, prepare_job
 
 PATH_FIELDS = ("coeffs", "source", "output", "frames_dir", "source_coeffs", "audio")
 OPTION_FIELDS = ("fps", "preprocess", "still", "expression_scale", "yaw", "pitch", "roll")

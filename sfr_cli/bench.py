@@ -6,7 +6,7 @@ Both run in one process on the same weights, source and coefficients:
   frames side by side), fp32, the plain modules (spectral norm recomputed, no folding or fusion), the
   generator's source encoding redone at every step, no synchronisation inside the loop;
 - ``sfr``: the engine as ``sfr render`` runs it (source work once, batches, rewrites, the requested
-  precision), its frames encoded to H.264 by a writer thread like the real pipeline.
+  precision), its frames encoded to H.264 by a writer thread like `sfr render`.
 
 Reported per run: frames/s, ms per frame by stage (mapping and keypoints, dense motion, decoder,
 transfer and encode), start-up time, peak RSS (sampled) and peak CUDA memory; for reduced precision
@@ -271,7 +271,7 @@ class _TimedSink:
 
 def _stream(frames, writer, keep) -> float:
     """Feed frames to ``writer`` through sfr's writer thread, as ``sfr render`` does; returns its busy seconds."""
-    from .pipeline import FrameWriterThread
+    from .streaming import FrameWriterThread
 
     if writer is None:
         keep.extend(frames)

@@ -208,7 +208,7 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
     import json
 
     from . import batch as batching
-    from .pipeline import RenderJob
+    from .jobs import RenderJob
     from .progress import BatchProgress
 
     manifest = None

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 from .batch import FAILED, RowResult, Task, run_task
 from .errors import SfrError
-from .pipeline import output_paths
+from .jobs import output_paths
 
 PATH_FIELDS = ("coeffs", "source", "source_coeffs", "output", "frames_dir", "audio", "checkpoint_dir",
                "checkpoint", "mapping")

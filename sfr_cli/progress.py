@@ -1,6 +1,6 @@
 """How a render tells the user how far it got: a small reporter protocol, a Rich reporter, a silent one.
 
-The engine and pipeline call a `Reporter`; they never import Rich. Everything a reporter shows goes
+The engine and the streaming runtime call a `Reporter`; they never import Rich. Everything a reporter shows goes
 to stderr, so stdout carries results only.
 """
 

@@ -8,7 +8,7 @@
     report = renderer.render(coeffs="talk.mat", source="face.png", output="talk.mp4", audio="talk.wav")
 
 `sfr render`, `sfr batch` (every backend) and notebooks all go through it: the same checks
-(`pipeline.prepare_job`), the same frames, the same files. Models load on the first clip that needs
+(`jobs.prepare_job`), the same frames, the same files. Models load on the first clip that needs
 them, once per (config, checkpoint files, device, precision); the source work of a face (keypoints,
 feature volume, dense-motion source features) is kept in a small LRU, so memory stays flat over any
 number of clips. `render_jobs` renders many jobs, packing consecutive ones that share the model and the
@@ -28,7 +28,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .errors import ConfigError
-from .pipeline import PreparedJob, RenderJob, RenderReport, prepare_job, render_prepared, render_prepared_group
+from .jobs import PreparedJob, RenderJob, RenderReport, prepare_job
+from .streaming import render_prepared, render_prepared_group
 from .progress import Reporter, SilentReporter
 
 SOURCE_CACHE_ENTRIES = 8  # source states kept (a 256 px source state is a few MiB)
@@ -44,7 +45,7 @@ PER_CLIP_FIELDS = tuple(f.name for f in fields(RenderJob) if f.name not in SHARE
 class ModelCache:
     """Engines keyed by what they were loaded from, and source work keyed by what it was computed from.
 
-    Passed to `pipeline.render_prepared` as its `models`."""
+    Passed to `streaming.render_prepared` as its `models`."""
 
     def __init__(self, source_entries: int = SOURCE_CACHE_ENTRIES):
         self._engines: Dict[Tuple, object] = {}
@@ -69,7 +70,7 @@ class ModelCache:
         key = self._engine_key(prepared)
         engine = self._engines.get(key)
         if engine is None:
-            from .pipeline import FreshModels
+            from .streaming import FreshModels
 
             engine = self._engines[key] = FreshModels().engine(prepared)
             self.loads += 1
@@ -86,7 +87,7 @@ class ModelCache:
 
     def pack_key(self, prepared: PreparedJob) -> Tuple:
         """Jobs with equal keys share one engine and one source state, so they can render as one packed
-        stream (`pipeline.render_prepared_group`). Loads nothing."""
+        stream (`streaming.render_prepared_group`). Loads nothing."""
         return self._engine_key(prepared), self._source_key(prepared)
 
     def source_state(self, engine, prepared: PreparedJob):

@@ -19,7 +19,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from .batch import FAILED, RowResult, Task, run_task
-from .pipeline import output_paths
+from .jobs import output_paths
 
 POLL_SECONDS = 0.01  # between looks at the workers' outboxes when none spoke
 JOIN_SECONDS = 10.0

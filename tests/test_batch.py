@@ -306,7 +306,7 @@ def test_renderer_frames_and_render_equal_sfr_render(clips, tiny_checkpoints, re
 @pytest.mark.slow  # a long end-to-end run (processes started and killed): `make test`, not test-fast
 def test_a_killed_workers_clip_is_retried_once_on_another_worker(clips, tiny_checkpoints, tmp_path):
     psutil = pytest.importorskip("psutil")
-    from sfr_cli.pipeline import RenderJob
+    from sfr_cli.jobs import RenderJob
     from sfr_cli.workers import WorkerPoolBackend
 
     template = RenderJob(coeffs=Path("."), source=Path("."), config="tiny", checkpoint_dir=tiny_checkpoints,

@@ -53,15 +53,16 @@ RULES = {
     # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
     "sfr_cli.pasteback": rule({"media", "errors", "nets"}, {"numpy", "torch"}),
     "sfr_cli.progress": rule((), {"rich"}),
-    "sfr_cli.pipeline": rule(LIBRARY, {"numpy", "torch"}),
-    "sfr_cli.bench": rule(LIBRARY | {"pipeline"}, {"numpy", "torch"}),  # `sfr bench`: the engine vs a plain loop
+    "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads
+    "sfr_cli.streaming": rule(LIBRARY | {"jobs"}, {"numpy", "torch"}),  # frames through stages into sinks
+    "sfr_cli.bench": rule(LIBRARY | {"jobs", "streaming"}, {"numpy", "torch"}),  # `sfr bench`: the engine vs a plain loop
     "sfr_cli.cli": rule(ANY, ANY),
-    # The public Python API and `sfr batch`: glue over the library, like pipeline.
+    # The public Python API and `sfr batch`: glue over the library, like jobs and streaming.
     "sfr_cli.options": rule({"errors", "modes", "coeffs"}, {"click"}),  # Click types shared by CLI and manifests
-    "sfr_cli.renderer": rule(LIBRARY | {"pipeline"}, {"numpy"}),
-    "sfr_cli.batch": rule(LIBRARY | {"pipeline", "options", "renderer"}, {"click"}),
-    "sfr_cli.workers": rule({"batch", "pipeline", "renderer"}, {"torch"}),  # a backend: worker processes
-    "sfr_cli.cluster": rule({"batch", "pipeline", "renderer", "errors", "workers"}, {"ray", "torch"}),  # Ray actors
+    "sfr_cli.renderer": rule(LIBRARY | {"jobs", "streaming"}, {"numpy"}),
+    "sfr_cli.batch": rule(LIBRARY | {"jobs", "options", "renderer"}, {"click"}),
+    "sfr_cli.workers": rule({"batch", "jobs", "renderer"}, {"torch"}),  # a backend: worker processes
+    "sfr_cli.cluster": rule({"batch", "jobs", "renderer", "errors", "workers"}, {"ray", "torch"}),  # Ray actors
 }
 
 

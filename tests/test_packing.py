@@ -1,5 +1,5 @@
 """Packed rendering: consecutive clips sharing a model and a source face run as one stream of batches
-(`Engine.render_clips`, `pipeline.render_prepared_group`, `Renderer.render_jobs`, `sfr batch`), with
+(`Engine.render_clips`, `streaming.render_prepared_group`, `Renderer.render_jobs`, `sfr batch`), with
 every clip's frames, files, failures and interrupts its own. Tiny random weights, clips of a few frames."""
 
 import json
@@ -88,7 +88,7 @@ def assert_same_frames(got, want, what):
 def test_packed_clips_render_the_frames_each_clip_renders_alone(folder, tiny_checkpoints, alone):
     r = renderer(tiny_checkpoints)
     from sfr_cli.engine import Clip
-    from sfr_cli.pipeline import prepare_job
+    from sfr_cli.jobs import prepare_job
 
     prepared = [prepare_job(job, in_memory=True) for job in jobs(r, folder, folder / "unused")]
     assert len({r.models.pack_key(p) for p in prepared}) == 1, "one face, one model: one packing key"
@@ -113,7 +113,7 @@ def test_launch_ahead_keeps_every_frame_with_its_clip(folder, tiny_checkpoints, 
     from dataclasses import replace
 
     from sfr_cli.engine import Clip
-    from sfr_cli.pipeline import prepare_job
+    from sfr_cli.jobs import prepare_job
 
     r = renderer(tiny_checkpoints)
     prepared = [prepare_job(job, in_memory=True) for job in jobs(r, folder, folder / "unused")]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from sfr_cli.media import count_video_frames, find_ffmpeg
-from sfr_cli.pipeline import RenderJob, RenderReport, render_job
+from sfr_cli.jobs import RenderJob, RenderReport
+from sfr_cli.streaming import render_job
 from sfr_cli.progress import SilentReporter
 
 FPS = 25.0

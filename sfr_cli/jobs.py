@@ -1,0 +1,274 @@
+"""One render job before any model loads: what it asks for (`RenderJob`), every check of it, cheapest first
+(`prepare_job`), and what a finished job reports (`RenderReport`).
+
+The order is the point. Everything a user can get wrong (config, coefficients, source image, ffmpeg,
+audio, output location, checkpoint files, each frame stage's options and files) is checked before any
+network loads, so a mistake costs seconds, not a model load. `streaming` then renders a `PreparedJob`.
+"""
+from __future__ import annotations
+import collections
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import coeffs, media, outputs, pasteback
+from .config import resolve_config
+from .errors import ConfigError, MediaError, RenderError
+from .modes import get_mode
+
+SIZES_PX = (256, 512)
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """Everything `sfr render` takes. Paths may be str or Path; None means "not given"."""
+
+    coeffs: Path
+    source: Path
+    source_coeffs: Optional[Path] = None
+    output: Optional[Path] = None  # the MP4; None with frames_dir = frames only, None without = <coeffs stem>.mp4
+    frames_dir: Optional[Path] = None
+    audio: Optional[Path] = None
+    fps: float = 25.0
+    checkpoint_dir: Optional[Path] = None  # None: $SFR_CHECKPOINT_DIR or ./checkpoints
+    checkpoint: Optional[Path] = None
+    mapping: Optional[Path] = None
+    config: Optional[str] = None  # a built-in name (facerender, tiny, ...) or a YAML path; None: facerender
+    size_px: int = 256
+    preprocess: str = "crop"
+    still: bool = False
+    expression_scale: float = 1.0
+    yaw: Optional[Tuple[float, ...]] = None  # degrees, swept over the clip as SadTalker's --input_yaw
+    pitch: Optional[Tuple[float, ...]] = None
+    roll: Optional[Tuple[float, ...]] = None
+    batch_size: Optional[int] = None  # None: the engine picks from free memory
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False  # CUDA only; ignored with a note on the CPU
+    overwrite: bool = False  # replace an existing MP4 / earlier frames in frames_dir
+    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
+    crop_box: Optional[Tuple[int, int, int, int]] = None  # x1,y1,x2,y2 in it; None with paste_into: found
+
+
+@dataclass
+class RenderReport:
+    """What a finished job wrote and how it went. `seconds` covers rendering and encoding (model load
+    excluded); `frames_per_second` is frames / seconds."""
+
+    output: Optional[Path]
+    frames_dir: Optional[Path]
+    frames: int
+    seconds: float
+    frames_per_second: float
+    peak_rss_mib: Optional[float]
+    peak_cuda_mib: Optional[float]
+    device: str
+    precision: str
+    batch_size: int
+    notes: List[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """One JSON object (no notes): output, frames_dir, frames, seconds, frames_per_second, peak_rss_mib,
+        peak_cuda_mib, device, precision, batch_size."""
+        data = asdict(self)
+        data.pop("notes")
+        for key in ("output", "frames_dir"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        data["seconds"] = round(self.seconds, 3)
+        data["frames_per_second"] = round(self.frames_per_second, 3)
+        return json.dumps(data)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks that run before anything loads
+
+
+def output_paths(job: RenderJob) -> Tuple[Optional[Path], Optional[Path]]:
+    """(MP4 path or None, frames folder or None): `<coeffs stem>.mp4` here when neither is given."""
+    output = Path(job.output) if job.output is not None else None
+    frames_dir = Path(job.frames_dir) if job.frames_dir is not None else None
+    if output is None and frames_dir is None:
+        output = Path(Path(job.coeffs).stem + ".mp4")
+    return output, frames_dir
+
+
+def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outputs.JobInput]:
+    """The files `job` reads that the user named, with their options (the config's YAML too)."""
+    named = [(job.coeffs, "--coeffs"), (job.source, "--source"), (job.source_coeffs, "--source-coeffs"),
+             (job.audio, "--audio"), (job.checkpoint, "--checkpoint"), (job.mapping, "--mapping"),
+             (config_file, "--config"), (job.paste_into, "--paste-into")]
+    return [outputs.JobInput(Path(path), role) for path, role in named
+            if path is not None and not isinstance(path, np.ndarray)]  # the API's arrays are no files
+
+
+def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Sequence[outputs.JobInput], *,
+                  overwrite: bool, note=None) -> None:
+    """Refuse outputs that are inputs, not regular files, or already there (unless `overwrite`); with
+    `note`, first remove the leftovers of killed earlier runs for these outputs and say so."""
+    if output is not None:
+        if note is not None:
+            removed = outputs.remove_leftovers(output)
+            if removed:
+                note(outputs.describe_leftovers(output, removed))
+        outputs.check_output(output, inputs, overwrite=overwrite)
+    if output is not None and frames_dir is not None:
+        outputs.check_output_not_in_folder(output, frames_dir, media.is_frame_name)
+    if frames_dir is not None:
+        if note is not None:
+            removed = outputs.remove_leftovers_in(frames_dir, media.is_frame_name)
+            if removed:
+                note(outputs.describe_leftovers(frames_dir, removed))
+        outputs.check_folder_holds_no_input(frames_dir, inputs, media.is_frame_name)
+        media.check_frames_dir(frames_dir, overwrite=overwrite)
+
+
+def _pose(degrees: Optional[Sequence[float]], frame_count: int) -> Optional[np.ndarray]:
+    return None if degrees is None else coeffs.camera_pose_sequence(degrees, frame_count)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class PreparedJob:
+    """A job after every check, before any model: what `render_prepared` streams and `Renderer.frames`
+    yields. `image` is the source `(3, S, S) float32 in [0, 1]`; `output`/`frames_dir` are where it will
+    write (both None for frames kept in memory); `files` are the checkpoint files found."""
+
+    job: RenderJob
+    config: object  # config.ModelConfig
+    files: object  # checkpoints.CheckpointFiles
+    semantics: object  # coeffs.Semantics
+    image: np.ndarray
+    yaw: Optional[np.ndarray]
+    pitch: Optional[np.ndarray]
+    roll: Optional[np.ndarray]
+    output: Optional[Path]
+    frames_dir: Optional[Path]
+    ffmpeg: Optional[str]
+    compile_decoder: bool
+    notes: List[str]
+    transform: object = None  # pasteback's plan (full-mode paste-back into a picture), or None
+
+    @property
+    def frame_count(self) -> int:
+        return self.semantics.frame_count
+
+
+def read_driving(value) -> Tuple[np.ndarray, str]:
+    """Coefficients from a file path, or an `(N, 70|73)` / `(N, C, 27)` array; (array, name for messages)."""
+    if isinstance(value, np.ndarray):
+        return coeffs.check_coefficients(value, "coefficients array"), "the coefficients array"
+    return coeffs.read_coefficients(value), str(value)
+
+
+SOURCE_IMAGES_KEPT = 8  # resized source images kept per process (a 256 px one is 0.75 MiB)
+_source_images: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
+
+
+def read_source(value, size_px: int) -> np.ndarray:
+    """The source face from an image path, or an `(H, W, 3)` RGB array (uint8, or float in [0, 1]).
+    A file read before (same path, size and modification time) comes from a small LRU (as a copy): a
+    batch checks each row, then renders it, often with one face for many clips."""
+    if isinstance(value, np.ndarray):
+        return media.source_from_array(value, size_px)
+    try:
+        info = os.stat(value)
+        key = (os.path.abspath(value), info.st_size, info.st_mtime_ns, size_px)
+    except OSError:
+        key = None  # read_source_image says what is wrong
+    if key in _source_images:
+        _source_images.move_to_end(key)
+        return _source_images[key].copy()
+    image = media.read_source_image(value, size_px)
+    if key is not None:
+        _source_images[key] = image.copy()
+        while len(_source_images) > SOURCE_IMAGES_KEPT:
+            _source_images.popitem(last=False)
+    return image
+
+
+def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_created: bool = False) -> PreparedJob:
+    """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
+    `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
+    `folder_created`: the caller creates the MP4's folder before rendering (`sfr batch`), so a missing
+    one is fine when it can be created."""
+    notes: List[str] = []
+
+    def noted(message: str) -> None:
+        notes.append(message)
+        if note is not None:
+            note(message)
+
+    if job.size_px not in SIZES_PX:
+        raise ConfigError(f"size {job.size_px} px is not supported; SadTalker renders 256 or 512")
+    if job.batch_size is not None and job.batch_size < 1:
+        raise RenderError(f"batch size {job.batch_size}: must be at least 1 (or auto)")
+    media.check_fps(job.fps)
+    coeffs.check_expression_scale(job.expression_scale)
+    if in_memory:
+        output = frames_dir = None
+    elif isinstance(job.coeffs, np.ndarray) and job.output is None and job.frames_dir is None:
+        raise MediaError("coefficients given as an array: name the output (output= or frames_dir=)")
+    else:
+        output, frames_dir = output_paths(job)
+    if job.audio is not None and output is None:
+        raise MediaError(f"{job.audio}: --audio needs an MP4 output; add -o/--output PATH.mp4")
+    config = resolve_config(job.config, job.preprocess)
+    inputs = job_inputs(job, config.path)
+    check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=noted)
+
+    driving, driving_name = read_driving(job.coeffs)
+    if job.source_coeffs is not None:
+        source_row = coeffs.read_source_coefficients(job.source_coeffs)
+    else:
+        first = driving[0] if driving.ndim == 2 else driving[0, :, coeffs.SEMANTIC_RADIUS]
+        source_row = np.array(first, dtype=np.float32)
+        noted(f"source coefficients: first frame of {driving_name} (pass --source-coeffs for the source's own)")
+    semantics = coeffs.prepare_semantics(driving, source_row, preprocess=job.preprocess, still=job.still,
+                                         expression_scale=job.expression_scale)
+    frame_count = semantics.frame_count
+    yaw, pitch, roll = (_pose(d, frame_count) for d in (job.yaw, job.pitch, job.roll))
+    image = read_source(job.source, job.size_px)
+    mode = get_mode(job.preprocess)
+    transform = pasteback.plan(Path(job.source), job.size_px, job.paste_into, job.crop_box, mode.pastes_back,
+                               mode.extended_crop, mode.name, noted) if not isinstance(job.source, np.ndarray) else None
+    frame_width, frame_height = transform.output_size if transform is not None else (job.size_px, job.size_px)
+    if output is not None and (frame_width % 2 or frame_height % 2):
+        noted(f"{frame_width}x{frame_height} frames: the MP4 repeats the last "
+              f"{'column' if frame_width % 2 else 'row'}{' and row' if frame_width % 2 and frame_height % 2 else ''} "
+              "(H.264 yuv420p needs even sizes); PNG frames keep the exact size")
+
+    ffmpeg = None
+    if output is not None:
+        ffmpeg = media.find_ffmpeg()
+        media.check_output_writable(output, folder_created=folder_created)
+        if job.audio is not None:
+            audio = media.probe_audio(job.audio, ffmpeg)
+            video_seconds = frame_count / job.fps
+            if audio.duration_seconds is not None and audio.duration_seconds < video_seconds - 0.1:
+                noted(f"{job.audio}: {audio.duration_seconds:.2f} s of audio for {video_seconds:.2f} s of video; "
+                      "the end is silent")
+
+    from . import checkpoints  # torch from here on
+
+    files = checkpoints.find_checkpoints(job.checkpoint_dir, size_px=job.size_px, preprocess=job.preprocess,
+                                         checkpoint=job.checkpoint, mapping=job.mapping)
+    found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
+             outputs.JobInput(files.mapping, "mapping checkpoint")]
+    check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
+    from .engine import check_precision, resolve_device
+
+    device = resolve_device(job.device)
+    check_precision(job.precision, device)  # an unavailable device or precision fails here
+    compile_decoder = job.compile and device.type == "cuda"
+    if job.compile and not compile_decoder:
+        noted(f"--compile is ignored on {device.type}: torch.compile speeds up CUDA renders only")
+    return PreparedJob(job=job, config=config, files=files, semantics=semantics, image=image, yaw=yaw,
+                       pitch=pitch, roll=roll, output=output, frames_dir=frames_dir, ffmpeg=ffmpeg,
+                       compile_decoder=compile_decoder, notes=notes, transform=transform)
