@@ -37,10 +37,7 @@ def make_engine(nets, device: str, precision: str, batch: int, compile_scope: st
     """An engine as ``sfr render`` builds it; ``decoder``: ``--compile`` as it is (the decoder compiled);
     ``all``: the dense motion and warp compiled as well, the candidate this script is here to time."""
     engine = Engine(nets, EngineOptions(device=device, precision=precision, batch_size=batch,
-                                        compile=compile_scope != "none"))
-    if compile_scope == "all":
-        compiled = torch.compile(engine._motion_eager, dynamic=False)
-        engine._motion = compiled
+                                        compile_scope=compile_scope))
     return engine
 
 

@@ -74,7 +74,7 @@ def main() -> None:
     nets, _ = load_or_random_networks(config, args.checkpoint_dir, args.size)
     image, semantics = job_inputs(config.mapping.coeff_nc, args.batch_size, args.size)
     engine = Engine(nets, EngineOptions(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                                        compile=args.compile))
+                                        compile_scope="decoder" if args.compile else "none"))
     source = engine.prepare_source(image, semantics.source_window())
     windows = semantics.windows(0, args.batch_size)
     flops = stage_flops(engine, source, windows[:1])

@@ -213,13 +213,22 @@ def run_plain(nets: Networks, device: torch.device, image: np.ndarray, semantics
 
 
 def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics, encode: bool = True) -> Dict:
-    """The engine as ``sfr render`` runs it; frames go to an H.264 writer thread (bounded queue).
-    One warm-up pass, one timed pass, one pass for the stage split."""
-    from .media import Mp4Writer, find_ffmpeg
+    """sfr as ``sfr render`` runs it: ``streaming.stream_frames`` (the engine, the frame stages' lane, the
+    one copy to the host) into ``streaming.ClipSinks`` (the writer thread and the H.264 encoder).
+    One warm-up pass, one timed pass, one pass rendering alone, one pass for the stage split."""
+    from .engine import Clip
+    from .media import find_ffmpeg
+    from .streaming import ClipSinks, stream_frames
 
     device = resolve_device(options.device)
     _reset_cuda(device)
     frames_out = []
+    clip = Clip(semantics)
+
+    def frames(engine, source):
+        for _, frame in stream_frames(engine, source, [clip], [[]]):
+            yield frame
+
     with RssSampler() as rss, tempfile.TemporaryDirectory(prefix="sfr-bench-") as tmp:
         t0 = time.perf_counter()
         engine = Engine(nets, options)
@@ -227,23 +236,35 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
         sync_device(engine.device)
         startup = time.perf_counter() - t0
         warm_up = _warm_up_frames(engine.device, semantics, engine.batch_size)
-        for _ in itertools.islice(engine.render(source, semantics), warm_up):
+        for _ in itertools.islice(frames(engine, source), warm_up):
             pass
         sync_device(engine.device)
         _reset_peak(engine.device)  # the warm-up's cuDNN algorithm search tries workspaces no frame needs
         size = image.shape[-1]
-        writer = Mp4Writer(Path(tmp) / "bench.mp4", width_px=size, height_px=size,
-                           frame_count=semantics.frame_count, ffmpeg=find_ffmpeg()) if encode else None
         t_render = time.perf_counter()
-        encode_seconds = _stream(engine.render(source, semantics), writer, frames_out)
+        encode_seconds = 0.0
+        if encode:
+            sinks = ClipSinks(output=Path(tmp) / "bench.mp4", frames_dir=None, width_px=size, height_px=size,
+                              frame_count=semantics.frame_count, ffmpeg=find_ffmpeg())
+            try:
+                for frame in frames(engine, source):
+                    frames_out.append(frame)
+                    sinks.put(frame)
+                sinks.commit()
+            except BaseException:
+                sinks.abort()
+                raise
+            encode_seconds = sinks.writer_seconds
+        else:
+            frames_out.extend(frames(engine, source))
         seconds = time.perf_counter() - t_render
         t_render = time.perf_counter()
-        for _ in engine.render(source, semantics):  # rendering alone, frames discarded
+        for _ in frames(engine, source):  # rendering alone, frames discarded
             pass
         render_seconds = time.perf_counter() - t_render
         timer = StageTimer(engine.device)
         engine.stage_hook = timer
-        for _ in engine.render(source, semantics):
+        for _ in frames(engine, source):
             pass
         engine.stage_hook = None
     n = semantics.frame_count
@@ -254,41 +275,6 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
             "render_frames_per_second": n / render_seconds,
             "stage_ms_per_frame": stage_ms, "encode_overlapped": encode,
             "peak_rss_mib": rss.peak_mib, "peak_cuda_mib": _peak_cuda_mib(engine.device), "_frames": frames_out}
-
-
-class _TimedSink:
-    """A frame sink that adds up the seconds its ``write`` takes (the encoder's share of the work)."""
-
-    def __init__(self, sink):
-        self.sink = sink
-        self.seconds = 0.0
-
-    def write(self, frame):
-        start = time.perf_counter()
-        self.sink.write(frame)
-        self.seconds += time.perf_counter() - start
-
-
-def _stream(frames, writer, keep) -> float:
-    """Feed frames to ``writer`` through sfr's writer thread, as ``sfr render`` does; returns its busy seconds."""
-    from .streaming import FrameWriterThread
-
-    if writer is None:
-        keep.extend(frames)
-        return 0.0
-    sink = _TimedSink(writer)
-    thread = FrameWriterThread([sink])
-    try:
-        for frame in frames:
-            keep.append(frame)
-            thread.put(frame)
-        thread.finish()
-        writer.close()
-    except BaseException:
-        thread.stop(unblock=writer.abort)
-        writer.abort()
-        raise
-    return sink.seconds
 
 
 def psnr(a, b) -> float:
@@ -306,7 +292,8 @@ def run_benchmark(config: ModelConfig, *, device: str = "auto", precision: str =
     nets, weights = load_or_random_networks(config, checkpoint_dir, size_px)
     load_seconds = time.perf_counter() - t
     image, semantics = job_inputs(config.mapping.coeff_nc, frames, size_px)
-    options = EngineOptions(device=device, precision=precision, batch_size=batch_size, compile=compile)
+    options = EngineOptions(device=device, precision=precision, batch_size=batch_size,
+                            compile_scope="decoder" if compile else "none")
     runs = [run_plain(nets, resolved, image, semantics)] if plain else []
     runs.append(run_sfr(nets, options, image, semantics))
     if precision != "fp32":

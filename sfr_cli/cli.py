@@ -295,7 +295,7 @@ def crop_box(source: Path, original: Path, as_json: bool) -> None:
     """
     import json
 
-    from .pasteback import describe_match, find_crop_box, format_box
+    from .stages.paste import describe_match, find_crop_box, format_box
 
     match = find_crop_box(source, original, "--source", "--original")
     if as_json:

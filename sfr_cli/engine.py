@@ -1,7 +1,8 @@
 """The render loop: source work once, frames in batches along the frame axis, precision, OOM back-off.
 
-The engine knows devices and batches; it yields ``(H, W, 3) uint8`` frames in order and reports
-progress through a callback. It reads no files, prints nothing, leaves the networks it is given as
+The engine knows devices and batches; it yields batches of ``(B, S, S, 3) uint8`` frames on the render
+device (``launch_clips``, what the frame stages take) or frames on the host (``render_clips``), in order,
+and reports progress through a callback. It reads no files, prints nothing, leaves the networks it is given as
 they were (it renders from its own rewritten copies) and sets no process-wide torch state: the entry
 points call ``configure_torch`` once.
 """
@@ -29,6 +30,7 @@ CUDA_MAX_AUTO_BATCH = 64
 CUDA_MEMORY_HEADROOM = 0.8  # share of free memory an automatic batch may plan to use
 SOURCE_STAGE = "source"  # what a stage hook sees around prepare_source
 STAGES = ("mapping_keypoints", "dense_motion", "decoder", "transfer")  # ... and around each batch's stages
+COMPILE_SCOPES = ("none", "decoder", "all")
 
 StageHook = Callable[[str], ContextManager]
 
@@ -97,7 +99,7 @@ class EngineOptions:
     precision: str = "fp32"  # "fp32" | "fp16" | "bf16"
     batch_size: Optional[int] = None  # None: chosen from the device's free memory
     optimize: bool = True  # inference rewrites that keep the math (nets/inference.py)
-    compile: bool = False  # torch.compile the decoder (start-up cost; pays on long CUDA clips)
+    compile_scope: str = "none"  # torch.compile: "none", "decoder" (--compile) or "all" (dense motion and warp too)
     channels_last: Optional[bool] = None  # the decoder in NHWC; None: on CUDA (tensor cores), off on a CPU
 
 
@@ -212,17 +214,19 @@ def peak_rss_mib() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2 ** 20
 
 
-class PendingFrames:
-    """A launched batch: ``frames()`` waits for its copy to the host, then gives ``(B, S, S, 3) uint8``."""
+@dataclass
+class DeviceFrames:
+    """A launched batch on the render device: ``frames`` ``(B, S, S, 3) uint8``, the clip index of each
+    frame (``owners``) and, on CUDA, an event recorded on the engine's stream once they are computed
+    (work on another stream waits for it before reading them)."""
 
-    def __init__(self, frames, done: Optional["torch.cuda.Event"] = None):
-        self._frames, self._done = frames, done
+    frames: torch.Tensor
+    owners: List[int]
+    ready: Optional["torch.cuda.Event"] = None
 
-    def frames(self) -> np.ndarray:
-        if self._done is not None:
-            self._done.synchronize()
-            self._frames, self._done = self._frames.numpy(), None
-        return self._frames
+    def to_host(self) -> np.ndarray:
+        """The frames on the host, ``(B, S, S, 3) uint8`` (waits for them)."""
+        return self.frames.cpu().numpy()
 
 
 class Engine:
@@ -260,17 +264,26 @@ class Engine:
         if self.channels_last:  # 2D convolutions only: the dense motion network's 3D ones have no NHWC
             self.decoder.to(memory_format=torch.channels_last)
         # --compile: the decoder becomes one compiled graph (its many small elementwise and layout ops
-        # fused: 108 -> 155 frames/s at 256 fp16 on an H100, README), built once for the batch size; a
-        # short last batch is padded to it rather than compiled again. Compiling the dense motion as well
-        # was tried (tiny config: right frames) but never timed at full size, so it is not done.
-        self._compiled = options.compile
-        self._decode_compiled = torch.compile(self._decode_eager, dynamic=False) if options.compile else None
-        self.batch_size = options.batch_size or self.policy.auto_batch or 0  # 0: planned at the first render
+        # fused: 108 -> 155 frames/s at 256 fp16 on an H100, README), built once for a render's batch size;
+        # a short last batch is padded to it rather than compiled again. Scope "all" compiles the dense
+        # motion and warp as well (tiny config: right frames; not yet timed at full size).
+        if options.compile_scope not in COMPILE_SCOPES:
+            raise RenderError(f"unknown compile scope {options.compile_scope!r}; use one of {', '.join(COMPILE_SCOPES)}")
+        self.compile_scope = options.compile_scope
+        self._compiled = options.compile_scope != "none"
+        self._decode_compiled = torch.compile(self._decode_eager, dynamic=False) if self._compiled else None
+        self._motion_compiled = (torch.compile(self._motion_eager, dynamic=False)
+                                 if options.compile_scope == "all" else None)
+        # The engine's settings stay as given; what a render decides (its batch size) is that render's.
+        self.batch_size = options.batch_size or self.policy.auto_batch or 0  # 0: planned for each render
+        self._frame_bytes = 0  # CUDA: one frame's peak memory, measured once (the automatic batch's unit)
+        self._oom_cap = 0  # the largest batch known to fit after an out-of-memory back-off (0: none yet)
         self.stats = EngineStats()
         self.stage_hook = stage_hook
 
     def _motion(self, dense, feature_3d, kp_driving):
-        return self._motion_eager(dense, feature_3d, kp_driving)
+        compiled = self._motion_compiled if self._compiled else None
+        return (compiled or self._motion_eager)(dense, feature_3d, kp_driving)
 
     def _decode(self, features):
         return (self._decode_compiled if self._compiled else self._decode_eager)(features)
@@ -303,17 +316,17 @@ class Engine:
         return SourceState(kp_canonical, kp_source, feature_3d, dense)
 
     @torch.inference_mode()
-    def launch_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None
-                     ) -> "PendingFrames":
-        """Start rendering windows ``(B, C, 27)`` (B counts frames); the frames come from the result's
-        ``frames()``. On CUDA the work and the copy of the uint8 frames into pinned host memory are only
-        queued, so the next batch can be launched before this one is collected."""
+    def launch_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None, *,
+                     pad_to: int = 0) -> torch.Tensor:
+        """Start rendering windows ``(B, C, 27)`` (B counts frames) -> ``(B, S, S, 3) uint8`` on the device.
+        On CUDA the work is only queued, so the next batch can be launched before this one is read.
+        ``pad_to``: with ``--compile``, the batch size the compiled graph was built for."""
         b = windows.shape[0]
         poses = [None if values is None else np.asarray(values, np.float32) for values in (yaw, pitch, roll)]
-        if self._compiled and b < self.batch_size:
+        if self._compiled and b < pad_to:
             # a compiled graph is built for one batch size: pad the short last batch with copies of its
             # last frame (dropped below) instead of compiling another graph for it
-            pad = self.batch_size - b
+            pad = pad_to - b
             windows = np.concatenate([windows, np.repeat(windows[-1:], pad, axis=0)])
             poses = [None if p is None else np.concatenate([p, np.repeat(p[-1:], pad)]) for p in poses]
         w = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
@@ -333,11 +346,11 @@ class Engine:
         with self._stage("decoder"):
             image = self._decode(torch.cat(warped) if len(warped) > 1 else warped[0])
         with self._stage("transfer"):
-            return self._to_host(image[:b])
+            return self._to_uint8(image[:b])
 
     def render_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None) -> np.ndarray:
-        """Windows ``(B, C, 27)`` (B counts frames) -> frames ``(B, S, S, 3) uint8``."""
-        return self.launch_batch(source, windows, yaw, pitch, roll).frames()
+        """Windows ``(B, C, 27)`` (B counts frames) -> frames ``(B, S, S, 3) uint8`` on the host."""
+        return self.launch_batch(source, windows, yaw, pitch, roll).cpu().numpy()
 
     def _motion_eager(self, dense: Dict[str, torch.Tensor], feature_3d: torch.Tensor, kp_driving: torch.Tensor):
         """Dense motion and warp: ``(B, K, 3)`` driving keypoints -> warped features ``(B, C, h, w)``."""
@@ -352,83 +365,103 @@ class Engine:
                 features = features.contiguous(memory_format=torch.channels_last)
             return self.decoder(features)
 
-    def _to_host(self, image: torch.Tensor) -> "PendingFrames":
-        # uint8 as round(255 x value), computed in float64 as SadTalker's numpy conversion does
-        frames = (image.float().double() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        if self.device.type != "cuda":
-            return PendingFrames(frames.contiguous().numpy())
-        host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(frames, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return PendingFrames(host, done)
+    def _to_uint8(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` in [0, 1] -> ``(B, S, S, 3) uint8`` as round(255 x value), computed in float64 as
+        SadTalker's numpy conversion does; stays on the device."""
+        return (image.float().double() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
     def render(self, source: SourceState, semantics, *, yaw=None, pitch=None, roll=None,
                progress: Optional[Callable[[int], None]] = None) -> Iterator[np.ndarray]:
-        """Yield every frame of ``semantics`` in order, ``(S, S, 3) uint8``, in batches: the one-clip case
-        of ``render_clips``."""
+        """Yield every frame of ``semantics`` in order, ``(S, S, 3) uint8`` on the host, in batches: the
+        one-clip case of ``render_clips``. (No frame stages: ``streaming`` runs those.)"""
         for _, frame in self.render_clips(source, [Clip(semantics, yaw, pitch, roll)], progress=progress):
             yield frame
 
     def render_clips(self, source: SourceState, clips: Sequence["Clip"], *,
                      progress: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[int, np.ndarray]]:
-        """Yield ``(clip index, frame)`` for every frame of every clip, clip after clip, each clip's frames
-        in order, ``(S, S, 3) uint8``. All clips share ``source``; the clips are one stream of frames cut
-        into batches, so a batch may end one clip and begin the next (``stats.batch_sizes`` shows it): short
-        clips fill a GPU's batch, and the GPU is not drained between clips.
+        """``launch_clips`` with each batch copied to the host: ``(clip index, (S, S, 3) uint8 frame)``."""
+        for batch in self.launch_clips(source, clips):
+            frames = batch.to_host()
+            self.record_memory()
+            yield from zip(batch.owners, frames)
+            if progress is not None:
+                progress(len(frames))
 
-        On CUDA each batch is launched before the previous one is collected, so the GPU renders the next
-        batch while the caller encodes this one (``BatchPolicy.launch_ahead``). A CUDA out-of-memory error
-        halves the batch and retries the same frames (down to 1, then a RenderError); every other error
-        propagates untouched. ``progress(n)`` hears of every collected batch.
+    def launch_clips(self, source: SourceState, clips: Sequence["Clip"]) -> Iterator[DeviceFrames]:
+        """Yield every frame of every clip as batches on the render device (``DeviceFrames``), clip after
+        clip, each clip's frames in order. All clips share ``source``; the clips are one stream of frames
+        cut into batches, so a batch may end one clip and begin the next (``stats.batch_sizes`` shows it):
+        short clips fill a GPU's batch, and the GPU is not drained between clips.
+
+        The batch size is this render's: the engine's, or with ``auto`` on CUDA planned from the free
+        memory now for these frames (``plan_batch``). On CUDA each batch is yielded only once the next
+        one is launched (``BatchPolicy.launch_ahead``), so the GPU renders ahead while the caller runs the
+        frame stages and encodes. A CUDA out-of-memory error halves the batch and retries the same frames
+        (down to 1, then a RenderError; later renders start from what fitted); every other error
+        propagates untouched.
         """
         for clip in clips:
             clip.check()
         stream = _ClipStream(clips)
-        if stream.total and not self.batch_size:
-            self.batch_size = self._auto_cuda_batch(source, clips[stream.clip_at(0)].semantics, stream.total)
-        batch = self.batch_size
+        if not stream.total:
+            return
+        batch = self.plan_batch(source, clips[stream.clip_at(0)].semantics, stream.total)
+        planned = batch
         start = 0
-        pending: Optional[Tuple[PendingFrames, List[int]]] = None
+        pending: Optional[DeviceFrames] = None
         while start < stream.total:
             stop = min(start + batch, stream.total)
             windows, angles, owners = stream.batch(start, stop)
             try:
-                launched = self.launch_batch(source, windows, *angles)
+                frames = self.launch_batch(source, windows, *angles, pad_to=planned)
             except torch.cuda.OutOfMemoryError:
-                launched = None
-            if launched is None:  # recover outside the handler, so the failed batch's tensors are freed
+                frames = None
+            if frames is None:  # recover outside the handler, so the failed batch's tensors are freed
                 if batch == 1:
                     raise RenderError(f"out of GPU memory on {self.device} even at batch size 1; free the GPU "
                                       "or use --precision fp16 or --device cpu")
-                batch = self.batch_size = max(1, batch // 2)  # later clips start from what fitted
+                batch = planned = self._oom_cap = max(1, batch // 2)  # later renders start from what fitted
                 self.stats.oom_retries += 1
                 self._release_cached_memory()
                 continue
+            launched = DeviceFrames(frames, owners, self._record_ready())
             self.stats.batch_sizes.append(stop - start)
             if pending is not None:
-                yield from self._collect(*pending, progress)
-            pending = (launched, owners)
+                yield pending
+            pending = launched
             start = stop
             if not self.policy.launch_ahead:
-                yield from self._collect(*pending, progress)
+                yield pending
                 pending = None
         if pending is not None:
-            yield from self._collect(*pending, progress)
+            yield pending
 
-    def _collect(self, pending: "PendingFrames", owners: List[int], progress) -> Iterator[Tuple[int, np.ndarray]]:
-        frames = pending.frames()
-        self._record_memory()
-        yield from zip(owners, frames)
-        if progress is not None:
-            progress(len(frames))
+    def _record_ready(self) -> Optional["torch.cuda.Event"]:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
-    def _auto_cuda_batch(self, source: SourceState, semantics, frame_count: int) -> int:
-        """Measure one frame's peak memory (the first of ``semantics``), then plan a batch that fits in the
-        free memory, no larger than the ``frame_count`` frames to render.
+    def plan_batch(self, source: SourceState, semantics, frame_count: int) -> int:
+        """This render's batch size for ``frame_count`` frames: the engine's fixed size (capped by an
+        earlier out-of-memory back-off), or on CUDA with ``auto`` as many frames as fit in the free memory
+        now, at most ``CUDA_MAX_AUTO_BATCH`` and ``frame_count``. One frame's memory is measured once per
+        engine (``semantics`` gives that frame); the free memory is read for every render, so a short
+        preview first does not hold a later long clip to a small batch."""
+        batch = self.batch_size
+        if not batch:
+            if not self._frame_bytes:
+                self._frame_bytes = self._measure_frame_bytes(source, semantics)
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            batch = max(1, min(CUDA_MAX_AUTO_BATCH, int(free * CUDA_MEMORY_HEADROOM // self._frame_bytes), frame_count))
+        return min(batch, self._oom_cap) if self._oom_cap else batch
 
-        The frame is rendered twice, eagerly: the first time cuDNN's algorithm search allocates large
-        trial workspaces that are no part of a frame's needs; the second is measured."""
+    def _measure_frame_bytes(self, source: SourceState, semantics) -> int:
+        """One frame's peak CUDA memory (the first of ``semantics``). The frame is rendered twice, eagerly:
+        the first time cuDNN's algorithm search allocates large trial workspaces that are no part of a
+        frame's needs; the second is measured."""
         compiled, self._compiled = self._compiled, False
         try:
             self.render_batch(source, semantics.windows(0, 1))
@@ -442,17 +475,14 @@ class Engine:
                               "--precision fp16 or --device cpu") from exc
         finally:
             self._compiled = compiled
-        per_frame = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(self.device)
-        batch = int(free * CUDA_MEMORY_HEADROOM // per_frame)
-        return max(1, min(CUDA_MAX_AUTO_BATCH, batch, frame_count))
+        return max(torch.cuda.max_memory_allocated(self.device) - before, 1)
 
     def _release_cached_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _record_memory(self) -> None:
+    def record_memory(self) -> None:
+        """Note the peak memory so far in ``stats`` (after each batch collected)."""
         self.stats.peak_rss_mib = peak_rss_mib()
         if self.device.type == "cuda":
             self.stats.peak_cuda_mib = torch.cuda.max_memory_allocated(self.device) / 2 ** 20

@@ -9,16 +9,17 @@ from __future__ import annotations
 import collections
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import coeffs, media, outputs, pasteback
+from . import coeffs, media, outputs
 from .config import resolve_config
 from .errors import ConfigError, MediaError, RenderError
-from .modes import get_mode
+from .stages import chain_output_size, plan_stages
 
 SIZES_PX = (256, 512)
 
@@ -153,7 +154,8 @@ class PreparedJob:
     ffmpeg: Optional[str]
     compile_decoder: bool
     notes: List[str]
-    transform: object = None  # pasteback's plan (full-mode paste-back into a picture), or None
+    stages: List = field(default_factory=list)  # the frame stages, in chain order (`stages` package)
+    frame_size: Tuple[int, int] = (0, 0)  # (width, height) of the frames written: after the last stage
 
     @property
     def frame_count(self) -> int:
@@ -167,37 +169,55 @@ def read_driving(value) -> Tuple[np.ndarray, str]:
     return coeffs.read_coefficients(value), str(value)
 
 
-SOURCE_IMAGES_KEPT = 8  # resized source images kept per process (a 256 px one is 0.75 MiB)
-_source_images: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
+SOURCE_IMAGES_KEPT = 8  # resized source images kept per cache (a 256 px one is 0.75 MiB)
 
 
-def read_source(value, size_px: int) -> np.ndarray:
-    """The source face from an image path, or an `(H, W, 3)` RGB array (uint8, or float in [0, 1]).
-    A file read before (same path, size and modification time) comes from a small LRU (as a copy): a
-    batch checks each row, then renders it, often with one face for many clips."""
+class SourceImages:
+    """A small LRU of resized source images keyed by (path, size, modification time, size_px), thread-safe.
+    A batch checks each row, then renders it, often with one face for many clips: the Renderer's model
+    cache holds one (`ModelCache.source_images`), with its source states."""
+
+    def __init__(self, entries: int = SOURCE_IMAGES_KEPT):
+        self._images: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
+        self._entries = max(0, entries)
+        self._lock = threading.Lock()
+
+    def read(self, path, size_px: int) -> np.ndarray:
+        """`media.read_source_image(path, size_px)`, from the cache when the file is unchanged (a copy)."""
+        try:
+            info = os.stat(path)
+            key = (os.path.abspath(path), info.st_size, info.st_mtime_ns, size_px)
+        except OSError:
+            key = None  # read_source_image says what is wrong
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key].copy()
+        image = media.read_source_image(path, size_px)
+        if key is not None and self._entries:
+            with self._lock:
+                self._images[key] = image.copy()
+                while len(self._images) > self._entries:
+                    self._images.popitem(last=False)
+        return image
+
+
+def read_source(value, size_px: int, sources: Optional[SourceImages] = None) -> np.ndarray:
+    """The source face from an image path (through `sources` when given), or an `(H, W, 3)` RGB array
+    (uint8, or float in [0, 1])."""
     if isinstance(value, np.ndarray):
         return media.source_from_array(value, size_px)
-    try:
-        info = os.stat(value)
-        key = (os.path.abspath(value), info.st_size, info.st_mtime_ns, size_px)
-    except OSError:
-        key = None  # read_source_image says what is wrong
-    if key in _source_images:
-        _source_images.move_to_end(key)
-        return _source_images[key].copy()
-    image = media.read_source_image(value, size_px)
-    if key is not None:
-        _source_images[key] = image.copy()
-        while len(_source_images) > SOURCE_IMAGES_KEPT:
-            _source_images.popitem(last=False)
-    return image
+    if sources is not None:
+        return sources.read(value, size_px)
+    return media.read_source_image(value, size_px)
 
 
-def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_created: bool = False) -> PreparedJob:
+def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_created: bool = False,
+                sources: Optional[SourceImages] = None) -> PreparedJob:
     """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
     `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
     `folder_created`: the caller creates the MP4's folder before rendering (`sfr batch`), so a missing
-    one is fine when it can be created."""
+    one is fine when it can be created. `sources`: a cache of source images (the Renderer's)."""
     notes: List[str] = []
 
     def noted(message: str) -> None:
@@ -234,11 +254,9 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
                                          expression_scale=job.expression_scale)
     frame_count = semantics.frame_count
     yaw, pitch, roll = (_pose(d, frame_count) for d in (job.yaw, job.pitch, job.roll))
-    image = read_source(job.source, job.size_px)
-    mode = get_mode(job.preprocess)
-    transform = pasteback.plan(Path(job.source), job.size_px, job.paste_into, job.crop_box, mode.pastes_back,
-                               mode.extended_crop, mode.name, noted) if not isinstance(job.source, np.ndarray) else None
-    frame_width, frame_height = transform.output_size if transform is not None else (job.size_px, job.size_px)
+    image = read_source(job.source, job.size_px, sources)
+    stages = plan_stages(job, job.size_px, noted)
+    frame_width, frame_height = chain_output_size(stages, job.size_px, job.size_px)
     if output is not None and (frame_width % 2 or frame_height % 2):
         noted(f"{frame_width}x{frame_height} frames: the MP4 repeats the last "
               f"{'column' if frame_width % 2 else 'row'}{' and row' if frame_width % 2 and frame_height % 2 else ''} "
@@ -271,4 +289,5 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
         noted(f"--compile is ignored on {device.type}: torch.compile speeds up CUDA renders only")
     return PreparedJob(job=job, config=config, files=files, semantics=semantics, image=image, yaw=yaw,
                        pitch=pitch, roll=roll, output=output, frames_dir=frames_dir, ffmpeg=ffmpeg,
-                       compile_decoder=compile_decoder, notes=notes, transform=transform)
+                       compile_decoder=compile_decoder, notes=notes, stages=stages,
+                       frame_size=(frame_width, frame_height))

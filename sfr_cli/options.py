@@ -82,7 +82,7 @@ def Degrees() -> ParsedText:  # noqa: N802 (used like the other Click types)
 
 def CropBox() -> ParsedText:  # noqa: N802
     """`x1,y1,x2,y2`: SadTalker's face box in the original picture (ox1,oy1,ox2,oy2), exclusive ends."""
-    return ParsedText("X1,Y1,X2,Y2", ".pasteback:parse_box")
+    return ParsedText("X1,Y1,X2,Y2", ".stages.paste:parse_box")
 
 
 def Shard() -> ParsedText:  # noqa: N802

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import threading
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -28,8 +29,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .errors import ConfigError
-from .jobs import PreparedJob, RenderJob, RenderReport, prepare_job
-from .streaming import render_prepared, render_prepared_group
+from .jobs import PreparedJob, RenderJob, RenderReport, SourceImages, prepare_job
+from .streaming import build_engine, load_group, render_prepared, render_prepared_group, stream_frames
 from .progress import Reporter, SilentReporter
 
 SOURCE_CACHE_ENTRIES = 8  # source states kept (a 256 px source state is a few MiB)
@@ -43,14 +44,19 @@ PER_CLIP_FIELDS = tuple(f.name for f in fields(RenderJob) if f.name not in SHARE
 
 
 class ModelCache:
-    """Engines keyed by what they were loaded from, and source work keyed by what it was computed from.
+    """What a process keeps between jobs: engines keyed by what they were loaded from, frame stages'
+    weights keyed by their stage (`stage_model`), source images (`source_images`, read by the checks) and
+    source work keyed by what it was computed from; the one source cache. Thread-safe for lookups.
 
     Passed to `streaming.render_prepared` as its `models`."""
 
     def __init__(self, source_entries: int = SOURCE_CACHE_ENTRIES):
         self._engines: Dict[Tuple, object] = {}
+        self._stage_models: Dict[Tuple, object] = {}
         self._sources: "collections.OrderedDict[Tuple, object]" = collections.OrderedDict()
         self._source_entries = max(0, source_entries)
+        self._lock = threading.RLock()
+        self.source_images = SourceImages()
         self.loads = 0  # models loaded so far (for tests and the benchmark)
         self.source_hits = 0
         self.source_seconds = 0.0  # spent on source work (a render cost, kept apart by the benchmark)
@@ -68,14 +74,23 @@ class ModelCache:
 
     def engine(self, prepared: PreparedJob):
         key = self._engine_key(prepared)
-        engine = self._engines.get(key)
-        if engine is None:
-            from .streaming import FreshModels
-
-            engine = self._engines[key] = FreshModels().engine(prepared)
-            self.loads += 1
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = self._engines[key] = build_engine(prepared)
+                self.loads += 1
         engine.stats.batch_sizes.clear()  # per clip (or packed group): the report gives its batches
         return engine
+
+    def stage_model(self, key: Tuple, build: Callable[[], object]):
+        """A frame stage's weights (or any model it needs) for `key` (what they were loaded from and where
+        they run): `build()` once per process and key, shared by every clip after."""
+        with self._lock:
+            model = self._stage_models.get(key)
+            if model is None:
+                model = self._stage_models[key] = build()
+                self.loads += 1
+            return model
 
     @staticmethod
     def _source_key(prepared: PreparedJob) -> str:
@@ -93,18 +108,20 @@ class ModelCache:
     def source_state(self, engine, prepared: PreparedJob):
         window = np.ascontiguousarray(prepared.semantics.source_window(), dtype=np.float32)
         key = (id(engine), self._source_key(prepared))
-        state = self._sources.get(key)
-        if state is not None:
-            self._sources.move_to_end(key)
-            self.source_hits += 1
-            return state
+        with self._lock:
+            state = self._sources.get(key)
+            if state is not None:
+                self._sources.move_to_end(key)
+                self.source_hits += 1
+                return state
         started = time.perf_counter()
         state = engine.prepare_source(prepared.image, window)
         self.source_seconds += time.perf_counter() - started
         if self._source_entries:
-            self._sources[key] = state
-            while len(self._sources) > self._source_entries:
-                self._sources.popitem(last=False)
+            with self._lock:
+                self._sources[key] = state
+                while len(self._sources) > self._source_entries:
+                    self._sources.popitem(last=False)
         return state
 
 
@@ -145,12 +162,15 @@ class Renderer:
         return RenderJob(coeffs=coeffs, source=source, **options, **self.settings)
 
     def frames(self, coeffs, source, **options) -> Iterator[np.ndarray]:
-        """Yield the clip's frames in order, `(H, W, 3) uint8 RGB`: what `sfr render --frames-dir` writes.
-        Everything is checked before the first frame (this is not lazy about errors)."""
-        prepared = prepare_job(self.job(coeffs, source, **options), in_memory=True)
-        engine = self.models.engine(prepared)
-        state = self.models.source_state(engine, prepared)
-        return engine.render(state, prepared.semantics, yaw=prepared.yaw, pitch=prepared.pitch, roll=prepared.roll)
+        """Yield the clip's frames in order, `(H, W, 3) uint8 RGB`: what `sfr render --frames-dir` writes,
+        every frame stage included (paste-back with `paste_into`/`crop_box`, ...). Everything is checked
+        and loaded before the first frame (this is not lazy about errors)."""
+        from .engine import Clip
+
+        prepared = prepare_job(self.job(coeffs, source, **options), in_memory=True, sources=self.models.source_images)
+        engine, state = load_group([prepared], self.models)
+        clip = Clip(prepared.semantics, prepared.yaw, prepared.pitch, prepared.roll)
+        return _frames_only(stream_frames(engine, state, [clip], [prepared.stages]))
 
     def render(self, coeffs, source, output=None, frames_dir=None, audio=None, *,
                reporter: Optional[Reporter] = None, **options) -> RenderReport:
@@ -162,7 +182,7 @@ class Renderer:
         """Render a ready `RenderJob` (its shared settings replaced by this renderer's)."""
         reporter = reporter if reporter is not None else SilentReporter()
         job = replace(job, **self.settings)
-        prepared = prepare_job(job, reporter.note)
+        prepared = prepare_job(job, reporter.note, sources=self.models.source_images)
         return render_prepared(prepared, reporter, self.models)
 
     def render_jobs(self, jobs: Sequence[RenderJob], reporter: Optional[Reporter] = None,
@@ -198,7 +218,8 @@ class Renderer:
             if not group and on_start is not None:
                 on_start(index)  # its turn has come: nothing is waiting to render
             try:
-                prepared, error = prepare_job(replace(job, **self.settings), reporter.note), None
+                prepared = prepare_job(replace(job, **self.settings), reporter.note, sources=self.models.source_images)
+                error = None
                 job_key = self.models.pack_key(prepared)
             except Exception as exc:  # SfrError or a bug: this job's outcome (the caller decides how loud)
                 prepared, error = None, exc
@@ -213,6 +234,13 @@ class Renderer:
             group.append((index, prepared))
             key = job_key
         yield from flush()
+
+
+def _frames_only(tagged: Iterator[Tuple[int, object]]) -> Iterator[np.ndarray]:
+    for _, frame in tagged:
+        if isinstance(frame, Exception):  # a frame stage failed
+            raise frame
+        yield frame
 
 
 def _path(value) -> Optional[Path]:

@@ -13,7 +13,9 @@ import contextlib
 import queue
 import threading
 import time
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -27,37 +29,29 @@ QUEUE_POLL_SECONDS = 0.1
 STOP_WAIT_SECONDS = 5.0  # how long a stopping writer may take to finish its frame before ffmpeg is killed
 COMMITS_IN_FLIGHT = 2  # clips whose ffmpeg may still be finishing while the next clip renders
 
-class FreshModels:
-    """The plain model source: load the networks for this one job, prepare its source, keep nothing.
-    `renderer.ModelCache` is the one that keeps models and source work between jobs."""
+def build_engine(prepared: PreparedJob):
+    """Load the networks a checked job names and build its engine (what `ModelCache.engine` keeps)."""
+    from . import checkpoints
+    from .engine import Engine, EngineOptions, configure_torch, resolve_device
 
-    def engine(self, prepared: PreparedJob):
-        from . import checkpoints
-        from .engine import Engine, EngineOptions, configure_torch, resolve_device
-
-        job = prepared.job
-        configure_torch(resolve_device(job.device))
-        nets = checkpoints.load_networks(prepared.config, prepared.files)
-        return Engine(nets, EngineOptions(device=job.device, precision=job.precision, batch_size=job.batch_size,
-                                          compile=prepared.compile_decoder))
-
-    def source_state(self, engine, prepared: PreparedJob):
-        return engine.prepare_source(prepared.image, prepared.semantics.source_window())
+    job = prepared.job
+    configure_torch(resolve_device(job.device))
+    nets = checkpoints.load_networks(prepared.config, prepared.files)
+    return Engine(nets, EngineOptions(device=job.device, precision=job.precision, batch_size=job.batch_size,
+                                      compile_scope="decoder" if prepared.compile_decoder else "none"))
 
 
-
-def render_job(job: RenderJob, reporter: Reporter, models=None) -> RenderReport:
+def render_job(job: RenderJob, reporter: Reporter, models) -> RenderReport:
     """Check everything, load the model, render `job` into its MP4 and/or PNG frames; return a report.
 
-    `models` gives the engine and the source work (`FreshModels` by default: load for this job only;
-    a `Renderer` passes its cache). Raises SfrError kinds for anything the user can fix; nothing is
-    left at the outputs on failure.
+    `models` gives the engine, the source work and the stages' weights (`renderer.ModelCache`). Raises
+    SfrError kinds for anything the user can fix; nothing is left at the outputs on failure.
     """
     # 1. Everything checkable, cheapest first; no model loads.
-    return render_prepared(prepare_job(job, reporter.note), reporter, models)
+    return render_prepared(prepare_job(job, reporter.note, sources=models.source_images), reporter, models)
 
 
-def render_prepared(prepared: PreparedJob, reporter: Reporter, models=None) -> RenderReport:
+def render_prepared(prepared: PreparedJob, reporter: Reporter, models) -> RenderReport:
     """Steps 2 and 3 of `render_job` for a job `prepare_job` has checked: a group of one."""
     (_, outcome), = render_prepared_group([prepared], reporter, models)
     if isinstance(outcome, BaseException):
@@ -65,16 +59,26 @@ def render_prepared(prepared: PreparedJob, reporter: Reporter, models=None) -> R
     return outcome
 
 
-def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, models=None
+def load_group(group: Sequence[PreparedJob], models):
+    """The engine and source state a group shares, and every job's stages loaded on its device."""
+    engine = models.engine(group[0])
+    state = models.source_state(engine, group[0])
+    for prepared in group:
+        for stage in prepared.stages:
+            stage.load(engine.device, models)
+    return engine, state
+
+
+def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, models
                           ) -> Iterator[Tuple[int, Union[RenderReport, Exception]]]:
     """Render checked jobs that share one engine and one source state (the same model files and
-    settings, the same face and source coefficients: the caller groups them, `renderer.pack_key`) as one
-    stream of batches, each job into its own sinks.
+    settings, the same face and source coefficients: the caller groups them, `ModelCache.pack_key`) as
+    one stream of batches, each job through its own frame stages into its own sinks.
 
     Yields, in job order, `(index in group, RenderReport)` once a job's outputs are committed (after
     its last frame; the commit overlaps the next job's frames), or `(index, error)` when it fails: its
-    sinks failing fails it alone, nothing left at its outputs, and the others go on; the model, the
-    source work or the engine failing fails every job not yet committed. Ctrl-C and other
+    stages or sinks failing fails it alone, nothing left at its outputs, and the others go on; the
+    model, the source work or the engine failing fails every job not yet committed. Ctrl-C and other
     BaseExceptions abort every open sink and propagate. A job's `seconds` run from the previous job's
     last frame (or the stream's start) to the end of its commit: rendering and encoding its frames
     (commits overlap the next job a little). Close the generator (or run it to the end) to release open
@@ -84,23 +88,18 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
 
     if not group:
         return
-    models = models if models is not None else FreshModels()
     first = group[0]
     files = first.files
 
-    # 2. The model (loaded, or found in the caller's cache) and the source work.
+    # 2. The model (loaded, or found in the caller's cache), the source work, the stages' weights.
     reporter.loading(f"loading {files.renderer.name} and {files.mapping.name} ({first.config.name})")
     try:
-        engine = models.engine(first)
-        state = models.source_state(engine, first)
+        engine, state = load_group(group, models)
     except Exception as exc:
         reporter.finish()
         for index in range(len(group)):
             yield index, exc
         return
-    for prepared in group:
-        if prepared.transform is not None:
-            prepared.transform.bind(engine.device)  # the blend runs on the render device, in its own stage thread
     reporter.finish()
     for prepared in group:
         prepared.notes.append(f"{prepared.frame_count} frames on {engine.device}, {engine.precision}, "
@@ -109,7 +108,7 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
     reporter.note(group[0].notes[-1] if len(group) == 1 else f"{total} frames of {len(group)} clips sharing one "
                   f"source on {engine.device}, {engine.precision}, batch size {engine.batch_size or 'auto'}")
 
-    # 3. Frames: engine -> bounded queue -> writer thread -> MP4 and/or PNG frames, per job.
+    # 3. Frames: engine -> stages -> host -> bounded queue -> writer thread -> MP4 and/or PNG frames, per job.
     reporter.start(total)
     with contextlib.closing(_stream(engine, state, group, reporter.advance)) as outcomes:
         for index, outcome, seconds in outcomes:
@@ -117,7 +116,7 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
                 yield index, outcome
                 continue
             prepared, stats = group[index], engine.stats
-            batch_sizes = stats.batch_sizes or [engine.batch_size]  # CUDA auto decides in render_clips()
+            batch_sizes = stats.batch_sizes or [engine.batch_size]
             yield index, RenderReport(
                 output=prepared.output,
                 frames_dir=prepared.frames_dir,
@@ -134,12 +133,121 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
     reporter.finish()
 
 
+# ---------------------------------------------------------------------------------------------------
+# Engine -> stages -> host
+
+
+class StageLane:
+    """Runs each clip's stage chain on the engine's batches and brings the frames to the host, once.
+
+    On CUDA the chain runs on a stream of its own: it waits for the batch's `ready` event (not for
+    the engine's queue), the engine's next batch, already launched, runs beside it, and the frames
+    cross to pinned host memory after the last stage; only this lane waits for its copy. On a CPU the
+    chain runs in line (the engine's kernels already use every core)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def run(self, batch, chains: Sequence[Sequence], skip) -> Iterator[Tuple[int, Union[np.ndarray, Exception]]]:
+        """For each clip in `batch` (a `DeviceFrames`) not in `skip`: `(clip index, (b, H, W, 3) uint8
+        frames on the host)`, or `(clip index, error)` when its chain failed."""
+        import torch
+
+        runs = _owner_runs(batch.owners)
+        if self._stream is None:
+            with torch.inference_mode():
+                for index, lo, hi in runs:
+                    if index not in skip:
+                        yield index, _apply(chains[index], batch.frames[lo:hi], lambda out: out.numpy())
+            return
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
+            if batch.ready is not None:
+                self._stream.wait_event(batch.ready)
+            batch.frames.record_stream(self._stream)  # the engine's memory: not reused before this lane is done
+            pending = []
+            for index, lo, hi in runs:
+                if index not in skip:
+                    pending.append((index, _apply(chains[index], batch.frames[lo:hi], self._to_pinned)))
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        done.synchronize()
+        for index, out in pending:
+            yield index, out if isinstance(out, Exception) else out.numpy()
+
+    @staticmethod
+    def _to_pinned(frames):
+        import torch
+
+        host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        return host
+
+
+def _apply(chain: Sequence, frames, finish):
+    """`frames` through `chain`, then `finish` (to the host); an Exception (not a BaseException) is returned."""
+    try:
+        for stage in chain:
+            frames = stage(frames)
+        return finish(frames.contiguous())
+    except Exception as exc:  # this clip's stages failed: the caller fails this clip alone
+        return exc
+
+
+def _owner_runs(owners: Sequence[int]) -> List[Tuple[int, int, int]]:
+    """`(clip index, start, stop)` for each run of equal owners (a batch holds clips end to end)."""
+    runs: List[Tuple[int, int, int]] = []
+    for position, owner in enumerate(owners):
+        if runs and runs[-1][0] == owner:
+            runs[-1] = (owner, runs[-1][1], position + 1)
+        else:
+            runs.append((owner, position, position + 1))
+    return runs
+
+
+def stream_frames(engine, state, clips: Sequence, chains: Sequence[Sequence], progress=None, skip=None
+                  ) -> Iterator[Tuple[int, Union[np.ndarray, Exception]]]:
+    """Every frame of `clips` (`engine.Clip`s sharing `state`), each through its clip's stage chain, on
+    the host: `(clip index, (H, W, 3) uint8 frame)` in order, or once `(clip index, error)` when that
+    clip's stages failed (its later frames are dropped). `progress(n)` hears of every batch handed out;
+    `skip` (a set the caller may grow) names clips whose frames are no longer wanted. Engine errors
+    propagate. The one path for frames: `sfr render`, `sfr batch`, `Renderer.frames` and `sfr bench`."""
+    skip = skip if skip is not None else set()
+    lane = StageLane(engine.device)
+    for batch in engine.launch_clips(state, clips):
+        count = 0
+        for index, frames in lane.run(batch, chains, set(skip)):
+            if isinstance(frames, Exception):
+                skip.add(index)
+                yield index, frames
+                continue
+            count += len(frames)
+            for frame in frames:
+                yield index, frame
+        engine.record_memory()
+        if progress is not None:
+            progress(len(batch.owners))
+
+
+@dataclass
+class _Job:
+    """One job of a stream: its sinks while open, frames written, when its frames began and ended."""
+
+    prepared: PreparedJob
+    sinks: Optional["ClipSinks"] = None
+    written: int = 0
+    settled: bool = False
+    begun: float = 0.0  # the previous job's last frame (or the stream's start)
+    ended: float = 0.0  # its last frame, its failure, or its commit's end
+
+
 def _stream(engine, state, group: Sequence[PreparedJob], progress
             ) -> Iterator[Tuple[int, Union[int, Exception], float]]:
     """Render the jobs of `group` as one stream into each job's `ClipSinks`; yield `(index, frames
     written, seconds)` when a job is committed, `(index, error, seconds)` when it fails, in job order
-    (see `render_prepared_group`). A job's seconds run from the previous job's last frame (or the
-    stream's start) to its commit's end.
+    (see `render_prepared_group`).
 
     A job's sinks open with its first frame. After its last, its commit (the writer draining, ffmpeg
     finishing the file) runs in the background while the next job's frames render and encode, so
@@ -147,40 +255,41 @@ def _stream(engine, state, group: Sequence[PreparedJob], progress
     `COMMITS_IN_FLIGHT` commits run at once (then the oldest is waited for)."""
     from .engine import Clip
 
-    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
-    open_sinks: Dict[int, ClipSinks] = {}
+    jobs = [_Job(prepared) for prepared in group]
+    jobs[0].begun = time.perf_counter()
     settling: "collections.deque[Tuple[int, Optional[ClipSinks], object]]" = collections.deque()  # job order
-    counts = [0] * len(group)
-    settled = [False] * len(group)
-    begun = [time.perf_counter()] * len(group)  # when each job's frames began: the previous job's last frame
-    ended = [0.0] * len(group)  # when each job's last frame (or its failure) came
+    skip: set = set()
 
     def ready(limit: int) -> Iterator[Tuple[int, Union[int, Exception], float]]:
         """Hand out the settled jobs at the front; a commit still running holds back the jobs behind it,
         unless more than `limit` are waiting."""
         while settling:
             index, sinks, outcome = settling[0]
+            job = jobs[index]
             if sinks is not None:
                 if sinks.committing and len(settling) <= limit:
                     return
-                outcome, ended[index] = sinks.result(), sinks.committed_at
+                outcome, job.ended = sinks.result(), sinks.committed_at
             settling.popleft()
-            yield index, outcome, ended[index] - begun[index]
+            yield index, outcome, job.ended - job.begun
 
-    def settle(index: int, sinks: Optional[ClipSinks], error: Optional[Exception] = None) -> None:
+    def settle(index: int, error: Optional[Exception] = None) -> None:
         """The job is over: commit its sinks in the background or, on `error`, abort them."""
-        settled[index] = True
-        open_sinks.pop(index, None)
-        ended[index] = time.perf_counter()
-        if index + 1 < len(group):
-            begun[index + 1] = ended[index]
+        job = jobs[index]
+        job.settled = True
+        skip.add(index)
+        job.ended = time.perf_counter()
+        if index + 1 < len(jobs):
+            jobs[index + 1].begun = job.ended
         if error is None:
-            sinks.commit_in_background()
-        elif sinks is not None:
-            sinks.abort()
-        settling.append((index, sinks if error is None else None, error))
+            job.sinks.commit_in_background()
+        elif job.sinks is not None:
+            job.sinks.abort()
+        settling.append((index, job.sinks if error is None else None, error))
+        job.sinks = None
 
-    frames = engine.render_clips(state, clips, progress=progress)
+    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
+    frames = stream_frames(engine, state, clips, [p.stages for p in group], progress, skip)
     try:
         while True:
             try:
@@ -188,35 +297,41 @@ def _stream(engine, state, group: Sequence[PreparedJob], progress
             except StopIteration:
                 break
             except Exception as exc:  # the engine failed: every job not yet written fails with it
-                for index in range(len(group)):
-                    if not settled[index]:
-                        settle(index, open_sinks.get(index), exc)
+                for index, job in enumerate(jobs):
+                    if not job.settled:
+                        settle(index, exc)
                 break
-            if settled[index]:
+            job = jobs[index]
+            if job.settled:
                 continue  # a job whose sinks failed: its frames go nowhere
-            sinks = open_sinks.get(index)
+            if isinstance(frame, Exception):  # its stages failed: it alone fails
+                settle(index, frame)
+                continue
             try:
-                if sinks is None:
-                    sinks = open_sinks[index] = ClipSinks(group[index])
-                sinks.put(frame)
+                if job.sinks is None:
+                    job.sinks = ClipSinks.for_job(job.prepared)
+                job.sinks.put(frame)
             except Exception as exc:  # this job's sinks (ffmpeg died, a disk filled): it alone fails
-                settle(index, sinks, exc)
+                settle(index, exc)
             else:
-                counts[index] += 1
-                if counts[index] == group[index].frame_count:
-                    settle(index, sinks)
+                job.written += 1
+                if job.written == job.prepared.frame_count:
+                    settle(index)
             yield from ready(COMMITS_IN_FLIGHT)
-        for index in range(len(group)):  # a job the engine gave too few frames (or none): commit says so
-            if not settled[index]:
+        for index, job in enumerate(jobs):  # a job the engine gave too few frames (or none): commit says so
+            if not job.settled:
                 try:
-                    settle(index, open_sinks.get(index) or ClipSinks(group[index]))
+                    if job.sinks is None:
+                        job.sinks = ClipSinks.for_job(job.prepared)
+                    settle(index)
                 except Exception as exc:
-                    settle(index, open_sinks.get(index), exc)
+                    settle(index, exc)
         yield from ready(0)
     except BaseException:
         # Ctrl-C, SIGTERM, the consumer closing this generator: stop every writer, leave nothing behind
         # (a job whose last frame is in finishes its commit: its files are complete).
-        for sinks in list(open_sinks.values()) + [sinks for _, sinks, _ in settling if sinks is not None]:
+        for sinks in [job.sinks for job in jobs if job.sinks is not None] + \
+                [sinks for _, sinks, _ in settling if sinks is not None]:
             sinks.abort()
         raise
     finally:
@@ -224,45 +339,52 @@ def _stream(engine, state, group: Sequence[PreparedJob], progress
 
 
 class ClipSinks:
-    """One job's outputs while its frames stream: the MP4 and/or PNG writers fed by a writer thread (and,
-    with paste-back, a stage thread transforming frames before it: rendering, blending and encoding
-    overlap, each queue bounded). `commit` after the last frame checks the count and commits the files
-    (`commit_in_background` does it in a thread of its own); `abort` on any failure or interrupt stops
-    the threads and ffmpeg and leaves nothing behind."""
+    """One job's outputs while its frames stream: the MP4 and/or PNG writers fed by a writer thread
+    (rendering and encoding overlap, the queue bounded). `commit` after the last frame checks the count
+    and commits the files (`commit_in_background` does it in a thread of its own); `abort` on any
+    failure or interrupt stops the thread and ffmpeg and leaves nothing behind."""
 
-    def __init__(self, prepared: PreparedJob):
-        job, transform = prepared.job, prepared.transform
-        self.frame_count = prepared.frame_count
-        width_px, height_px = transform.output_size if transform is not None else (job.size_px, job.size_px)
+    def __init__(self, *, output: Optional[Path], frames_dir: Optional[Path], width_px: int, height_px: int,
+                 frame_count: int, fps: float = 25.0, audio: Optional[Path] = None, ffmpeg: Optional[str] = None,
+                 overwrite: bool = False):
+        self.frame_count = frame_count
         self._sinks: list = []
-        self._mp4 = self._png = self._writer = self._stage = self._committer = None
+        self._mp4 = self._png = self._writer = self._committer = None
         self._outcome: Union[int, Exception, None] = None
         self.committed_at = 0.0  # perf_counter() when the background commit ended
         try:
-            if prepared.output is not None:
-                self._mp4 = media.Mp4Writer(prepared.output, width_px=width_px, height_px=height_px, fps=job.fps,
-                                            audio=job.audio, frame_count=self.frame_count, ffmpeg=prepared.ffmpeg,
-                                            pad_odd=True)
+            if output is not None:
+                self._mp4 = media.Mp4Writer(output, width_px=width_px, height_px=height_px, fps=fps, audio=audio,
+                                            frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True)
                 self._sinks.append(self._mp4)
-            if prepared.frames_dir is not None:
-                self._png = media.PngFrameWriter(prepared.frames_dir, replace_existing=job.overwrite)
+            if frames_dir is not None:
+                self._png = media.PngFrameWriter(frames_dir, replace_existing=overwrite)
                 self._sinks.append(self._png)
-            self._writer = self._feed = FrameWriterThread(self._sinks)
-            if transform is not None:
-                self._stage = self._feed = FrameWriterThread([_TransformSink(transform, self._writer)],
-                                                             name="sfr-paste-back")
+            self._writer = FrameWriterThread(self._sinks)
         except BaseException:
             self.abort()
             raise
 
+    @classmethod
+    def for_job(cls, prepared: PreparedJob) -> "ClipSinks":
+        """The sinks a checked job writes: its MP4 and/or frames folder, at its frames' size."""
+        job = prepared.job
+        width_px, height_px = prepared.frame_size
+        return cls(output=prepared.output, frames_dir=prepared.frames_dir, width_px=width_px, height_px=height_px,
+                   frame_count=prepared.frame_count, fps=job.fps, audio=job.audio, ffmpeg=prepared.ffmpeg,
+                   overwrite=job.overwrite)
+
+    @property
+    def writer_seconds(self) -> float:
+        """Seconds the writer thread spent in the sinks (encoding, PNG compression) so far."""
+        return self._writer.sink_seconds if self._writer is not None else 0.0
+
     def put(self, frame: np.ndarray) -> None:
-        """Hand on one `(S, S, 3) uint8` frame; raises the writer's error, if any."""
-        self._feed.put(frame)
+        """Hand on one `(H, W, 3) uint8` frame; raises the writer's error, if any."""
+        self._writer.put(frame)
 
     def commit(self) -> int:
         """Wait for the last frame to be written, check the count, commit the files; returns the count."""
-        if self._stage is not None:
-            self._stage.finish()
         written = self._writer.finish()
         if written != self.frame_count:
             raise RenderError(f"the engine yielded {written} frames for {self.frame_count} coefficient frames")
@@ -306,25 +428,10 @@ class ClipSinks:
         self._release()
 
     def _release(self) -> None:
-        # the writer first: a stage blocked handing it a frame then fails and ends
         if self._writer is not None:
             self._writer.stop(unblock=self._mp4.abort if self._mp4 is not None else None)
-        if self._stage is not None:
-            self._stage.stop()
         for sink in self._sinks:
             sink.abort()
-
-
-class _TransformSink:
-    """A stage thread's sink: transform each frame and hand it on to the next thread."""
-
-    def __init__(self, transform, downstream: "FrameWriterThread"):
-        self._transform = transform
-        self._downstream = downstream
-
-    def write(self, frame) -> None:
-        for out in self._transform([frame]):
-            self._downstream.put(out)
 
 
 class FrameWriterThread:
@@ -342,6 +449,7 @@ class FrameWriterThread:
         self._stopping = threading.Event()
         self.error: Optional[BaseException] = None
         self.frames_written = 0
+        self.sink_seconds = 0.0  # time spent in the sinks' write (the encoder's share of the work)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -354,8 +462,10 @@ class FrameWriterThread:
                     continue
                 if frame is self._DONE:
                     return
+                started = time.perf_counter()
                 for sink in self._sinks:
                     sink.write(frame)
+                self.sink_seconds += time.perf_counter() - started
                 self.frames_written += 1
         except BaseException as exc:  # handed to the caller's thread by put/finish, never dropped
             self.error = exc

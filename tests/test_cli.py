@@ -375,15 +375,17 @@ def test_interrupt_mid_render_leaves_nothing(runner, tmp_path, coeffs_npy, out_d
                                              monkeypatch):
     from sfr_cli import engine
 
-    original = engine.Engine.render_clips  # the one render loop (Engine.render is its one-clip case)
+    original = engine.Engine.launch_clips  # the one render loop (every render's batches come from it)
 
     def interrupted(self, *args, **kwargs):
-        for index, tagged in enumerate(original(self, *args, **kwargs)):
-            if index == 2:
+        handed_out = 0
+        for batch in original(self, *args, **kwargs):
+            if handed_out + len(batch.owners) > 2:
                 raise KeyboardInterrupt
-            yield tagged
+            handed_out += len(batch.owners)
+            yield batch
 
-    monkeypatch.setattr(engine.Engine, "render_clips", interrupted)
+    monkeypatch.setattr(engine.Engine, "launch_clips", interrupted)
     frames = out_dir / "frames"
     result = runner.invoke(sfr, render_args(coeffs_npy, out_dir, tiny_checkpoints, "--frames-dir", str(frames),
                                             "--audio", str(REPO / "demo" / "speech.wav")))

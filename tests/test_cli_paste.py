@@ -146,3 +146,22 @@ def test_crop_box_command(runner, golden, reference_dir):
     result = runner.invoke(sfr, ["crop-box", "--source", str(golden / "crop.png"),
                                  "--original", str(reference_dir / "sample_face_640x896.png")])
     assert_user_error(result, None, "does not contain the crop", "--crop-box")
+
+
+@pytest.mark.parametrize("how", ["paste_into", "crop_box"])
+def test_renderer_frames_are_what_render_frames_dir_writes(runner, tmp_path, golden, tiny_checkpoints, how):
+    """One path for frames: the API yields the pasted (or aspect-resized) frames `sfr render` writes, not
+    the 256x256 faces."""
+    from sfr_cli import Renderer
+
+    extra = (["--paste-into", str(golden / "original.png")] if how == "paste_into"
+             else ["--crop-box", ",".join(map(str, BOX))])
+    result = runner.invoke(sfr, full_args(golden, tiny_checkpoints, None, *extra, "--frames-dir", str(tmp_path / "f")))
+    assert result.exit_code == 0, result.output
+    written = read_frames(tmp_path / "f")
+    options = dict(paste_into=golden / "original.png") if how == "paste_into" else dict(crop_box=BOX)
+    renderer = Renderer(checkpoint_dir=tiny_checkpoints, config="tiny", device="cpu", batch_size=2)
+    yielded = np.stack(list(renderer.frames(golden / "coeffs.mat", golden / "crop.png", preprocess="full",
+                                            source_coeffs=golden / "source_coeffs.mat", **options)))
+    assert yielded.shape == written.shape == ((3, 1024, 640, 3) if how == "paste_into" else (3, 261, 256, 3))
+    np.testing.assert_array_equal(yielded, written)

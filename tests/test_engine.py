@@ -142,11 +142,11 @@ def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tin
 def simulate_oom_above(monkeypatch, limit, calls):
     real = Engine.launch_batch
 
-    def launch_batch(self, source, windows, *poses):
+    def launch_batch(self, source, windows, *poses, **kwargs):
         calls.append(len(windows))
         if len(windows) > limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(self, source, windows, *poses)
+        return real(self, source, windows, *poses, **kwargs)
 
     monkeypatch.setattr(Engine, "launch_batch", launch_batch)
 
@@ -186,7 +186,7 @@ def test_other_errors_are_never_retried(tiny_nets, job, monkeypatch):
     source = engine.prepare_source(image, semantics.source_window())
     calls = []
 
-    def broken(self, source, windows, *poses):
+    def broken(self, source, windows, *poses, **kwargs):
         calls.append(len(windows))
         raise RuntimeError("a real bug")
 

@@ -119,10 +119,25 @@ def render_engine(nets, image, semantics, **options):
 def test_auto_batch_size_is_planned_from_free_memory(tiny_nets):
     image, semantics = job_inputs(70, 40, 256)
     engine, frames = render_engine(tiny_nets, image, semantics)
-    assert 2 <= engine.batch_size <= 64 and max(engine.stats.batch_sizes) == engine.batch_size
+    assert engine.batch_size == 0  # auto: planned per render, the engine's setting stays "auto"
+    assert 2 <= max(engine.stats.batch_sizes) <= 40
     _, single = render_engine(tiny_nets, image, semantics, batch_size=1)
     worst, share = level_gap(frames, single)
     assert worst <= 1 and share <= 0.005
+
+
+def test_auto_batch_is_planned_per_render_not_frozen_by_the_first(checkpoints_by_size):
+    """A Renderer that previews a 1-frame clip first still renders a later 200-frame clip in full batches."""
+    from sfr_cli import Renderer
+
+    image, semantics = job_inputs(70, 200, 256)
+    coeffs = np.repeat(semantics.windows(0, 200)[:, :, 13], 1, axis=0)
+    face = (image.transpose(1, 2, 0) * 255).astype(np.uint8)
+    renderer = Renderer(checkpoint_dir=checkpoints_by_size[256], config="tiny", device="cuda")
+    assert len(list(renderer.frames(coeffs[:1], face))) == 1
+    assert len(list(renderer.frames(coeffs, face))) == 200
+    engine, = renderer.models.engines
+    assert max(engine.stats.batch_sizes) > 1 and len(engine.stats.batch_sizes) < 200
 
 
 def test_real_out_of_memory_backs_off_and_loses_no_frame(tiny_nets):
@@ -145,7 +160,7 @@ def test_real_out_of_memory_backs_off_and_loses_no_frame(tiny_nets):
     finally:
         del hold
         torch.cuda.empty_cache()
-    assert engine.stats.oom_retries >= 2 and engine.batch_size <= 16
+    assert engine.stats.oom_retries >= 2 and engine.stats.batch_sizes[-1] <= 16
     assert sum(engine.stats.batch_sizes) == 64 and len(frames) == 64
     worst, share = level_gap(frames, reference)
     assert worst <= 1 and share <= 0.005
@@ -159,7 +174,7 @@ def test_compile_pads_the_last_batch_instead_of_recompiling(tiny_nets):
     torch._dynamo.reset()
     torch._dynamo.config.error_on_recompile = True  # the short last batch (3 frames) must not recompile
     try:
-        engine, compiled = render_engine(tiny_nets, image, semantics, batch_size=4, compile=True)
+        engine, compiled = render_engine(tiny_nets, image, semantics, batch_size=4, compile_scope="decoder")
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert engine.stats.batch_sizes == [4, 3] and len(compiled) == 7

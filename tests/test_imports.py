@@ -31,7 +31,7 @@ def rule(internal=(), external=(), stdlib=True) -> Rule:
 
 # The modules the glue may compose ("the modules above" in STYLE.md): everything but the entry points.
 LIBRARY = {"errors", "modes", "config", "outputs", "nets", "checkpoints", "coeffs", "engine", "media", "progress",
-           "pasteback"}
+           "stages"}
 
 # One line per module (a `.*` line covers a subpackage). Keep it to what STYLE.md's table allows.
 RULES = {
@@ -51,7 +51,8 @@ RULES = {
     "sfr_cli.media.ffmpeg": rule({"errors"}, {"imageio_ffmpeg"}),
     "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
     # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
-    "sfr_cli.pasteback": rule({"media", "errors", "nets"}, {"numpy", "torch"}),
+    "sfr_cli.stages": rule(),  # the stage registry: imports its stage modules by name, lazily
+    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints"}, {"numpy", "torch"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads
     "sfr_cli.streaming": rule(LIBRARY | {"jobs"}, {"numpy", "torch"}),  # frames through stages into sinks

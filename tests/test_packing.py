@@ -1,5 +1,5 @@
 """Packed rendering: consecutive clips sharing a model and a source face run as one stream of batches
-(`Engine.render_clips`, `streaming.render_prepared_group`, `Renderer.render_jobs`, `sfr batch`), with
+(`Engine.launch_clips`, `streaming.render_prepared_group`, `Renderer.render_jobs`, `sfr batch`), with
 every clip's frames, files, failures and interrupts its own. Tiny random weights, clips of a few frames."""
 
 import json
@@ -219,15 +219,15 @@ def write_manifest(path: Path, folder: Path, out: Path, counts=FRAME_COUNTS) -> 
 
 @pytest.fixture
 def packed_calls(monkeypatch):
-    """The frame count of every clip of every `render_clips` call (spied on, still rendering)."""
+    """The frame count of every clip of every `launch_clips` call (spied on, still rendering)."""
     calls = []
-    original = engine_module.Engine.render_clips
+    original = engine_module.Engine.launch_clips
 
     def spy(self, source, clips, **kwargs):
         calls.append([clip.frame_count for clip in clips])
         return original(self, source, clips, **kwargs)
 
-    monkeypatch.setattr(engine_module.Engine, "render_clips", spy)
+    monkeypatch.setattr(engine_module.Engine, "launch_clips", spy)
     return calls
 
 
@@ -313,15 +313,17 @@ def test_an_engine_failure_mid_group_fails_the_clips_not_yet_written(folder, tin
 
 def test_interrupt_mid_group_leaves_only_committed_clips(folder, tiny_checkpoints, tmp_path, monkeypatch):
     """Ctrl-C while the second clip streams (its MP4 and PNG frames open, the first clip committed)."""
-    original = engine_module.Engine.render_clips
+    original = engine_module.Engine.launch_clips
 
     def interrupted(self, *args, **kwargs):
-        for count, tagged in enumerate(original(self, *args, **kwargs)):
-            if count == FRAME_COUNTS[0] + 2:
+        handed_out = 0
+        for batch in original(self, *args, **kwargs):
+            if handed_out + len(batch.owners) > FRAME_COUNTS[0] + 2:
                 raise KeyboardInterrupt
-            yield tagged
+            handed_out += len(batch.owners)
+            yield batch
 
-    monkeypatch.setattr(engine_module.Engine, "render_clips", interrupted)
+    monkeypatch.setattr(engine_module.Engine, "launch_clips", interrupted)
     r = renderer(tiny_checkpoints)
     made = jobs(r, folder, tmp_path, kind="output")
     made[1] = r.job(made[1].coeffs, made[1].source, source_coeffs=made[1].source_coeffs, still=True,
@@ -341,7 +343,7 @@ def test_interrupt_mid_group_leaves_only_committed_clips(folder, tiny_checkpoint
 
 
 def test_paste_back_clips_pack_like_any_other(reference_dir, tiny_checkpoints, tmp_path):
-    """Full mode pasted into the original picture: each clip's stage thread blends its own frames, so
+    """Full mode pasted into the original picture: each clip's paste stage blends its own frames, so
     two clips of the golden case packed at batch size 2 (batches [2, 2, 2]) equal one rendered alone."""
     golden = reference_dir / "golden-paste"
     r = renderer(tiny_checkpoints, batch_size=2)

@@ -92,11 +92,11 @@ def test_golden_crop_through_simulated_out_of_memory(pth_engine, monkeypatch):
     calls = []
     real = Engine.launch_batch
 
-    def flaky(self, source, windows, *poses):
+    def flaky(self, source, windows, *poses, **kwargs):
         calls.append(len(windows))
         if len(windows) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, source, windows, *poses)
+        return real(self, source, windows, *poses, **kwargs)
 
     monkeypatch.setattr(Engine, "launch_batch", flaky)
     pth_engine.batch_size = 4

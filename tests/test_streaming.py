@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from sfr_cli.media import count_video_frames, find_ffmpeg
 from sfr_cli.jobs import RenderJob, RenderReport
-from sfr_cli.streaming import render_job
+from sfr_cli.media import count_video_frames, find_ffmpeg
 from sfr_cli.progress import SilentReporter
+from sfr_cli.renderer import ModelCache
+from sfr_cli.streaming import render_job
 
 FPS = 25.0
 FRAMES = 4
@@ -54,7 +55,7 @@ def test_golden_crop_inputs_to_mp4(reference_dir, tiny_checkpoints, tmp_path):
                     source_coeffs=golden / "source_coeffs.mat", output=output,
                     audio=reference_dir / "sample_speech_24k_mono.wav", fps=FPS,
                     checkpoint_dir=tiny_checkpoints, config="tiny", batch_size=2, device="cpu")
-    report = render_job(job, SilentReporter())
+    report = render_job(job, SilentReporter(), ModelCache())
 
     assert isinstance(report, RenderReport)
     assert report.output == output and report.frames_dir is None and report.frames == FRAMES

@@ -1,29 +1,29 @@
-"""Paste-back as a render stage: which box, what size the output frames are, and the frame transform
-that runs between the engine and the sinks.
+"""Paste-back as two frame stages: the aspect resize and the blend into the original picture.
 
 SadTalker's full modes end with two steps after the 256x256 face: `animate.py` resizes each frame to
-the face box's aspect `(size, int(size * h / w))` and `paste_pic.py` resizes that to the box and
-blends it into the original picture with `seamlessClone`. The math is in `nets/paste.py`; pictures
-are read by `media`; this module decides and checks, before any model loads.
+the face box's aspect `(size, int(size * h / w))` (stage `aspect`, also alone with `--crop-box` and no
+picture: SadTalker's `<name>.mp4`) and `paste_pic.py` resizes that to the box and blends it into the
+original picture with `seamlessClone` (stage `paste`). The math is in `nets/paste.py`; pictures are read
+by `media`; `plan` decides and checks, before any model loads, which box and which stages.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 
-from . import media
-from .errors import MediaError
+from .. import media
+from ..errors import MediaError
+from ..modes import get_mode
 
 Box = Tuple[int, int, int, int]
 # A crop written by SadTalker from this very picture matches exactly; a JPEG original decoded by
 # another library than OpenCV's may differ by a level or two. Beyond this mean difference (levels),
 # the picture does not hold the crop.
 CROP_MATCH_MAX_MEAN_LEVELS = 2.0
-CPU_STAGE_THREADS = 1
 BOX_HINT = "pass the box as --crop-box x1,y1,x2,y2 (SadTalker's ox1,oy1,ox2,oy2 from crop_info)"
 
 
@@ -47,7 +47,7 @@ def parse_box(text: str) -> Box:
 
 def aspect_size(size_px: int, box: Box) -> Tuple[int, int]:
     """(width, height) of SadTalker's `<name>.mp4` frames for this box: `(size, int(size * h / w))`."""
-    from .nets.paste import aspect_height_px
+    from ..nets.paste import aspect_height_px
 
     return size_px, aspect_height_px(size_px, box[2] - box[0], box[3] - box[1])
 
@@ -64,7 +64,7 @@ def find_crop_box(crop_path: Path, picture_path: Path, crop_what: str = "--sourc
 def locate_crop(crop: np.ndarray, picture: np.ndarray, crop_path: Path, picture_path: Path):
     import torch
 
-    from .nets import paste
+    from ..nets import paste
 
     height_px, width_px = picture.shape[:2]
     if min(height_px, width_px) < paste.MIN_BOX_PX:
@@ -89,73 +89,77 @@ def describe_match(match) -> str:
 
 
 @dataclass
-class FrameTransform:
-    """Turns the engine's `(S, S, 3) uint8` frames into the output frames, on `device`.
-
-    With `picture`: SadTalker's full paste (aspect resize, box resize, seamlessClone blend); the
-    output is the picture's size. Without: the aspect resize alone (SadTalker's `<name>.mp4`).
-    """
+class AspectResize:
+    """Stage `aspect`: `(B, S, S, 3) uint8` frames -> `(B, int(S*h/w), S, 3)` for the box `w x h` (bilinear,
+    exact to `cv2.resize`), as SadTalker's animate.py does before pasting or for its `<name>.mp4`."""
 
     box: Box
-    size_px: int
-    picture: Optional[np.ndarray] = None
-    device: str = "cpu"
+    name: str = "aspect"
 
-    @property
-    def output_size(self) -> Tuple[int, int]:
-        """(width, height) of every output frame."""
-        if self.picture is not None:
-            return self.picture.shape[1], self.picture.shape[0]
-        return aspect_size(self.size_px, self.box)
+    def output_size(self, width_px: int, height_px: int) -> Tuple[int, int]:
+        return aspect_size(width_px, self.box)
 
-    def bind(self, device) -> "FrameTransform":
-        """Run on `device` (the render device) from now on."""
-        self.device = str(device)
-        self._picture_t = None
-        return self
+    def load(self, device, models) -> None:
+        """No weights."""
 
-    def __call__(self, frames: List[np.ndarray]) -> List[np.ndarray]:
+    def __call__(self, frames):
+        from ..nets import paste
+
+        return paste.resize_to_box_aspect(frames, self.box[2] - self.box[0], self.box[3] - self.box[1])
+
+
+@dataclass
+class PasteBack:
+    """Stage `paste`: aspect-sized frames resized to the box and blended into `picture` (`(H, W, 3) uint8`,
+    the original) as SadTalker's `seamlessClone(NORMAL_CLONE)`; the output is the picture's size."""
+
+    box: Box
+    picture: np.ndarray
+    name: str = "paste"
+    _picture_t: object = field(default=None, repr=False)
+
+    def output_size(self, width_px: int, height_px: int) -> Tuple[int, int]:
+        return self.picture.shape[1], self.picture.shape[0]
+
+    def load(self, device, models) -> None:
+        """The picture goes to the render device once."""
         import torch
 
-        from .nets import paste
+        self._picture_t = torch.from_numpy(self.picture).to(device)
 
-        if self.device == "cpu" and not getattr(self, "_threads_set", False):
-            # This runs in its own stage thread beside the engine's: one OpenMP thread here (the setting is
-            # per calling thread) keeps the two from fighting over the cores; small FFTs gain nothing more.
-            torch.set_num_threads(CPU_STAGE_THREADS)
-            self._threads_set = True
-        batch = torch.from_numpy(np.stack(frames)).to(self.device)
-        if self.picture is None:
-            out = paste.resize_to_box_aspect(batch, self.box[2] - self.box[0], self.box[3] - self.box[1])
-        else:
-            if getattr(self, "_picture_t", None) is None:
-                self._picture_t = torch.from_numpy(self.picture).to(self.device)
-            out = paste.paste_back(batch, self._picture_t, self.box)
-        out = out.cpu().numpy()
-        return [out[i] for i in range(out.shape[0])]
+    def __call__(self, frames):
+        from ..nets import paste
+
+        x1, y1, x2, y2 = self.box
+        return paste.paste_frames(paste.resize_linear(frames, x2 - x1, y2 - y1), self._picture_t, self.box)
 
 
-def plan(source: Path, size_px: int, paste_into: Optional[Path], crop_box: Optional[Box], pastes_back: bool,
-         extended_crop: bool, mode_name: str, note: Callable[[str], None]) -> Optional[FrameTransform]:
-    """Check the paste-back options and return the stage to run, or None (frames stay `size x size`).
+def plan(job, size_px: int, note: Callable[[str], None]) -> List:
+    """Check the paste-back options of `job` (a `jobs.RenderJob`) and return its stages: none (frames stay
+    `size x size`), `aspect` alone (`--crop-box` without a picture) or `aspect` + `paste`.
 
     Reads the original picture and, without `crop_box`, finds the box (seconds, no model needed).
     """
+    if job.paste_into is not None and job.crop_box is None and isinstance(job.source, np.ndarray):
+        raise MediaError("paste_into with the source as an array: give crop_box= too (the box is found by "
+                         "matching SadTalker's crop file in the picture)")
+    mode = get_mode(job.preprocess)
+    paste_into, crop_box = job.paste_into, job.crop_box
     if paste_into is None:
-        if pastes_back and crop_box is None:
-            box_from = "crop alone" if extended_crop else "crop and quad"
-            note(f"SadTalker pastes {mode_name} frames back into the original picture; pass --paste-into "
+        if mode.pastes_back and crop_box is None:
+            box_from = "crop alone" if mode.extended_crop else "crop and quad"
+            note(f"SadTalker pastes {mode.name} frames back into the original picture; pass --paste-into "
                  f"ORIGINAL (and --crop-box, its ox1,oy1,ox2,oy2 from {box_from}, if known) to do the same")
         if crop_box is None:
-            return None
+            return []
         width, height = aspect_size(size_px, crop_box)
         note(f"frames resized to the crop box's aspect, {width}x{height}, as SadTalker's <name>.mp4")
-        return FrameTransform(box=crop_box, size_px=size_px)
+        return [AspectResize(crop_box)]
     picture = media.read_picture_uint8(paste_into, "--paste-into")
     height_px, width_px = picture.shape[:2]
     if crop_box is None:
-        crop = media.read_picture_uint8(source, "--source")
-        match = locate_crop(crop, picture, Path(source), Path(paste_into))
+        crop = media.read_picture_uint8(job.source, "--source")
+        match = locate_crop(crop, picture, Path(job.source), Path(paste_into))
         crop_box = match.box
         note(f"{describe_match(match)} in {paste_into}")
     else:
@@ -167,4 +171,4 @@ def plan(source: Path, size_px: int, paste_into: Optional[Path], crop_box: Optio
         if x1 < 0 or y1 < 0 or x2 > width_px or y2 > height_px:
             note(f"--crop-box {format_box(crop_box)} runs past the {width_px}x{height_px} picture; "
                  "the part inside is blended (SadTalker would fail here)")
-    return FrameTransform(box=crop_box, size_px=size_px, picture=picture)
+    return [AspectResize(crop_box), PasteBack(crop_box, picture)]
