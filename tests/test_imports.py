@@ -41,7 +41,8 @@ RULES = {
     "sfr_cli.outputs": rule({"errors"}),  # temporary names beside a target, atomic replace
     "sfr_cli.config": rule({"errors", "modes"}, {"yaml"}),
     "sfr_cli.nets": rule({"nets"}, {"torch"}),
-    "sfr_cli.nets.*": rule({"nets"}, {"torch"}),
+    # numpy: only the enhancer nets' seeded test weights (nets.random_draws: PCG64 streams, as the reference)
+    "sfr_cli.nets.*": rule({"nets"}, {"torch", "numpy"}),
     "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
     "sfr_cli.coeffs": rule({"errors", "modes"}, {"numpy", "scipy"}),
     "sfr_cli.engine": rule({"nets", "checkpoints", "config", "errors", "modes"}, {"torch", "numpy"}),
