@@ -40,7 +40,8 @@ RULES = {
     "sfr_cli.modes": rule({"errors"}),
     "sfr_cli.outputs": rule({"errors"}),  # temporary names beside a target, atomic replace
     "sfr_cli.config": rule({"errors", "modes"}, {"yaml"}),
-    "sfr_cli.nets": rule({"nets"}, {"torch", "numpy"}),
+    "sfr_cli.nets": rule({"nets"}, {"torch"}),
+    # numpy: the enhancer nets' seeded test weights (PCG64 streams, as the reference scripts draw them)
     "sfr_cli.nets.*": rule({"nets"}, {"torch", "numpy"}),
     "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
     "sfr_cli.coeffs": rule({"errors", "modes"}, {"numpy", "scipy"}),
