@@ -12,7 +12,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,6 +53,11 @@ class RenderJob:
     overwrite: bool = False  # replace an existing MP4 / earlier frames in frames_dir
     paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
     crop_box: Optional[Tuple[int, int, int, int]] = None  # x1,y1,x2,y2 in it; None with paste_into: found
+    enhancer: Optional[str] = None  # the face enhancer after paste-back: "gfpgan" (SadTalker's) or None
+    enhancer_dir: Optional[Path] = None  # its weights' folder; None: searched beside the checkpoints
+    enhancer_upscale: int = 2  # 2: twice the size, as SadTalker; 1: the frames' own size
+    enhancer_noise: str = "stored"  # StyleGAN2 noise: "stored" in the weights file, or "random" per face
+    enhancer_seed: Optional[int] = None  # the random noise's seed (None: drawn, and reported)
 
 
 @dataclass
@@ -71,12 +76,15 @@ class RenderReport:
     precision: str
     batch_size: int
     notes: List[str] = field(default_factory=list)
+    stages: Dict[str, object] = field(default_factory=dict)  # what the frame stages report (enhancer, ...)
 
     def to_json(self) -> str:
         """One JSON object (no notes): output, frames_dir, frames, seconds, frames_per_second, peak_rss_mib,
-        peak_cuda_mib, device, precision, batch_size."""
+        peak_cuda_mib, device, precision, batch_size, and what the frame stages report (e.g. enhancer,
+        enhancer_noise_seed)."""
         data = asdict(self)
         data.pop("notes")
+        data.update(data.pop("stages"))
         for key in ("output", "frames_dir"):
             data[key] = str(data[key]) if data[key] is not None else None
         data["seconds"] = round(self.seconds, 3)
@@ -279,6 +287,8 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
                                          checkpoint=job.checkpoint, mapping=job.mapping)
     found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
              outputs.JobInput(files.mapping, "mapping checkpoint")]
+    found += [outputs.JobInput(path, f"{stage.name} weights") for stage in stages
+              for path in getattr(stage, "input_files", ())]
     check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
     from .engine import check_precision, resolve_device
 
@@ -291,3 +301,98 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
                        pitch=pitch, roll=roll, output=output, frames_dir=frames_dir, ffmpeg=ffmpeg,
                        compile_decoder=compile_decoder, notes=notes, stages=stages,
                        frame_size=(frame_width, frame_height))
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# `sfr enhance`: the frame stages on frames that already exist
+
+
+@dataclass(frozen=True)
+class EnhanceJob:
+    """Everything `sfr enhance` takes: frames in (a video, or a folder of pictures), the enhancer's options
+    (the same names as `RenderJob`'s), and where to write."""
+
+    input: Path
+    output: Optional[Path] = None  # the MP4; None with frames_dir = frames only, None without = <input>_enhanced.mp4
+    frames_dir: Optional[Path] = None
+    fps: Optional[float] = None  # None: the video's own rate (a frames folder: 25)
+    enhancer: str = "gfpgan"
+    enhancer_dir: Optional[Path] = None
+    enhancer_upscale: int = 2
+    enhancer_noise: str = "stored"
+    enhancer_seed: Optional[int] = None
+    checkpoint_dir: Optional[Path] = None  # where the enhancer's weights are looked for, as for sfr render
+    batch_size: Optional[int] = None  # frames per batch (None: 4 on a CPU, 16 on CUDA)
+    device: str = "auto"
+    precision: str = "fp32"
+    overwrite: bool = False
+
+
+@dataclass
+class PreparedEnhance:
+    job: EnhanceJob
+    source: object  # media.FrameSource
+    stages: List
+    frame_size: Tuple[int, int]
+    output: Optional[Path]
+    frames_dir: Optional[Path]
+    fps: float
+    audio: Optional[Path]  # the input video, when its sound is kept
+    audio_copy: bool
+    ffmpeg: Optional[str]
+    notes: List[str]
+
+    @property
+    def frame_count(self) -> int:
+        return self.source.frame_count
+
+
+DEFAULT_ENHANCE_FPS = 25.0
+
+
+def prepare_enhance(job: EnhanceJob, note=None) -> PreparedEnhance:
+    """Every check `sfr enhance` makes before any model loads (input, outputs, ffmpeg, the weights)."""
+    notes: List[str] = []
+
+    def noted(message: str) -> None:
+        notes.append(message)
+        if note is not None:
+            note(message)
+
+    if job.batch_size is not None and job.batch_size < 1:
+        raise RenderError(f"batch size {job.batch_size}: must be at least 1 (or auto)")
+    if job.fps is not None:
+        media.check_fps(job.fps)
+    input_path = Path(job.input)
+    output = Path(job.output) if job.output is not None else None
+    frames_dir = Path(job.frames_dir) if job.frames_dir is not None else None
+    if output is None and frames_dir is None:
+        output = Path(input_path.name.rsplit(".", 1)[0] + "_enhanced.mp4")
+    inputs = [outputs.JobInput(input_path, "--input")]
+    check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=noted)
+    ffmpeg = media.find_ffmpeg() if output is not None or input_path.is_file() else None
+    source = media.FrameSource(input_path, ffmpeg)
+    fps = job.fps or source.fps or DEFAULT_ENHANCE_FPS
+    stages = plan_stages(job, source.width_px, noted, kinds=("enhance",))
+    frame_width, frame_height = chain_output_size(stages, source.width_px, source.height_px)
+    audio, audio_copy = None, False
+    if output is not None:
+        media.check_output_writable(output)
+        if source.files is None:
+            try:
+                info = media.probe_audio(input_path, ffmpeg)
+            except MediaError:
+                info = None  # a silent video
+            if info is not None:
+                audio, audio_copy = input_path, info.codec == "aac"
+                noted(f"sound of {input_path} kept ({'copied as it is' if audio_copy else f'{info.codec} encoded to AAC'})")
+        if frame_width % 2 or frame_height % 2:
+            noted(f"{frame_width}x{frame_height} frames: the MP4 repeats the last row/column (H.264 needs even sizes)")
+    found = [outputs.JobInput(path, f"{stage.name} weights") for stage in stages for path in getattr(stage, "input_files", ())]
+    check_outputs(output, frames_dir, found, overwrite=True)
+    from .engine import check_precision, resolve_device
+
+    check_precision(job.precision, resolve_device(job.device))
+    return PreparedEnhance(job=job, source=source, stages=stages, frame_size=(frame_width, frame_height), output=output,
+                           frames_dir=frames_dir, fps=fps, audio=audio, audio_copy=audio_copy, ffmpeg=ffmpeg, notes=notes)

@@ -129,6 +129,7 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
                 precision=engine.precision,
                 batch_size=int(max(batch_sizes)),
                 notes=prepared.notes,
+                stages={k: v for stage in prepared.stages if hasattr(stage, "report") for k, v in stage.report().items()},
             )
     reporter.finish()
 
@@ -229,6 +230,69 @@ def stream_frames(engine, state, clips: Sequence, chains: Sequence[Sequence], pr
         engine.record_memory()
         if progress is not None:
             progress(len(batch.owners))
+
+
+CPU_ENHANCE_BATCH = 4  # frames per stage call of `sfr enhance` on a CPU
+CUDA_ENHANCE_BATCH = 16
+
+
+def render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
+    """`sfr enhance`: a checked `jobs.PreparedEnhance`'s frames, read in batches, through its stages on the
+    device (the same `StageLane` as a render's), into its sinks. Nothing is left at the outputs on failure
+    or interrupt; memory stays flat (frames are read, enhanced and written a batch at a time)."""
+    import torch
+
+    from .engine import DeviceFrames, configure_torch, peak_rss_mib, resolve_device
+
+    job = prepared.job
+    device = resolve_device(job.device)
+    configure_torch(device)
+    reporter.loading(f"loading the {job.enhancer} enhancer")
+    for stage in prepared.stages:
+        stage.load(device, models)
+    reporter.finish()
+    batch = job.batch_size or (CUDA_ENHANCE_BATCH if device.type == "cuda" else CPU_ENHANCE_BATCH)
+    reporter.note(f"{prepared.frame_count} frames of {prepared.source.width_px}x{prepared.source.height_px} "
+                  f"on {device}, batch size {batch}")
+    width_px, height_px = prepared.frame_size
+    lane = StageLane(device)
+    started = time.perf_counter()
+    reporter.start(prepared.frame_count)
+    sinks = ClipSinks(output=prepared.output, frames_dir=prepared.frames_dir, width_px=width_px, height_px=height_px,
+                      frame_count=prepared.frame_count, fps=prepared.fps, audio=prepared.audio, ffmpeg=prepared.ffmpeg,
+                      overwrite=job.overwrite, audio_copy=prepared.audio_copy)
+    try:
+        pending: List[np.ndarray] = []
+
+        def flush() -> None:
+            frames = torch.from_numpy(np.stack(pending)).to(device)
+            for _, out in lane.run(DeviceFrames(frames, [0] * len(pending)), [prepared.stages], set()):
+                if isinstance(out, Exception):
+                    raise out
+                for frame in out:
+                    sinks.put(frame)
+            reporter.advance(len(pending))
+            pending.clear()
+
+        for frame in prepared.source.frames():
+            pending.append(frame)
+            if len(pending) == batch:
+                flush()
+        if pending:
+            flush()
+        written = sinks.commit()
+    except BaseException:
+        sinks.abort()
+        reporter.finish()
+        raise
+    reporter.finish()
+    seconds = time.perf_counter() - started
+    return RenderReport(
+        output=prepared.output, frames_dir=prepared.frames_dir, frames=written, seconds=seconds,
+        frames_per_second=written / seconds if seconds > 0 else 0.0, peak_rss_mib=round(peak_rss_mib(), 1),
+        peak_cuda_mib=round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None,
+        device=str(device), precision="fp32", batch_size=batch, notes=prepared.notes,
+        stages={k: v for stage in prepared.stages for k, v in stage.report().items()})
 
 
 @dataclass
@@ -346,7 +410,7 @@ class ClipSinks:
 
     def __init__(self, *, output: Optional[Path], frames_dir: Optional[Path], width_px: int, height_px: int,
                  frame_count: int, fps: float = 25.0, audio: Optional[Path] = None, ffmpeg: Optional[str] = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, audio_copy: bool = False):
         self.frame_count = frame_count
         self._sinks: list = []
         self._mp4 = self._png = self._writer = self._committer = None
@@ -355,7 +419,7 @@ class ClipSinks:
         try:
             if output is not None:
                 self._mp4 = media.Mp4Writer(output, width_px=width_px, height_px=height_px, fps=fps, audio=audio,
-                                            frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True)
+                                            frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True, audio_copy=audio_copy)
                 self._sinks.append(self._mp4)
             if frames_dir is not None:
                 self._png = media.PngFrameWriter(frames_dir, replace_existing=overwrite)

@@ -48,7 +48,7 @@ RULES = {
     "sfr_cli.engine": rule({"nets", "checkpoints", "config", "errors", "modes"}, {"torch", "numpy"}),
     "sfr_cli.media": rule({"media"}),  # the package's public surface, from its own modules
     # PIL reads any source image format; scipy.ndimage resizes as SadTalker's skimage path does
-    "sfr_cli.media.source": rule({"errors"}, {"numpy", "PIL", "scipy"}),
+    "sfr_cli.media.source": rule({"errors", "media"}, {"numpy", "PIL", "scipy", "imageio_ffmpeg"}),
     "sfr_cli.media.ffmpeg": rule({"errors"}, {"imageio_ffmpeg"}),
     "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
     # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste

@@ -108,12 +108,13 @@ class AudioInfo:
     """What ffmpeg says about an audio file's first audio stream."""
 
     path: Path
-    sample_rate_hz: int
+    codec: str  # ffmpeg's name of its codec: "aac", "pcm_s16le", ... (an MP4 can take "aac" as it is)
     duration_seconds: Optional[float]  # None when the container does not say
 
 
 def probe_audio(path: PathLike, ffmpeg: Optional[str] = None) -> AudioInfo:
-    """Check that ffmpeg can open `path` and that it holds audio; return its rate and duration."""
+    """Check that ffmpeg can open `path` (audio, or a video with sound) and that it holds audio; return its
+    codec and duration."""
     source = Path(path)
     if not source.is_file():
         raise MediaError(f"{source}: audio file not found")
@@ -132,11 +133,8 @@ def probe_audio(path: PathLike, ffmpeg: Optional[str] = None) -> AudioInfo:
     rate = re.search(r",\s*(\d+) Hz", stream.group(0))
     if rate is None:
         raise MediaError(f"{source}: ffmpeg reports no sample rate for the audio:\n{stream.group(0)}")
-    return AudioInfo(
-        path=source,
-        sample_rate_hz=int(rate.group(1)),
-        duration_seconds=_parse_duration(stderr),
-    )
+    codec = re.search(r"Audio: (\w+)", stream.group(0))
+    return AudioInfo(path=source, codec=codec.group(1) if codec else "", duration_seconds=_parse_duration(stderr))
 
 
 def _parse_duration(stderr: str) -> Optional[float]:

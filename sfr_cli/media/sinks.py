@@ -236,12 +236,14 @@ class Mp4Writer(_Sink):
         ffmpeg: Optional[str] = None,
         crf: int = DEFAULT_CRF,
         pad_odd: bool = False,
+        audio_copy: bool = False,
     ):
         self.path = Path(path)
         self.width_px = int(width_px)
         self.height_px = int(height_px)
         self.fps = float(fps)
         self.audio = Path(audio) if audio is not None else None
+        self.audio_copy = audio_copy  # the audio stream copied as it is (AAC from an MP4), not re-encoded
         self.frame_count = frame_count
         self.frames_written = 0
         if self.width_px <= 0 or self.height_px <= 0:
@@ -287,7 +289,7 @@ class Mp4Writer(_Sink):
             command += ["-i", str(self.audio)]
         command += ["-map", "0:v:0"]
         if self.audio is not None:
-            command += ["-map", "1:a:0", "-c:a", "aac"]
+            command += ["-map", "1:a:0", "-c:a", "copy" if self.audio_copy else "aac"]
         command += [
             "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
             "-movflags", "+faststart", "-f", "mp4", str(self._temporary),

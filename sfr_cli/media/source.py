@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -130,3 +130,66 @@ def resize_image(image: np.ndarray, height_px: int, width_px: int) -> np.ndarray
     out = ndimage.zoom(filtered, zoom, order=1, mode="mirror", cval=0, grid_mode=True)
     np.clip(out, image.min(), image.max(), out=out)
     return out
+
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class FrameSource:
+    """Frames that already exist, for `sfr enhance`: a video (decoded by the bundled ffmpeg, streamed) or a
+    folder of pictures (sorted by name). `width_px`, `height_px`, `frame_count`, `fps` (the video's; None
+    for a folder) and `frames()` yielding `(H, W, 3) uint8 RGB`, one at a time (flat memory)."""
+
+    def __init__(self, path: PathLike, ffmpeg: Optional[str] = None):
+        self.path = Path(path)
+        self.fps: Optional[float] = None
+        self._ffmpeg = ffmpeg
+        if self.path.is_dir():
+            self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
+            if not self.files:
+                raise MediaError(f"{self.path}: holds no frames ({', '.join(FRAME_SUFFIXES)} files)")
+            first = read_picture_uint8(self.files[0], "--input")
+            self.height_px, self.width_px = first.shape[:2]
+            self.frame_count = len(self.files)
+        elif self.path.is_file():
+            self.files = None
+            self._probe_video()
+        else:
+            raise MediaError(f"{self.path}: --input not found; give a video or a folder of frames")
+
+    def _probe_video(self) -> None:
+        import imageio_ffmpeg
+
+        from .ffmpeg import count_video_frames, find_ffmpeg
+
+        self._ffmpeg = self._ffmpeg or find_ffmpeg()
+        try:
+            reader = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
+            meta = next(reader)
+            reader.close()
+        except (RuntimeError, OSError, StopIteration) as exc:
+            raise MediaError(f"{self.path}: ffmpeg cannot read this video ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})") from exc
+        self.width_px, self.height_px = (int(v) for v in meta["size"])
+        self.fps = float(meta["fps"]) if meta.get("fps") else None
+        self.frame_count = count_video_frames(self.path, self._ffmpeg)
+        if self.frame_count == 0:
+            raise MediaError(f"{self.path}: holds no video frames")
+
+    def frames(self) -> Iterator[np.ndarray]:
+        if self.files is not None:
+            for path in self.files:
+                frame = read_picture_uint8(path, "--input")
+                if frame.shape[:2] != (self.height_px, self.width_px):
+                    raise MediaError(f"{path}: {frame.shape[1]}x{frame.shape[0]}, but the first frame is "
+                                     f"{self.width_px}x{self.height_px}; every frame must have one size")
+                yield frame
+            return
+        import imageio_ffmpeg
+
+        reader = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
+        try:
+            next(reader)
+            for data in reader:
+                yield np.frombuffer(data, dtype=np.uint8).reshape(self.height_px, self.width_px, 3)
+        finally:
+            reader.close()

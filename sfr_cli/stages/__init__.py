@@ -19,9 +19,10 @@ not serialise with the engine, and the frames cross to the host once, after the 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
-STAGE_MODULES: Tuple[str, ...] = ("paste",)  # chain order: paste-back (aspect resize, blend) first
+# chain order: paste-back (aspect resize, blend) first, then the face enhancer on the pasted picture
+STAGE_MODULES: Tuple[str, ...] = ("paste", "enhance")
 
 
 def stage_modules() -> List:
@@ -29,11 +30,13 @@ def stage_modules() -> List:
     return [importlib.import_module(f"{__name__}.{name}") for name in STAGE_MODULES]
 
 
-def plan_stages(job, size_px: int, note: Callable[[str], None]) -> List:
-    """Every stage `job` asks for, in chain order, each checked (see the module docstring)."""
+def plan_stages(job, size_px: int, note: Callable[[str], None], kinds: Optional[Sequence[str]] = None) -> List:
+    """Every stage `job` asks for, in chain order, each checked (see the module docstring); `kinds` limits
+    the stage modules asked (`sfr enhance` asks the enhancer only)."""
     stages: List = []
-    for module in stage_modules():
-        stages.extend(module.plan(job, size_px, note))
+    for name, module in zip(STAGE_MODULES, stage_modules()):
+        if kinds is None or name in kinds:
+            stages.extend(module.plan(job, size_px, note))
     return stages
 
 
