@@ -407,8 +407,8 @@ class OutputClaim:
                 _break_lock(self.path, judged)
                 continue
             except OSError as exc:
-                raise MediaError(f"{self.target}: cannot create the lock file {self.path} "
-                                 f"({exc.strerror or exc}); check the folder's permissions") from exc
+                raise MediaError(f"{self.target}: output folder {self.path.parent} is not writable (its lock file "
+                                 f"{self.path.name}: {exc.strerror or exc}); check the folder's permissions") from exc
             self._take(handle)
             return self
         raise OutputBusy(f"{self.target}: other sfr runs keep taking its lock {self.path}; try again")
