@@ -6,8 +6,10 @@ Where rows run is not this module's business: a backend (`InProcessBackend` here
 says) is decided here, the same for every backend.
 
 A row's life: parsed (a bad cell fails the row, tagged with its row number) -> a `RenderJob` with the
-batch's defaults -> skipped when its outputs exist (resume) -> checked by `jobs.prepare_job`, the
-checks `sfr render` makes, before any model loads -> rendered by a backend -> one report line.
+batch's defaults -> failed when an output is another row's input or output -> skipped when its outputs
+exist (resume) or another live sfr run renders them -> checked by `jobs.prepare_job`, the checks `sfr
+render` makes, before any model loads -> rendered by a backend, its outputs claimed for the job's life
+(a second run of the same manifest at once skips what this one renders) -> one report line.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import media, outputs
 from .errors import SfrError
-from .jobs import RenderJob, output_paths, prepare_job
+from .jobs import RenderJob, describe_os_error, job_inputs, output_paths, prepare_job
 
 PATH_FIELDS = ("coeffs", "source", "output", "frames_dir", "source_coeffs", "audio")
 OPTION_FIELDS = ("fps", "preprocess", "still", "expression_scale", "yaw", "pitch", "roll")
@@ -73,6 +75,7 @@ class RowResult:
     error: Optional[str] = None
     frames_dir: Optional[str] = None
     render_seconds: Optional[float] = None  # of `seconds`: rendering and encoding (model load, checks excluded)
+    note: Optional[str] = None  # why a row was skipped, when not because its outputs were there at the start
 
     def to_dict(self) -> Dict:
         data = asdict(self)
@@ -260,65 +263,205 @@ def outputs_done(job: RenderJob) -> bool:
     return len(media.existing_frames(frames_dir)) == frame_count
 
 
+@dataclass(frozen=True)
+class Place:
+    """A path a row reads or writes, keyed for comparison: (device, inode) where it exists, and its
+    resolved path (symlinked folders, `..`) either way. `frames`: a frames folder (its frames are written)."""
+
+    row: int
+    path: Path
+    role: str  # "coeffs", "source", ... for inputs; "output" or "frames_dir" for outputs
+    ident: Optional[Tuple[int, int]]
+    real: Path
+
+    @classmethod
+    def of(cls, row: int, path: Path, role: str) -> "Place":
+        return cls(row, Path(path), role, outputs.identity(path), outputs.resolved(path))
+
+    @property
+    def frames(self) -> bool:
+        return self.role == "frames_dir"
+
+    def describe(self) -> str:
+        if self.row == 0:
+            return f"the {self.role}"
+        kind = "frames folder" if self.frames else self.role
+        return f"row {self.row}'s {kind}"
+
+
+class PlaceIndex:
+    """Places by identity, by resolved path and by resolved folder: every row against every row in
+    linear time."""
+
+    def __init__(self, places: Iterable[Place] = ()):
+        self._by_id: Dict[Tuple[int, int], List[Place]] = {}
+        self._by_real: Dict[Path, List[Place]] = {}
+        self._by_folder: Dict[Path, List[Place]] = {}
+        self._folders: Dict[Path, List[Place]] = {}
+        for place in places:
+            self.add(place)
+
+    def add(self, place: Place) -> None:
+        if place.ident is not None:
+            self._by_id.setdefault(place.ident, []).append(place)
+        self._by_real.setdefault(place.real, []).append(place)
+        self._by_folder.setdefault(place.real.parent, []).append(place)
+        if place.frames:
+            self._folders.setdefault(place.real, []).append(place)
+
+    def same(self, place: Place) -> List[Place]:
+        """Places naming the same file or folder as `place`."""
+        found = list(self._by_id.get(place.ident, [])) if place.ident is not None else []
+        found += [other for other in self._by_real.get(place.real, []) if other not in found]
+        return found
+
+    def written_over_by(self, place: Place) -> List[Place]:
+        """Places `place` would write over: the same path, or (a frames folder) frame names in it."""
+        found = self.same(place)
+        if place.frames:
+            found += [other for other in self._by_folder.get(place.real, [])
+                      if media.is_frame_name(other.real.name) and other not in found]
+        return found
+
+    def folders_holding(self, place: Place) -> List[Place]:
+        """Frames folders in which `place` (a file) has a frame name: they would write over it."""
+        if not media.is_frame_name(place.real.name):
+            return []
+        return list(self._folders.get(place.real.parent, []))
+
+
 @dataclass
 class Plan:
-    """What a batch will do: tasks to render (longest first) and rows already settled (skipped/failed)."""
+    """What a batch will do: tasks to render (longest first) and rows already settled (skipped/failed);
+    `reads`/`writes`: every path any row reads or writes (and the files all rows share), for `check_report`."""
 
     tasks: List[Task] = field(default_factory=list)
     settled: List[RowResult] = field(default_factory=list)
     total: int = 0
+    reads: List[Place] = field(default_factory=list)
+    writes: List[Place] = field(default_factory=list)
+
+
+def _row_places(number: int, job: RenderJob) -> Tuple[List[Place], List[Place]]:
+    """(inputs, outputs) of a row as Places."""
+    output, frames_dir = output_paths(job)
+    reads = [Place.of(number, item.path, item.role.lstrip("-")) for item in job_inputs(job)]
+    writes = [Place.of(number, path, role) for path, role in ((output, "output"), (frames_dir, "frames_dir"))
+              if path is not None]
+    return reads, writes
+
+
+def row_clash(number: int, writes: Sequence[Place], reads: PlaceIndex, written: PlaceIndex) -> Optional[str]:
+    """Why row `number` may not write its outputs, or None: an output is (or, a frames folder, holds under a
+    frame name) another row's input, or is an earlier row's output (or lies in, or holds, an earlier row's
+    output as a frame name)."""
+    for place in writes:
+        for other in reads.written_over_by(place):
+            if other.row != number:
+                what = (f"its frames folder {place.path} would replace {other.path}" if place.frames and
+                        not outputs.same_file(place.path, other.path) else f"writes {place.path}")
+                return f"{what}, {other.describe()} (an input); give each row its own output"
+        earlier = [other for other in written.written_over_by(place) + written.folders_holding(place)
+                   if other.row < number]
+        if earlier:
+            other = earlier[0]
+            if outputs.same_file(place.path, other.path):
+                return f"writes {place.path or other.path}, as row {other.row} does; give each row its own output"
+            return (f"writes {place.path}, and row {other.row} writes {other.path}: one would replace the other; "
+                    "give each row its own output")
+    return None
 
 
 def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: str = "row",
                dry_run: bool = False) -> Plan:
-    """Check every row, as `sfr render` would, before any model loads; skip rows already done (unless
-    `overwrite`); fail bad rows and output clashes alone; order the rest longest first. Unless
-    `dry_run`, frames an unfinished earlier render left in a row's frames folder are removed."""
+    """Check every row, as `sfr render` would, before any model loads; fail rows whose outputs are another
+    row's input or output (every row against every row, through symlinks, `..` and hard links); skip rows
+    already done (unless `overwrite`) or being rendered by another live sfr run; fail bad rows alone
+    (a folder refusing access included); order the rest longest first."""
     plan = Plan(total=len(rows))
-    claimed: Dict[Path, int] = {}
+    jobs: Dict[int, RenderJob] = {}
+    places: Dict[int, List[Place]] = {}
+    errors: Dict[int, str] = {}
     for row in rows:
-        coeffs = row.values.get("coeffs")
-
-        def failed(message: str, output=None) -> None:
-            plan.settled.append(RowResult(row.number, coeffs, output, FAILED, error=f"{prefix} {row.number}: {message}"))
-
         if row.error is not None:
-            failed(row.error)
+            errors[row.number] = row.error
             continue
         try:
-            job = row_job(row, defaults)
+            jobs[row.number] = job = row_job(row, defaults)
+            reads, places[row.number] = _row_places(row.number, job)
+        except SfrError as exc:
+            errors[row.number] = str(exc)
+            continue
+        except OSError as exc:
+            errors[row.number] = describe_os_error(exc)
+            continue
+        plan.reads += reads
+        plan.writes += places[row.number]
+    reads_index = PlaceIndex(plan.reads)
+    written = PlaceIndex(plan.writes)
+    shared_found = False
+    for row in rows:
+        job = jobs.get(row.number)
+        coeffs = row.values.get("coeffs")
+        output, frames_dir = output_paths(job) if job is not None else (row.values.get("output"), row.values.get("frames_dir"))
+        shown = _str(output)
+
+        def failed(message: str) -> None:
+            plan.settled.append(RowResult(row.number, coeffs, shown, FAILED, frames_dir=_str(frames_dir),
+                                          error=f"{prefix} {row.number}: {message}"))
+
+        if job is None:
+            failed(errors[row.number])
+            continue
+        clash = row_clash(row.number, places[row.number], reads_index, written)
+        if clash is not None:
+            failed(clash)
+            continue
+        try:
+            if not defaults.overwrite and outputs_done(job):
+                plan.settled.append(RowResult(row.number, str(job.coeffs), shown, SKIPPED,
+                                              frames_dir=_str(frames_dir)))
+                continue
+            busy = next(((path, holder) for path, holder in
+                         ((path, outputs.live_holder(outputs.resolved(path) if path == frames_dir else path))
+                          for path in (output, frames_dir) if path is not None) if holder is not None), None)
+            if busy is not None:
+                plan.settled.append(RowResult(row.number, str(job.coeffs), shown, SKIPPED, frames_dir=_str(frames_dir),
+                                              note=f"{prefix} {row.number}: {busy[0]}: another sfr run is rendering "
+                                                   f"it ({busy[1].describe()}); skipped here"))
+                continue
+            if not dry_run:
+                _make_output_folder(output)
+                _make_output_folder(frames_dir)
+            prepared = prepare_job(job, folder_created=True)
         except SfrError as exc:
             failed(str(exc))
             continue
-        output, frames_dir = output_paths(job)
-        shown = str(output) if output is not None else None
-        clash = next((claimed[_key(p)] for p in (output, frames_dir) if p is not None and _key(p) in claimed), None)
-        if clash is not None:
-            failed(f"writes {output or frames_dir}, as row {clash} does; give each row its own output", shown)
+        except OSError as exc:
+            failed(describe_os_error(exc))
             continue
-        for p in (output, frames_dir):
-            if p is not None:
-                claimed[_key(p)] = row.number
-        if not defaults.overwrite and outputs_done(job):
-            plan.settled.append(RowResult(row.number, str(job.coeffs), shown, SKIPPED,
-                                          frames_dir=_str(frames_dir)))
-            continue
-        try:
-            if not dry_run:
-                _make_output_folder(output)
-                if frames_dir is not None:
-                    _clear_earlier_output(job)
-            prepared = prepare_job(job, folder_created=True)
-        except SfrError as exc:
-            failed(str(exc), shown)
-            continue
+        if not shared_found:  # the files every row reads: the config, the checkpoints found
+            shared_found = True
+            plan.reads += [Place.of(0, path, role) for path, role in (
+                (prepared.config.path, "--config input"), (prepared.files.renderer, "renderer checkpoint"),
+                (prepared.files.mapping, "mapping checkpoint")) if path is not None]
         plan.tasks.append(Task(row.number, job, prepared.frame_count))
     plan.tasks.sort(key=lambda task: (-task.frames, task.row))
     return plan
 
 
-def _key(path: Path) -> Path:
-    return Path(os.path.abspath(path))
+def check_report(report: Path, plan: Plan, manifest: Optional[Path] = None) -> None:
+    """Raise SfrError unless the report file is none of the batch's inputs (the manifest, any row's
+    files, the config and checkpoints) and none of its outputs (an MP4, a frame of a frames folder)."""
+    report_place = Place.of(0, report, "report")
+    reads = plan.reads + ([Place.of(0, manifest, "manifest")] if manifest is not None else [])
+    for other in PlaceIndex(reads).same(report_place):
+        raise SfrError(f"{report}: is {other.describe()}{' (an input)' if other.row else ''}, which the report "
+                       "would append to; choose another --report PATH")
+    writes = PlaceIndex(plan.writes)
+    for other in writes.same(report_place) + writes.folders_holding(report_place):
+        raise SfrError(f"{report}: {'is' if not other.frames or outputs.same_file(report, other.path) else 'lies in'} "
+                       f"{other.describe()} {other.path}, which the batch writes; choose another --report PATH")
 
 
 def _str(path) -> Optional[str]:
@@ -326,20 +469,12 @@ def _str(path) -> Optional[str]:
 
 
 def _make_output_folder(output: Optional[Path]) -> None:
-    """A batch creates the folders its MP4s go to (`sfr render` wants them to exist)."""
+    """A batch creates the folders its MP4s and frames folders go in (`sfr render` wants them to exist)."""
     if output is not None and not output.parent.exists():
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SfrError(f"{output}: cannot create its folder ({exc.strerror or exc})") from exc
-
-
-def _clear_earlier_output(job: RenderJob) -> None:
-    """Before re-rendering a row: remove the frames an earlier, unfinished (or, with --overwrite, finished)
-    render left in its frames folder; an existing MP4 is replaced atomically at the end."""
-    _, frames_dir = output_paths(job)
-    for path in media.existing_frames(frames_dir) if frames_dir is not None else ():
-        outputs.remove_quietly(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,6 +500,9 @@ def row_result(task: Task, outcome, seconds: float, *, reraise: bool = False) ->
     output, frames_dir = output_paths(job)
     base = dict(row=task.row, coeffs=str(job.coeffs), output=_str(output), frames_dir=_str(frames_dir),
                 seconds=seconds)
+    if isinstance(outcome, outputs.OutputBusy) or (isinstance(outcome, outputs.OutputExists) and not job.overwrite):
+        # another live run renders it, or finished it since this batch began: its clip, not lost
+        return RowResult(status=SKIPPED, note=f"row {task.row}: {outcome}; skipped here", **base)
     if isinstance(outcome, SfrError):
         return RowResult(status=FAILED, error=f"row {task.row}: {outcome}", **base)
     if isinstance(outcome, Exception):

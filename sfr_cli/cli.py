@@ -241,7 +241,9 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
     if dry_run:
         summary = batching.dry_run_summary(plan)
     else:
-        report = batching.ReportFile(report_path or batching.default_report_path(manifest, output_dir))
+        report_file = report_path or batching.default_report_path(manifest, output_dir)
+        batching.check_report(report_file, plan, manifest)
+        report = batching.ReportFile(report_file)
         settings = batching.renderer_settings(template)
         debug = bool(ctx.meta.get(DEBUG_KEY))
         try:

@@ -115,9 +115,16 @@ def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outpu
 
 
 def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Sequence[outputs.JobInput], *,
-                  overwrite: bool, note=None) -> None:
+                  overwrite: bool, note=None, claims: Optional[List[outputs.OutputClaim]] = None) -> None:
     """Refuse outputs that are inputs, not regular files, or already there (unless `overwrite`); with
-    `note`, first remove the leftovers of killed earlier runs for these outputs and say so."""
+    `note`, first remove the leftovers of killed earlier runs for these outputs and say so. With `claims`
+    (a list), first claim each output for this job (`outputs.OutputClaim`, appended to it; OutputBusy
+    when another live run holds one): then leftovers are removed and "exists" judged under the claim.
+    An output whose folder does not exist yet is not claimed (its final rename still replaces nothing)."""
+    if claims is not None:
+        for path in (output, frames_dir):
+            if path is not None and path.absolute().parent.is_dir():
+                claims.append(outputs.OutputClaim(outputs.resolved(path) if path == frames_dir else path).acquire())
     if output is not None:
         if note is not None:
             removed = outputs.remove_leftovers(output)
@@ -128,11 +135,20 @@ def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Se
         outputs.check_output_not_in_folder(output, frames_dir, media.is_frame_name)
     if frames_dir is not None:
         if note is not None:
-            removed = outputs.remove_leftovers_in(frames_dir, media.is_frame_name)
+            removed = (outputs.remove_leftovers(outputs.resolved(frames_dir))  # a killed run's frames folder
+                       + outputs.remove_leftovers_in(frames_dir, media.is_frame_name))  # sfr's older per-frame ones
             if removed:
                 note(outputs.describe_leftovers(frames_dir, removed))
         outputs.check_folder_holds_no_input(frames_dir, inputs, media.is_frame_name)
         media.check_frames_dir(frames_dir, overwrite=overwrite)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A user's message for an OSError met while checking a job (a folder without permission, ...)."""
+    where = exc.filename if exc.filename is not None else "a path of this job"
+    if isinstance(exc, PermissionError):
+        return f"{where}: permission denied; give sfr access to it, or choose another path"
+    return f"{where}: {exc.strerror or exc}"
 
 
 def _pose(degrees: Optional[Sequence[float]], frame_count: int) -> Optional[np.ndarray]:
@@ -164,6 +180,12 @@ class PreparedJob:
     notes: List[str]
     stages: List = field(default_factory=list)  # the frame stages, in chain order (`stages` package)
     frame_size: Tuple[int, int] = (0, 0)  # (width, height) of the frames written: after the last stage
+    claims: List[outputs.OutputClaim] = field(default_factory=list)  # held until `release()`
+
+    def release(self) -> None:
+        """Give up this job's claims on its outputs (after its commit or failure); idempotent."""
+        for claim in self.claims:
+            claim.release()
 
     @property
     def frame_count(self) -> int:
@@ -221,11 +243,31 @@ def read_source(value, size_px: int, sources: Optional[SourceImages] = None) -> 
 
 
 def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_created: bool = False,
-                sources: Optional[SourceImages] = None) -> PreparedJob:
+                claim: bool = False, sources: Optional[SourceImages] = None) -> PreparedJob:
     """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
     `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
     `folder_created`: the caller creates the MP4's folder before rendering (`sfr batch`), so a missing
-    one is fine when it can be created. `sources`: a cache of source images (the Renderer's)."""
+    one is fine when it can be created. With `claim` the job's outputs are claimed first (OutputBusy when
+    another live run writes one) and stay claimed until `PreparedJob.release()`, which whoever renders it
+    calls; a check failing releases them. A folder refusing access is a MediaError, as any user error.
+    `sources`: a cache of source images (the Renderer's)."""
+    claims: List[outputs.OutputClaim] = []
+    try:
+        prepared = _prepare_job(job, note, in_memory, folder_created, claims if claim else None, sources)
+    except PermissionError as exc:
+        for held in claims:
+            held.release()
+        raise MediaError(describe_os_error(exc)) from exc
+    except BaseException:
+        for held in claims:
+            held.release()
+        raise
+    prepared.claims = claims
+    return prepared
+
+
+def _prepare_job(job: RenderJob, note, in_memory: bool, folder_created: bool,
+                 claims: Optional[List[outputs.OutputClaim]], sources: Optional[SourceImages]) -> PreparedJob:
     notes: List[str] = []
 
     def noted(message: str) -> None:
@@ -249,7 +291,7 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
         raise MediaError(f"{job.audio}: --audio needs an MP4 output; add -o/--output PATH.mp4")
     config = resolve_config(job.config, job.preprocess)
     inputs = job_inputs(job, config.path)
-    check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=noted)
+    check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=noted, claims=claims)
 
     driving, driving_name = read_driving(job.coeffs)
     if job.source_coeffs is not None:

@@ -1,11 +1,18 @@
 """Output files: where sfr may write, and how it writes so that a user's files are never destroyed.
 
-Every file sfr writes goes first to a hidden temporary name beside its target,
-``.NAME.sfr-tmp-PID-START[SUFFIX]`` (PID and start time of the writing process), and is renamed onto
-the target only once complete. The name lets a later run for the same target tell its dead
+Every file (and frames folder) sfr writes goes first to a hidden temporary name beside its target,
+``.NAME.sfr-tmp-HOST-PID-START[SUFFIX]`` (host, PID and start time of the writing process), and is renamed
+onto the target only once complete; without ``--overwrite`` that rename never replaces anything that
+appeared meanwhile (`commit_path`). The name lets a later run for the same target tell its dead
 predecessors' leftovers (after ``kill -9`` or the out-of-memory killer) from the temporaries of a
 live sfr: a leftover's process is gone, or its PID now belongs to a process that started at another
-time (PID reuse). Only dead leftovers are removed.
+time (PID reuse). A temporary of another host (shared storage: NFS, a Colab drive) cannot be judged from
+here, so it is never removed as a leftover. Only dead leftovers are removed.
+
+While a job runs, each of its outputs is claimed (`OutputClaim`): a lock file ``.NAME.sfr-lock`` beside
+it, created exclusively, naming host, PID and start time, flock-ed where the file system supports it and
+refreshed every `LOCK_HEARTBEAT_SECONDS`. A second run for the same output sees it busy; a dead holder's
+lock (its process gone on this host, or not refreshed for `LOCK_STALE_SECONDS` on another) is taken over.
 
 The rules for an output (checked before any long work): it is never an input of the same job
 (compared by device and inode, so symlinks, ``..`` and hard links count), never something other than a
@@ -15,22 +22,52 @@ regular file (a FIFO, a device, a folder), and an existing one is replaced only 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import json
 import os
 import re
+import shutil
+import socket
 import stat
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import MediaError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: lock files without flock
+    fcntl = None
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 TEMP_MARKER = ".sfr-tmp-"
-# After ".NAME.sfr-tmp-": the PID, the process start time (optional: older sfr wrote the PID only), a suffix.
-_TEMP_TAIL = re.compile(r"(?P<pid>\d+)(?:-(?P<start>\d+))?(?P<suffix>\.[A-Za-z0-9]+)?")
+LOCK_SUFFIX = ".sfr-lock"
+# After ".NAME.sfr-tmp-": the host (a letter first; absent in the names of sfr before hosts were named,
+# which were written on this host), the PID, the process start time, a suffix.
+_TEMP_TAIL = re.compile(r"(?:(?P<host>[A-Za-z_][A-Za-z0-9_]*)-)?(?P<pid>\d+)-(?P<start>\d+)(?P<suffix>\.[A-Za-z0-9]+)?")
 _PROC_STAT_START_FIELD = 19  # starttime: field 22 of /proc/PID/stat, counted after the ")" closing comm
+HOST_NAME_CHARS = 40
+LOCK_HEARTBEAT_SECONDS = 30.0  # a held lock's modification time is refreshed this often
+LOCK_STALE_SECONDS = 600.0  # another host's lock not refreshed this long belongs to a dead run
+LOCK_ATTEMPTS = 5
+
+
+class OutputExists(MediaError):
+    """An output is there (before the job, or it appeared while the job rendered) and may not be replaced."""
+
+
+class OutputBusy(MediaError):
+    """Another live sfr run has claimed the output (`OutputClaim`); `holder` says which."""
+
+    def __init__(self, message: str, holder: Optional["LockHolder"] = None):
+        super().__init__(message)
+        self.holder = holder
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,14 +85,26 @@ def _process_stat(pid: int) -> Optional[Tuple[str, str]]:
         return None
 
 
-def _own_token() -> str:
+def host_name() -> str:
+    """This host as temporaries and locks name it: the host name with every character other than a
+    letter or a digit made "_", a letter first, at most HOST_NAME_CHARS characters."""
+    name = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname() or "host")[:HOST_NAME_CHARS]
+    return name if name[:1].isalpha() or name[:1] == "_" else f"h{name}"[:HOST_NAME_CHARS]
+
+
+def _own_start() -> str:
+    """This process's start time from /proc ("0" where there is no /proc: then the PID alone is judged)."""
     stat_fields = _process_stat(os.getpid())
-    return f"{os.getpid()}-{stat_fields[1]}" if stat_fields is not None else str(os.getpid())
+    return stat_fields[1] if stat_fields is not None else "0"
+
+
+def _own_token() -> str:
+    return f"{host_name()}-{os.getpid()}-{_own_start()}"
 
 
 def temporary_path(target: PathLike, suffix: str = "") -> Path:
     """The hidden temporary name of this process for `target`, in the same folder (so the final rename
-    never crosses file systems): `.NAME.sfr-tmp-PID-START{suffix}`; `suffix` like ".mp4" or ""."""
+    never crosses file systems): `.NAME.sfr-tmp-HOST-PID-START{suffix}`; `suffix` like ".mp4" or ""."""
     path = Path(target)
     return path.with_name(f".{path.name}{TEMP_MARKER}{_own_token()}{suffix}")
 
@@ -81,19 +130,81 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         remove_quietly(temporary)
 
 
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_NOREPLACE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _renameat2_noreplace(source: Path, target: Path) -> Optional[bool]:
+    """Linux renameat2(RENAME_NOREPLACE): True when renamed, False when `target` exists, None where the
+    kernel, the C library or the file system does not offer it."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        return False
+    if code in _NOREPLACE_UNSUPPORTED:
+        return None
+    raise OSError(code, os.strerror(code), str(target))
+
+
+def rename_noreplace(source: PathLike, target: PathLike) -> bool:
+    """Rename `source` onto `target` only if nothing (not even a dangling symlink) is at `target`, in one
+    step: renameat2(RENAME_NOREPLACE) where available, else a hard link and an unlink (files), else a
+    check and a rename (folders, file systems without hard links: then a writer appearing in between
+    is left to the output's claim). Returns False, touching nothing, when `target` exists."""
+    source, target = Path(source), Path(target)
+    done = _renameat2_noreplace(source, target)
+    if done is not None:
+        return done
+    if not source.is_dir():
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+        else:
+            os.unlink(source)
+            return True
+    if os.path.lexists(target):
+        return False
+    os.rename(source, target)
+    return True
+
+
+def commit_path(temporary: PathLike, target: PathLike, *, overwrite: bool) -> None:
+    """Move a finished file from `temporary` to `target`: replacing what is there only with `overwrite`,
+    else raising OutputExists (the temporary stays for the caller to remove) when something appeared."""
+    if overwrite:
+        os.replace(temporary, target)
+    elif not rename_noreplace(temporary, target):
+        raise OutputExists(f"{target}: exists (another run wrote it while this one rendered); "
+                           "pass --overwrite to replace it")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Leftovers of dead runs
 
 
-def _writer_alive(pid: int, start: Optional[str]) -> bool:
-    """Whether the process that named a temporary `pid`[-`start`] may still be writing it. A zombie
-    (exited, not yet reaped) is dead; a live process that started at another time holds a reused PID."""
+def _writer_alive(pid: int, start: Optional[str], host: Optional[str] = None) -> bool:
+    """Whether the process that named a temporary [`host`-]`pid`-`start` may still be writing it. Another
+    host's writer cannot be judged from here: alive. A zombie (exited, not yet reaped) is dead; a live
+    process that started at another time holds a reused PID (a start of "0": written without /proc)."""
+    if host is not None and host != host_name():
+        return True
     stat_fields = _process_stat(pid)
     if stat_fields is not None:
         state, current_start = stat_fields
         if state in ("Z", "X"):
             return False
-        return start is None or current_start == start
+        return start in (None, "0") or current_start == start
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -104,7 +215,8 @@ def _writer_alive(pid: int, start: Optional[str]) -> bool:
 
 
 def dead_temporaries(folder: PathLike, target_name: Callable[[str], bool]) -> List[Path]:
-    """Temporaries in `folder` whose target name passes `target_name` and whose writer is dead."""
+    """Temporaries (files, or folders of frames) in `folder` whose target name passes `target_name` and
+    whose writer is dead; another host's are never dead (`_writer_alive`)."""
     folder = Path(folder)
     try:
         entries = list(os.scandir(folder))
@@ -116,9 +228,9 @@ def dead_temporaries(folder: PathLike, target_name: Callable[[str], bool]) -> Li
         if not marker or not name.startswith(".") or not target_name(name[1:]):
             continue
         match = _TEMP_TAIL.fullmatch(tail)
-        if match is None or not entry.is_file(follow_symlinks=False):
+        if match is None or entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
             continue
-        if not _writer_alive(int(match["pid"]), match["start"]):
+        if not _writer_alive(int(match["pid"]), match["start"], match["host"]):
             dead.append(folder / entry.name)
     return sorted(dead)
 
@@ -138,7 +250,10 @@ def _remove_all(paths: List[Path]) -> List[Path]:
     removed = []
     for path in paths:
         try:
-            os.remove(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
         except FileNotFoundError:  # another run cleaned it first
             continue
         removed.append(path)
@@ -153,6 +268,202 @@ def describe_leftovers(target: PathLike, removed: Sequence[Path]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Claims: one live run per output
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds an output's lock file, as the file says."""
+
+    host: str
+    pid: int
+    start: str
+    since: float  # time.time() when it was taken
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        return f"host {self.host}, pid {self.pid}, since {when}"
+
+
+def lock_path(target: PathLike) -> Path:
+    """The lock file of `target`: `.NAME.sfr-lock` in the target's folder (symlinked folders resolved,
+    so every path to one output shares one lock)."""
+    target = Path(target)
+    return resolved(target.absolute().parent) / f".{target.name}{LOCK_SUFFIX}"
+
+
+def _read_holder(path: Path) -> Optional[LockHolder]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return LockHolder(str(data["host"]), int(data["pid"]), str(data["start"]), float(data["since"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # gone, or half written by a run taking it right now
+
+
+def _flock_refused(path: Path) -> bool:
+    """Whether a live process holds the flock of `path` (False where flock is missing or unsupported)."""
+    if fcntl is None:
+        return False
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(handle)  # closing drops the shared lock taken to test
+    return False
+
+
+def _lock_live(path: Path, holder: Optional[LockHolder]) -> bool:
+    """Whether the lock file at `path` belongs to a live run: its flock is held, or its process lives on
+    this host, or (another host, or a file still being written) it was refreshed lately."""
+    if _flock_refused(path):
+        return True
+    if holder is not None and holder.host == host_name():
+        return _writer_alive(holder.pid, holder.start)
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return False
+    return age < LOCK_STALE_SECONDS
+
+
+def live_holder(target: PathLike) -> Optional[LockHolder]:
+    """The live run holding `target`'s lock (a half-written lock gives a holder with pid 0), or None."""
+    path = lock_path(target)
+    if not os.path.lexists(path):
+        return None
+    holder = _read_holder(path)
+    if not _lock_live(path, holder):
+        return None
+    return holder if holder is not None else LockHolder("?", 0, "0", time.time())
+
+
+class _Heartbeat:
+    """One thread per process refreshing the modification time of every lock this process holds."""
+
+    def __init__(self):
+        self._handles: set = set()
+        self._guard = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, handle: int) -> None:
+        with self._guard:
+            self._handles.add(handle)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="sfr-lock-heartbeat", daemon=True)
+                self._thread.start()
+
+    def discard(self, handle: int) -> None:
+        with self._guard:
+            self._handles.discard(handle)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(LOCK_HEARTBEAT_SECONDS)
+            with self._guard:
+                for handle in list(self._handles):
+                    with contextlib.suppress(OSError):
+                        os.utime(handle)
+
+
+_heartbeat = _Heartbeat()
+
+
+class OutputClaim:
+    """This run's claim on one output for the life of its job: `acquire()` creates the lock file
+    `.NAME.sfr-lock` beside `target` (O_CREAT | O_EXCL, holding host, PID, start time and time; flock-ed
+    where supported; refreshed every LOCK_HEARTBEAT_SECONDS) or raises OutputBusy naming the live
+    holder; a dead holder's lock is taken over. `release()` removes it (idempotent). A context manager."""
+
+    def __init__(self, target: PathLike):
+        self.target = Path(target)
+        self.path = lock_path(self.target)
+        self._handle: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def acquire(self) -> "OutputClaim":
+        for _ in range(LOCK_ATTEMPTS):
+            try:
+                handle = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = _read_holder(self.path)
+                try:
+                    judged = os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                if _lock_live(self.path, holder):
+                    who = holder.describe() if holder is not None else "starting now"
+                    raise OutputBusy(f"{self.target}: another sfr run is writing it ({who}); wait for it to "
+                                     f"finish, or remove {self.path} if no such run is alive", holder) from None
+                _break_lock(self.path, judged)
+                continue
+            except OSError as exc:
+                raise MediaError(f"{self.target}: output folder {self.path.parent} is not writable (its lock file "
+                                 f"{self.path.name}: {exc.strerror or exc}); check the folder's permissions") from exc
+            self._take(handle)
+            return self
+        raise OutputBusy(f"{self.target}: other sfr runs keep taking its lock {self.path}; try again")
+
+    def _take(self, handle: int) -> None:
+        info = {"host": host_name(), "pid": os.getpid(), "start": _own_start(), "since": time.time()}
+        try:
+            os.write(handle, json.dumps(info).encode())
+            if fcntl is not None:
+                with contextlib.suppress(OSError):  # no flock on this file system: the file alone
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(handle)
+            remove_quietly(self.path)
+            raise
+        self._handle = handle
+        _heartbeat.add(handle)
+
+    def release(self) -> None:
+        """Remove the lock file (only if it is still ours) and close it."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        _heartbeat.discard(handle)
+        try:
+            if os.stat(self.path).st_ino == os.fstat(handle).st_ino:
+                os.remove(self.path)
+        except OSError:
+            pass
+        finally:
+            os.close(handle)
+
+    def __enter__(self) -> "OutputClaim":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _break_lock(path: Path, judged_inode: int) -> None:
+    """Remove a dead run's lock file, unless another run took it over since it was judged (then it stays)."""
+    aside = path.with_name(f"{path.name}.stale-{_own_token()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        if os.stat(aside).st_ino != judged_inode:  # a fresh lock: put it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+    finally:
+        remove_quietly(aside)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Which paths may be outputs
 
 
@@ -164,7 +475,8 @@ class JobInput:
     role: str
 
 
-def _identity(path: Path) -> Optional[Tuple[int, int]]:
+def identity(path: PathLike) -> Optional[Tuple[int, int]]:
+    """(device, inode) of what `path` names (symlinks followed), or None where nothing is there."""
     try:
         info = os.stat(path)
     except (OSError, ValueError):
@@ -172,24 +484,33 @@ def _identity(path: Path) -> Optional[Tuple[int, int]]:
     return info.st_dev, info.st_ino
 
 
-def _resolved(path: Path) -> Path:
+def resolved(path: PathLike) -> Path:
+    """`path` with symlinks and `..` resolved (as far as it exists)."""
+    path = Path(path)
     try:
         return Path(os.path.realpath(path))
     except (OSError, ValueError):
         return path.absolute()
 
 
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file or folder: the same device and inode (hard links, symlinks) or,
+    for paths not there yet, the same resolved path (symlinked folders, `..`)."""
+    a_id = identity(Path(a))
+    return (a_id is not None and a_id == identity(Path(b))) or resolved(a) == resolved(b)
+
+
 def check_not_an_input(output: PathLike, inputs: Sequence[JobInput], what: str = "output") -> None:
     """Raise MediaError when `output` is, or resolves to, one of `inputs` (symlinks, `..` and hard links
     included: the same device and inode, or the same resolved path)."""
     output = Path(output)
-    out_id, out_real = _identity(output), _resolved(output)
+    out_id, out_real = identity(output), resolved(output)
     for item in inputs:
         if item.path is None:
             continue
         in_path = Path(item.path)
-        in_id = _identity(in_path)
-        if (out_id is not None and out_id == in_id) or out_real == _resolved(in_path):
+        in_id = identity(in_path)
+        if (out_id is not None and out_id == in_id) or out_real == resolved(in_path):
             raise MediaError(f"{output}: the {what} would replace {in_path}, the {item.role} input of this job; "
                              "choose another output path")
 
@@ -198,9 +519,9 @@ def check_folder_holds_no_input(folder: PathLike, inputs: Sequence[JobInput], is
                                 what: str = "frames folder") -> None:
     """Raise MediaError when an input of the job lives in `folder` under a name the job writes there
     (`is_output_name`, e.g. 000000.png): writing, or replacing old outputs, would destroy it."""
-    folder_real = _resolved(Path(folder))
+    folder_real = resolved(Path(folder))
     for item in inputs:
-        if item.path is not None and _written_in(folder_real, Path(item.path), is_output_name):
+        if item.path is not None and written_in(folder_real, Path(item.path), is_output_name):
             raise MediaError(f"{folder}: the {what} would replace {item.path}, the {item.role} input of this "
                              "job; choose another folder")
 
@@ -209,14 +530,14 @@ def check_output_not_in_folder(output: PathLike, folder: PathLike, is_output_nam
                                what: str = "--frames-dir") -> None:
     """Raise MediaError when the output file `output` is one of the files the job writes in `folder`
     (e.g. `-o out/000000.png --frames-dir out`): one would replace the other."""
-    if _written_in(_resolved(Path(folder)), Path(output), is_output_name):
+    if written_in(resolved(Path(folder)), Path(output), is_output_name):
         raise MediaError(f"{output}: a PNG frame of {what} {folder} has this name and would replace the MP4; "
                          "give the MP4 another name or folder")
 
 
-def _written_in(folder_real: Path, path: Path, is_output_name: Callable[[str], bool]) -> bool:
+def written_in(folder_real: Path, path: Path, is_output_name: Callable[[str], bool]) -> bool:
     """Whether `path` resolves to a name the job writes in the (resolved) folder."""
-    real = _resolved(path)
+    real = resolved(path)
     return real.parent == folder_real and is_output_name(real.name)
 
 
@@ -252,7 +573,7 @@ def check_output(output: PathLike, inputs: Sequence[JobInput] = (), *, overwrite
     check_regular_target(output, what)
     check_not_an_input(output, inputs, what)
     if not overwrite and output_exists(output):
-        raise MediaError(f"{output}: exists; pass --overwrite to replace it")
+        raise OutputExists(f"{output}: exists; pass --overwrite to replace it")
 
 
 def probe_writable(folder: PathLike, message: str) -> None:

@@ -182,7 +182,7 @@ class Renderer:
         """Render a ready `RenderJob` (its shared settings replaced by this renderer's)."""
         reporter = reporter if reporter is not None else SilentReporter()
         job = replace(job, **self.settings)
-        prepared = prepare_job(job, reporter.note, sources=self.models.source_images)
+        prepared = prepare_job(job, reporter.note, claim=True, sources=self.models.source_images)
         return render_prepared(prepared, reporter, self.models)
 
     def render_jobs(self, jobs: Sequence[RenderJob], reporter: Optional[Reporter] = None,
@@ -214,26 +214,34 @@ class Renderer:
                     yield indices[position], outcome
             group.clear()
 
-        for index, job in enumerate(jobs):
-            if not group and on_start is not None:
-                on_start(index)  # its turn has come: nothing is waiting to render
-            try:
-                prepared = prepare_job(replace(job, **self.settings), reporter.note, sources=self.models.source_images)
-                error = None
-                job_key = self.models.pack_key(prepared)
-            except Exception as exc:  # SfrError or a bug: this job's outcome (the caller decides how loud)
-                prepared, error = None, exc
-            if group:  # checked ahead while a group waits: render that group first unless this job joins it
-                if error is not None or job_key != key or len(group) >= PACK_MAX_JOBS:
-                    yield from flush()
-                if on_start is not None:
-                    on_start(index)
-            if error is not None:
-                yield index, error
-                continue
-            group.append((index, prepared))
-            key = job_key
-        yield from flush()
+        try:
+            for index, job in enumerate(jobs):
+                if not group and on_start is not None:
+                    on_start(index)  # its turn has come: nothing is waiting to render
+                prepared = None
+                try:
+                    prepared = prepare_job(replace(job, **self.settings), reporter.note, claim=True,
+                                           sources=self.models.source_images)
+                    error = None
+                    job_key = self.models.pack_key(prepared)
+                except Exception as exc:  # SfrError or a bug: this job's outcome (the caller decides how loud)
+                    if prepared is not None:
+                        prepared.release()
+                    prepared, error = None, exc
+                if group:  # checked ahead while a group waits: render that group first unless this job joins it
+                    if error is not None or job_key != key or len(group) >= PACK_MAX_JOBS:
+                        yield from flush()
+                    if on_start is not None:
+                        on_start(index)
+                if error is not None:
+                    yield index, error
+                    continue
+                group.append((index, prepared))
+                key = job_key
+            yield from flush()
+        finally:  # closed early: jobs checked but never rendered give up their outputs' claims
+            for _, prepared in group:
+                prepared.release()
 
 
 def _frames_only(tagged: Iterator[Tuple[int, object]]) -> Iterator[np.ndarray]:

@@ -48,7 +48,7 @@ def render_job(job: RenderJob, reporter: Reporter, models) -> RenderReport:
     SfrError kinds for anything the user can fix; nothing is left at the outputs on failure.
     """
     # 1. Everything checkable, cheapest first; no model loads.
-    return render_prepared(prepare_job(job, reporter.note, sources=models.source_images), reporter, models)
+    return render_prepared(prepare_job(job, reporter.note, claim=True, sources=models.source_images), reporter, models)
 
 
 def render_prepared(prepared: PreparedJob, reporter: Reporter, models) -> RenderReport:
@@ -82,8 +82,17 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
     BaseExceptions abort every open sink and propagate. A job's `seconds` run from the previous job's
     last frame (or the stream's start) to the end of its commit: rendering and encoding its frames
     (commits overlap the next job a little). Close the generator (or run it to the end) to release open
-    sinks early.
+    sinks early. Each job's claims on its outputs (`prepare_job(claim=True)`) are released once it settles.
     """
+    try:
+        yield from _render_group(group, reporter, models)
+    finally:
+        for prepared in group:  # the outputs' claims end with their jobs (most were released as each settled)
+            prepared.release()
+
+
+def _render_group(group: Sequence[PreparedJob], reporter: Reporter, models
+                  ) -> Iterator[Tuple[int, Union[RenderReport, Exception]]]:
     from .engine import peak_rss_mib
 
     if not group:
@@ -112,6 +121,7 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
     reporter.start(total)
     with contextlib.closing(_stream(engine, state, group, reporter.advance)) as outcomes:
         for index, outcome, seconds in outcomes:
+            group[index].release()  # committed or failed: its outputs are free again
             if isinstance(outcome, BaseException):
                 yield index, outcome
                 continue
@@ -419,7 +429,8 @@ class ClipSinks:
         try:
             if output is not None:
                 self._mp4 = media.Mp4Writer(output, width_px=width_px, height_px=height_px, fps=fps, audio=audio,
-                                            frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True, audio_copy=audio_copy)
+                                            frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True, audio_copy=audio_copy,
+                                            replace_existing=overwrite)
                 self._sinks.append(self._mp4)
             if frames_dir is not None:
                 self._png = media.PngFrameWriter(frames_dir, replace_existing=overwrite)

@@ -124,3 +124,51 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def denied(monkeypatch):
+    """`denied(folder)`: make `folder` refuse access, as `chmod 000` does. Where permission bits bind (not
+    root) it is that chmod (undone after the test); as root, which they do not bind, every listing of the
+    folder and every stat, open or mkdir of a path inside it raises PermissionError(EACCES) as the kernel
+    would for another user, so the same code paths run on any machine."""
+    import builtins
+    import errno
+
+    locked = []
+
+    def deny(folder):
+        folder = Path(folder)
+        if os.geteuid() != 0:
+            folder.chmod(0)
+            locked.append(folder)
+            return
+        prefix = os.path.abspath(folder)
+
+        def inside(path, itself: bool) -> bool:
+            try:
+                text = os.fsdecode(os.fspath(path))
+            except TypeError:  # a file descriptor
+                return False
+            text = os.path.abspath(text)
+            return text.startswith(prefix + os.sep) or (itself and text == prefix)
+
+        def guard(module, name, itself):
+            original = getattr(module, name)
+
+            def guarded(path=".", *args, **kwargs):
+                if inside(path, itself):
+                    raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+                return original(path, *args, **kwargs)
+
+            monkeypatch.setattr(module, name, guarded)
+
+        for name in ("stat", "lstat", "open", "mkdir", "remove", "unlink", "rename", "replace"):
+            guard(os, name, itself=False)
+        for name in ("scandir", "listdir"):
+            guard(os, name, itself=True)
+        guard(builtins, "open", itself=False)
+
+    yield deny
+    for folder in locked:
+        folder.chmod(0o700)

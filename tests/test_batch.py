@@ -329,3 +329,149 @@ def test_a_killed_workers_clip_is_retried_once_on_another_worker(clips, tiny_che
     assert [result.status for result in results] == ["done"], results
     assert plan.tasks[0].attempts == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # the killed worker's temporary is gone
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing lost across rows, runs and kills (issue 17)
+
+
+def clash_job(tmp_path, clips):
+    """res/a.npy, res/c.npy (coefficients), faces/anna.png: the issue's folder."""
+    (tmp_path / "res").mkdir()
+    (tmp_path / "faces").mkdir()
+    for name, index in (("a", 0), ("c", 2)):
+        (tmp_path / "res" / f"{name}.npy").write_bytes((clips / f"clip{index}.npy").read_bytes())
+    (tmp_path / "faces" / "anna.png").write_bytes((clips / "face_a.png").read_bytes())
+    return tmp_path
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_rows_output_that_is_another_rows_input_fails_that_row(clips, tiny_checkpoints, tmp_path, overwrite):
+    """Issue 17.1: with --overwrite row 2 destroyed row 1's coefficients; without it, it was "skipped"."""
+    folder = clash_job(tmp_path, clips)
+    before = (folder / "res" / "a.npy").read_bytes()
+    manifest = write_csv(folder / "m.csv", ["res/a.npy,faces/anna.png,o/a.mp4", "res/c.npy,faces/anna.png,res/a.npy"],
+                         header="coeffs,source,output")
+    result = run_batch(manifest, "--json", *(["--overwrite"] if overwrite else []), *tiny(tiny_checkpoints))
+    assert result.exit_code == 1
+    rows = {row["row"]: row for row in json.loads(result.stdout)["rows"]}
+    assert rows[1]["status"] == "done" and rows[2]["status"] == "failed"
+    assert rows[2]["error"] == (f"row 2: writes {folder}/res/a.npy, row 1's coeffs (an input); give each row its "
+                                "own output")
+    assert (folder / "res" / "a.npy").read_bytes() == before
+    assert sorted(p.name for p in (folder / "res").iterdir()) == ["a.npy", "c.npy"]
+
+
+def test_every_output_is_checked_against_every_row_before_anything_renders(clips, tiny_checkpoints, tmp_path):
+    """Issue 17.1/17.2: the same output through a symlinked folder, `..` or a hard link; a frame name in
+    another row's frames folder; an input in a frames folder; the writer row fails, the reader renders."""
+    folder = clash_job(tmp_path, clips)
+    (folder / "real").mkdir()
+    (folder / "alias").symlink_to(folder / "real")
+    (folder / "inputs").mkdir()
+    os.link(folder / "faces" / "anna.png", folder / "inputs" / "hard.png")
+    (folder / "frames_in").mkdir()
+    (folder / "frames_in" / "000000.png").write_bytes((folder / "faces" / "anna.png").read_bytes())
+    rows = ["res/a.npy,faces/anna.png,real/q.mp4,",      # 1
+            "res/c.npy,faces/anna.png,alias/q.mp4,",     # 2: row 1's MP4 through a symlinked folder
+            "res/a.npy,faces/anna.png,,fd",              # 3: a frames folder
+            "res/c.npy,faces/anna.png,fd/000001.png,",   # 4: a frame of row 3's folder
+            "res/c.npy,faces/anna.png,inputs/hard.png,", # 5: a hard link of everyone's source
+            "res/a.npy,frames_in/000000.png,o/x.mp4,",   # 6: reads a file in row 7's frames folder
+            "res/c.npy,faces/anna.png,,frames_in",       # 7: would write over row 6's source
+            "res/a.npy,faces/anna.png,sub/../real/q.mp4,"]  # 8: row 1's MP4 through ..
+    manifest = write_csv(folder / "m.csv", rows, header="coeffs,source,output,frames_dir")
+    result = run_batch(manifest, "--json", "--dry-run", *tiny(tiny_checkpoints))
+    assert result.exit_code == 1
+    summary = {row["row"]: row for row in json.loads(result.stdout)["rows"]}
+    assert {n: row["status"] for n, row in summary.items()} == {
+        1: "todo", 2: "failed", 3: "todo", 4: "failed", 5: "failed", 6: "todo", 7: "failed", 8: "failed"}
+    assert "as row 1 does" in summary[2]["error"] and "as row 1 does" in summary[8]["error"]
+    assert "row 3 writes" in summary[4]["error"] and f"{folder}/fd" in summary[4]["error"]
+    assert "row 1's source (an input)" in summary[5]["error"]
+    assert "frames folder" in summary[7]["error"] and "row 6's source" in summary[7]["error"]
+    assert summary[3]["frames_dir"] == str(folder / "fd") and summary[7]["frames_dir"] == str(folder / "frames_in")
+
+
+@pytest.mark.parametrize("report", ["m.csv", "res/a.npy", "faces/anna.png", "o/a.mp4", "fd/000002.png"])
+def test_the_report_may_name_no_input_and_no_output(clips, tiny_checkpoints, tmp_path, report):
+    """Issue 17.3: `--report m.csv` appended JSON to the manifest; now the batch refuses to start."""
+    folder = clash_job(tmp_path, clips)
+    manifest = write_csv(folder / "m.csv", ["res/a.npy,faces/anna.png,o/a.mp4,", "res/c.npy,faces/anna.png,,fd"],
+                         header="coeffs,source,output,frames_dir")
+    before = {p: p.read_bytes() for p in (manifest, folder / "res" / "a.npy", folder / "faces" / "anna.png")}
+    result = run_batch(manifest, "--report", folder / report, *tiny(tiny_checkpoints))
+    assert result.exit_code == 1 and result.stderr.startswith(f"Error: {folder / report}: ")
+    assert "choose another --report PATH" in result.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (folder / "o" / "a.mp4").exists() and not (folder / "fd").exists()
+
+
+def test_a_frames_only_row_resumes_after_kill_9(clips, tiny_checkpoints, reference_frames, tmp_path):
+    """Issue 17.5: a batch killed mid-row leaves its frames in a temporary folder (and its claim); the
+    rerun removes them as a dead run's, renders the row and reports its frames_dir."""
+    from sfr_cli.outputs import host_name
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = out / f".0.sfr-tmp-{host_name()}-{dead.pid}-123"
+    leftover.mkdir()
+    for index in range(2):
+        (leftover / f"{index:06d}.png").write_bytes(b"partial")
+    (out / ".0.sfr-lock").write_text(json.dumps({"host": host_name(), "pid": dead.pid, "start": "123",
+                                                 "since": time.time()}))
+    manifest = write_csv(tmp_path / "m.csv", [f"{clips}/clip0.npy,{clips}/face_a.png,{out}/0"])
+    result = run_batch(manifest, "--json", *tiny(tiny_checkpoints))
+    assert result.exit_code == 0, result.output
+    row, = json.loads(result.stdout)["rows"]
+    assert row["status"] == "done" and row["frames_dir"] == str(out / "0")
+    assert sorted(p.name for p in out.iterdir()) == ["0"]
+    np.testing.assert_array_equal(read_frames(out / "0"), reference_frames[0])
+
+
+def test_two_runs_of_one_manifest_never_render_the_same_clip_at_once(clips, tiny_checkpoints, tmp_path):
+    """Issue 17.2: a row another live run is rendering is skipped (its report says by whom); once that run
+    is dead its claim is taken over and the row renders."""
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [f"{clips}/clip{i}.npy,{clips}/face_a.png,{out}/{i}.mp4" for i in range(2)]
+    manifest = write_csv(tmp_path / "m.csv", rows, header="coeffs,source,output")
+    code = ("import time\nfrom sfr_cli.outputs import OutputClaim\n"
+            f"claim = OutputClaim({str(out / '1.mp4')!r}).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    try:
+        assert other.stdout.readline() == "held\n"
+        result = run_batch(manifest, "--json", *tiny(tiny_checkpoints))
+        assert result.exit_code == 0, result.output
+        summary = {row["row"]: row for row in json.loads(result.stdout)["rows"]}
+        assert summary[1]["status"] == "done" and summary[2]["status"] == "skipped"
+        assert f"another sfr run is rendering it (host " in summary[2]["note"]
+        assert f"pid {other.pid}," in summary[2]["note"] and not (out / "1.mp4").exists()
+    finally:
+        other.kill()
+        other.wait()
+    result = run_batch(manifest, "--json", *tiny(tiny_checkpoints))
+    assert result.exit_code == 0, result.output
+    assert [row["status"] for row in json.loads(result.stdout)["rows"]] == ["skipped", "done"]
+    assert sorted(p.name for p in out.iterdir()) == ["0.mp4", "1.mp4"]
+
+
+def test_a_row_whose_folder_refuses_access_fails_alone(clips, tiny_checkpoints, tmp_path, denied):
+    """Issue 17.6: one row's output folder without permission aborted the whole batch with a traceback and
+    no report; now that row fails with a clean message, the others render, the report is written."""
+    out = tmp_path / "out"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    rows = [f"{clips}/clip0.npy,{clips}/face_a.png,{out}/0.mp4", f"{clips}/clip1.npy,{clips}/face_a.png,{locked}/1.mp4",
+            f"{clips}/clip2.npy,{clips}/face_a.png,{out}/2.mp4"]
+    manifest = write_csv(tmp_path / "m.csv", rows, header="coeffs,source,output")
+    denied(locked)
+    result = run_batch(manifest, "--json", *tiny(tiny_checkpoints))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    summary = {row["row"]: row for row in json.loads(result.stdout)["rows"]}
+    assert [summary[n]["status"] for n in (1, 2, 3)] == ["done", "failed", "done"]
+    assert summary[2]["error"].startswith(f"row 2: {locked}") and "permission denied" in summary[2]["error"]
+    assert sorted(line["row"] for line in batching.iter_lines(tmp_path / "m.report.jsonl")) == [1, 2, 3]

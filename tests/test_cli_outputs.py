@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from sfr_cli.cli import sfr
 from sfr_cli.config import CONFIG_DIR
 from sfr_cli.media import count_video_frames
+from sfr_cli.outputs import host_name
 
 from test_cli import DEMO_COEFFS, SOURCE, assert_user_error, no_model_load  # noqa: F401 (a fixture)
 
@@ -184,6 +185,109 @@ def test_compile_on_the_cpu_is_ignored_with_one_note(runner, job, tiny_checkpoin
     assert notes == ["--compile is ignored on cpu: torch.compile speeds up CUDA renders only"]
 
 
+def test_an_output_appearing_while_rendering_is_never_replaced(runner, job, tiny_checkpoints, monkeypatch):
+    """Issue 17.2: "exists" was checked at the start only; a file that appears at -o while the job renders
+    (another run finishing first) stays, and this run says so (exit 1) and leaves nothing else."""
+    from sfr_cli.media import sinks
+
+    output = job / "out" / "clip.mp4"
+    counted = sinks.count_video_frames
+
+    def count_then_another_run_finishes(path, *args):
+        output.write_bytes(b"the other run's clip")
+        return counted(path, *args)
+
+    monkeypatch.setattr(sinks, "count_video_frames", count_then_another_run_finishes)
+    result = runner.invoke(sfr, job_args(job, output, tiny_checkpoints, "--quiet"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{output}: exists (another run wrote it while this one rendered); pass --overwrite" in result.stderr
+    assert output.read_bytes() == b"the other run's clip"
+    assert sorted(p.name for p in (job / "out").iterdir()) == ["clip.mp4"]  # no temporary, no lock
+    output.unlink()
+    result = runner.invoke(sfr, job_args(job, output, tiny_checkpoints, "--quiet", "--overwrite"))
+    assert result.exit_code == 0 and count_video_frames(output) == 4  # --overwrite: replaced at the end
+
+
+def hold_claim(target):
+    """Another live sfr run holding `target`'s claim: a process (started and stopped by the caller)."""
+    code = ("import sys, time\nfrom sfr_cli.outputs import OutputClaim\n"
+            f"claim = OutputClaim({str(target)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_an_output_another_live_run_writes_is_refused_before_the_model_loads(runner, job, tiny_checkpoints,
+                                                                             no_model_load):
+    """Issue 17.2: two `sfr render` to one output at once: the second says so; a dead holder's claim
+    (kill -9) is taken over."""
+    output = job / "out" / "clip.mp4"
+    holder = hold_claim(output)
+    try:
+        result = runner.invoke(sfr, job_args(job, output, tiny_checkpoints, "--overwrite"))
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert f"{output}: another sfr run is writing it (host " in result.stderr
+        assert f"pid {holder.pid}," in result.stderr and not output.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (job / "out" / ".clip.mp4.sfr-lock").exists()  # the killed run's lock: judged dead next time
+
+
+def test_ctrl_c_keeps_the_old_frames_of_an_overwrite(runner, job, tiny_checkpoints, monkeypatch):
+    """Issue 17.4: --frames-dir old --overwrite, interrupted mid-render: the old frames are untouched (the
+    new ones go to a temporary folder, swapped in only when complete); completed, they are replaced."""
+    frames = job / "old"
+    frames.mkdir()
+    for index in range(6):
+        (frames / f"{index:06d}.png").write_bytes(b"old %d" % index)
+    before = snapshot(frames)
+    from sfr_cli.progress import SilentReporter
+
+    advanced = []
+
+    def ctrl_c_after_two_frames(self, frames_done):  # the engine's progress callback, in the main thread
+        advanced.append(frames_done)
+        if sum(advanced) >= 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SilentReporter, "advance", ctrl_c_after_two_frames)
+    args = job_args(job, job / "out" / "clip.mp4", tiny_checkpoints, "--frames-dir", str(frames), "--overwrite",
+                    "--quiet")
+    result = runner.invoke(sfr, args)
+    assert result.exit_code == 130, result.output
+    assert sum(advanced) == 2 and snapshot(frames) == before
+    assert sorted(p.name for p in job.iterdir()) == ["clip.npy", "face.png", "old", "out", "speech.wav"]
+    assert list((job / "out").iterdir()) == []
+    monkeypatch.undo()
+    result = runner.invoke(sfr, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in frames.iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in frames.iterdir())
+    assert sorted(p.name for p in job.iterdir()) == ["clip.npy", "face.png", "old", "out", "speech.wav"]
+
+
+@pytest.mark.parametrize("option", ["-o", "--frames-dir", "--source"])
+def test_a_folder_without_permission_is_a_clean_error(runner, job, tiny_checkpoints, no_model_load, denied,
+                                                      option):
+    """Issue 17.6: an output, frames or source folder refusing access: `Error: ...`, exit 1, no traceback."""
+    locked = job / "locked"
+    locked.mkdir()
+    if option == "--source":
+        shutil.copy(job / "face.png", locked / "face.png")
+    denied(locked)
+    target = {"-o": locked / "clip.mp4", "--frames-dir": locked / "frames", "--source": locked / "face.png"}[option]
+    args = job_args(job, job / "out" / "clip.mp4", tiny_checkpoints)
+    if option == "--frames-dir":
+        args += ["--frames-dir", str(target)]
+    else:
+        args[args.index(option) + 1] = str(target)
+    result = runner.invoke(sfr, args)
+    assert_user_error(result, job / "out", str(locked))
+    assert "permission" in result.stderr.lower()
+
+
 @pytest.mark.slow  # two 40-frame renders in subprocesses
 def test_kill_9_mid_render_then_the_same_command_leaves_only_complete_files(tmp_path, tiny_checkpoints):
     clip = tmp_path / "clip.npy"
@@ -214,7 +318,8 @@ def test_kill_9_mid_render_then_the_same_command_leaves_only_complete_files(tmp_
     assert process.returncode == -signal.SIGKILL
     psutil.wait_procs(ffmpeg, timeout=30)  # the orphaned ffmpeg ends at the end of its input
     leftovers = [p.name for p in out.iterdir()]
-    assert len(leftovers) == 1 and leftovers[0].startswith(f".clip.mp4.sfr-tmp-{process.pid}-"), leftovers
+    leftovers = [name for name in leftovers if name != ".clip.mp4.sfr-lock"]  # the killed run's claim
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".clip.mp4.sfr-tmp-{host_name()}-{process.pid}-"), leftovers
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr

@@ -477,3 +477,32 @@ def test_check_output_writable_read_only_folder(tmp_path):
             media.check_output_writable(folder / "out.mp4")
     finally:
         folder.chmod(0o700)
+
+
+def test_png_frames_are_written_aside_and_committed_as_a_set(tmp_path):
+    """Issue 17.4: nothing appears in the target before close(); old frames are replaced only then (a folder
+    holding other files keeps them); frames appearing meanwhile are never replaced without overwrite."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    for index in range(3):
+        (folder / f"{index:06d}.png").write_bytes(b"old")
+    writer = media.PngFrameWriter(folder, replace_existing=True)
+    for frame in frames(2):
+        writer.write(frame)
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "000002.png", "keep.txt"]
+    assert (folder / "000000.png").read_bytes() == b"old"
+    writer.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "keep.txt"]
+    assert (folder / "000000.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
+
+    other = tmp_path / "other"
+    writer = media.PngFrameWriter(other)
+    writer.write(next(frames(1)))
+    other.mkdir()
+    (other / "000000.png").write_bytes(b"another run's")
+    with pytest.raises(MediaError, match="appeared there while this job rendered"):
+        writer.close()
+    assert (other / "000000.png").read_bytes() == b"another run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "other"]

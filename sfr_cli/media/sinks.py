@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from fractions import Fraction
 from pathlib import Path
@@ -26,7 +27,8 @@ import imageio.v3 as iio
 import numpy as np
 
 from sfr_cli.errors import MediaError
-from sfr_cli.outputs import atomic_path, check_regular_target, probe_writable, remove_quietly, temporary_path
+from sfr_cli.outputs import (OutputExists, atomic_path, check_regular_target, commit_path, probe_writable,
+                             remove_quietly, rename_noreplace, resolved, temporary_path)
 
 from .ffmpeg import StderrDrain, count_video_frames, find_ffmpeg, start_ffmpeg, stderr_tail
 
@@ -82,27 +84,35 @@ class _Sink:
 
 
 class PngFrameWriter(_Sink):
-    """Writes frames as `000000.png`, `000001.png`, ... in one folder, each one atomically.
+    """Writes frames as `000000.png`, `000001.png`, ... into one folder, the whole set atomically.
 
-    Use as a context manager: leaving the block with an exception calls `abort()`, which removes the
-    frames this writer wrote (and the folder, if this writer created it and it is left empty). With
-    `replace_existing`, frames already in the folder are removed first.
+    The frames go to a hidden temporary folder beside the target, `.NAME.sfr-tmp-HOST-PID-START`
+    (symlinks in the target's path resolved), and `close()` moves the complete set into place: the
+    temporary folder is renamed onto the target when the target is missing or empty; with
+    `replace_existing` a target holding only frames is swapped for it (old frames removed only once the
+    new set is complete); a target holding other files gets the new frames moved in one by one (then
+    old frames beyond the new count removed). Without `replace_existing`, frames that appeared in the
+    target meanwhile make `close()` fail (MediaError) and stay untouched. Leaving a `with` block with an
+    exception calls `abort()`: the temporary folder goes, the target is never touched.
     """
 
     def __init__(self, directory: PathLike, replace_existing: bool = False):
         self.directory = Path(directory)
-        self.paths: List[Path] = []
-        self._created_dirs = _missing_dirs(self.directory)
+        self.replace_existing = replace_existing
+        self.paths: List[Path] = []  # the frames' final paths, in order
         self._shape: Optional[tuple] = None
+        self._done = False
         if self.directory.exists() and not self.directory.is_dir():
             raise MediaError(f"{self.directory}: exists and is not a folder; cannot write PNG frames there")
+        self._target = resolved(self.directory)
+        self._created_dirs = _missing_dirs(self._target.parent)
+        self._temporary = temporary_path(self._target)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if replace_existing:  # --overwrite: old frames go, so none can mix with the new ones
-                for old in existing_frames(self.directory):
-                    os.remove(old)
+            self._target.parent.mkdir(parents=True, exist_ok=True)
+            self._temporary.mkdir()
         except OSError as exc:
-            raise MediaError(f"{self.directory}: cannot create the frames folder ({exc})") from exc
+            self._remove_created_dirs()
+            raise MediaError(f"{self.directory}: cannot create the frames folder ({exc.strerror or exc})") from exc
 
     @property
     def frames_written(self) -> int:
@@ -112,20 +122,73 @@ class PngFrameWriter(_Sink):
         """Write the next `(H, W, 3) uint8 RGB` frame; every frame must have the first one's size."""
         pixels = _check_frame(frame, self._shape)
         self._shape = pixels.shape
-        path = self.directory / f"{len(self.paths):0{PNG_INDEX_DIGITS}d}.png"
-        write_png(path, pixels)
-        self.paths.append(path)
-        return path
+        name = f"{len(self.paths):0{PNG_INDEX_DIGITS}d}.png"
+        try:
+            iio.imwrite(self._temporary / name, pixels, extension=".png", compress_level=PNG_COMPRESS_LEVEL)
+        except OSError as exc:
+            raise MediaError(f"{self.directory / name}: cannot write PNG frame ({exc})") from exc
+        self.paths.append(self.directory / name)
+        return self.paths[-1]
 
     def close(self) -> List[Path]:
-        """Finish; the frames stay. Returns their paths in order."""
+        """Move the complete set of frames into place; returns their paths in order. On failure
+        (MediaError) the new frames are removed and the target is as it was."""
+        if self._done:
+            return list(self.paths)
+        try:
+            self._commit()
+        except OSError as exc:
+            self.abort()
+            raise MediaError(f"{self.directory}: cannot move the finished frames into place "
+                             f"({exc.strerror or exc})") from exc
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
         return list(self.paths)
 
-    def abort(self) -> None:
-        """Remove every frame this writer wrote, and the folders it created if they are left empty."""
-        for path in self.paths:
+    def _commit(self) -> None:
+        target, temporary = self._target, self._temporary
+        if rename_noreplace(temporary, target):
+            return
+        if not target.is_dir():
+            raise MediaError(f"{self.directory}: exists and is not a folder; cannot write PNG frames there")
+        old = existing_frames(target)
+        if old and not self.replace_existing:
+            raise OutputExists(f"{self.directory}: {len(old)} frame(s) like {old[0].name} appeared there while "
+                               "this job rendered (another run?); pass --overwrite to replace them")
+        others = [name for name in os.listdir(target) if not is_frame_name(name)]
+        if not others:  # empty, or only the old frames: the whole folder is swapped in
+            aside = temporary_path(target, ".old") if old else None
+            try:
+                if aside is not None:
+                    os.rename(target, aside)
+                os.rename(temporary, target)  # onto an empty folder, or where the old one was
+            except OSError:
+                if aside is not None and not os.path.lexists(target):
+                    os.rename(aside, target)  # put the old frames back, then move frame by frame
+                aside = None
+            else:
+                if aside is not None:
+                    shutil.rmtree(aside, ignore_errors=True)
+                return
+        for index, path in enumerate(self.paths):  # a folder holding other files: frame by frame
+            os.replace(temporary / path.name, target / path.name)
+        for path in old[len(self.paths):]:
             remove_quietly(path)
+        shutil.rmtree(temporary, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove the frames this writer wrote (its temporary folder) and the folders it created if they
+        are left empty; the target folder is untouched."""
+        if self._done:
+            return
+        self._done = True
+        shutil.rmtree(self._temporary, ignore_errors=True)
         self.paths.clear()
+        self._remove_created_dirs()
+
+    def _remove_created_dirs(self) -> None:
         for folder in reversed(self._created_dirs):
             try:
                 folder.rmdir()
@@ -214,9 +277,10 @@ class Mp4Writer(_Sink):
     libx264 yuv420p at `crf`, with `+faststart`. With `audio`, its first audio stream is encoded
     as AAC at its own sample rate and channel count; when `frame_count` is given the audio is cut
     to `frame_count / fps` seconds (audio shorter than the video is kept as it is; without
-    `frame_count` a longer audio is not cut). Everything is written to `.NAME.sfr-tmp-PID-START.mp4` beside
-    `path`; `close()` renames it to `path` only when ffmpeg succeeded and the file holds exactly
-    the frames written. On any failure, `abort()`, or an exception inside the `with` block, ffmpeg
+    `frame_count` a longer audio is not cut). Everything is written to `.NAME.sfr-tmp-HOST-PID-START.mp4`
+    beside `path`; `close()` renames it to `path` only when ffmpeg succeeded and the file holds exactly
+    the frames written, and, unless `replace_existing`, only if nothing appeared at `path` meanwhile
+    (else OutputExists, a MediaError, and the file is removed). On any failure, `abort()`, or an exception inside the `with` block, ffmpeg
     is killed and the temporary file removed; nothing appears at `path`. With `pad_odd`, an odd
     width or height is encoded one pixel larger, the last column/row repeated (`encoded_size`).
     Failures in `write()`
@@ -237,8 +301,10 @@ class Mp4Writer(_Sink):
         crf: int = DEFAULT_CRF,
         pad_odd: bool = False,
         audio_copy: bool = False,
+        replace_existing: bool = True,
     ):
         self.path = Path(path)
+        self.replace_existing = replace_existing
         self.width_px = int(width_px)
         self.height_px = int(height_px)
         self.fps = float(fps)
@@ -335,7 +401,10 @@ class Mp4Writer(_Sink):
         if counted != self.frames_written:
             self._fail(f"the encoded file holds {counted} frames, {self.frames_written} were written", stderr)
         try:
-            os.replace(self._temporary, self.path)
+            commit_path(self._temporary, self.path, overwrite=self.replace_existing)
+        except OutputExists:
+            self.abort()
+            raise
         except OSError as exc:
             self._fail(f"cannot move the finished video into place ({exc})", stderr)
         self._closed = True
