@@ -213,7 +213,7 @@ def frame_chw(path: Path) -> torch.Tensor:
 
 
 def golden_matrices(meta):
-    return [[face_align.similarity_lmeds(torch.tensor(lm)) for lm in frame["landmarks_5"]]
+    return [list(face_align.align_matrices(torch.tensor(frame["landmarks_5"]).reshape(-1, 5, 2)))
             for frame in meta["frames"]]
 
 

@@ -8,7 +8,7 @@ exact to the OpenCV 4.14 calls it makes:
 - `warp_affine`: `cv2.warpAffine(..., INTER_LINEAR, BORDER_CONSTANT)`, bit for bit for uint8 and float64
   images (float32: within one float32 ulp), batched, on any device, for the whole output or one
   sub-rectangle of it (`warp_footprint` gives the rectangle outside which the warp is all border);
-- `align_faces`: the aligned 512 x 512 crops (`align_warp_face`).
+- `align_matrices` and `align_faces`: the matrices and the aligned 512 x 512 crops (`align_warp_face`).
 
 No file access and no device choice: tensors stay where the caller put them. Affine matrices are float64
 `(N, 2, 3)` and map source pixels to destination pixels, as OpenCV's (without WARP_INVERSE_MAP). Images
@@ -233,6 +233,15 @@ def similarity_lmeds(points, template=None) -> torch.Tensor:
     refined = _refine_similarity(torch.tensor(best, dtype=torch.float64), src32[inliers].double(),
                                  dst32[inliers].double())
     return _similarity_matrix(tuple(float(v) for v in refined))
+
+
+def align_matrices(landmarks: torch.Tensor, face_size_px: int = FACE_SIZE_PX) -> torch.Tensor:
+    """align_warp_face's matrices for N faces: landmarks `(N, 5, 2)` (x, y in frame pixels) ->
+    `(N, 2, 3) float64` CPU, each `similarity_lmeds` to `face_template(face_size_px)`."""
+    template = face_template(face_size_px)
+    if landmarks.shape[0] == 0:
+        return torch.zeros(0, 2, 3, dtype=torch.float64)
+    return torch.stack([similarity_lmeds(points, template) for points in landmarks])
 
 
 def _similarity_matrix(params) -> torch.Tensor:

@@ -72,8 +72,9 @@ def resize_lanczos4(images: torch.Tensor, out_h: int, out_w: int) -> torch.Tenso
 
     images: `(B, C, H, W) uint8`; returns `(B, C, out_h, out_w) uint8` on the same device (a copy when
     the size does not change, as OpenCV). Horizontal pass first (int32 sums of 11-bit taps), then the
-    vertical one, `(sum + 2^21) >> 22` saturated to [0, 255]; edge pixels are replicated. All in int32,
-    whose wrap-around matches OpenCV's int arithmetic even for adversarial inputs.
+    vertical one, `(sum + 2^21) >> 22` saturated to [0, 255]; edge pixels are replicated. All in int32, as
+    OpenCV: no input can overflow it (the largest sum is 255 * (P^2 + N^2) < 2.11e9 for the taps' positive
+    and negative parts P and N).
     """
     if images.dim() != 4 or images.dtype != torch.uint8:
         raise ValueError(f"resize_lanczos4 takes (B, C, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
