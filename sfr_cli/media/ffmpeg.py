@@ -32,6 +32,15 @@ FFMPEG_PROBE_TIMEOUT_SECONDS = 30.0
 FFMPEG_COUNT_TIMEOUT_SECONDS = 300.0
 STDERR_TAIL_LINES = 15
 STDERR_KEEP_BYTES = 64 * 1024
+FILE_PROTOCOL = "file:"  # ffmpeg's local-file protocol: what follows is a path, colons and all
+
+
+def file_argument(path: PathLike) -> str:
+    """`path` as an ffmpeg input or output argument that names a local file whatever it holds. ffmpeg
+    reads a name like `take:2.wav` or `2025-01-01T10:30.mp4` as protocol `take` / `2025-01-01T10` and
+    fails "Protocol not found" (for an output, after every frame was rendered); the `file:` protocol
+    prefix makes it the plain file, relative or absolute."""
+    return FILE_PROTOCOL + os.fspath(path)
 
 
 def stderr_tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
@@ -119,7 +128,7 @@ def probe_audio(path: PathLike, ffmpeg: Optional[str] = None) -> AudioInfo:
         raise MediaError(f"{source}: audio file not found")
     exe = ffmpeg or find_ffmpeg()
     try:
-        result = _run([exe, "-hide_banner", "-nostdin", "-i", str(source)], FFMPEG_PROBE_TIMEOUT_SECONDS)
+        result = _run([exe, "-hide_banner", "-nostdin", "-i", file_argument(source)], FFMPEG_PROBE_TIMEOUT_SECONDS)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise MediaError(f"{source}: ffmpeg could not inspect the audio ({exc})") from exc
     # Without an output file ffmpeg always exits 1; what matters is what it printed about the input.
@@ -150,7 +159,7 @@ def _parse_duration(stderr: str) -> Optional[float]:
 def count_video_frames(path: PathLike, ffmpeg: Optional[str] = None) -> int:
     """Count the frames of the first video stream of `path` by remuxing it to nowhere (fast, no decode)."""
     exe = ffmpeg or find_ffmpeg()
-    command = [exe, "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
+    command = [exe, "-hide_banner", "-nostdin", "-i", file_argument(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
     try:
         result = _run(command, FFMPEG_COUNT_TIMEOUT_SECONDS)
     except (OSError, subprocess.TimeoutExpired) as exc:

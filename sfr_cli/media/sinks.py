@@ -28,7 +28,7 @@ import numpy as np
 from sfr_cli.errors import MediaError
 from sfr_cli.outputs import atomic_path, check_regular_target, probe_writable, remove_quietly, temporary_path
 
-from .ffmpeg import StderrDrain, count_video_frames, find_ffmpeg, start_ffmpeg, stderr_tail
+from .ffmpeg import StderrDrain, count_video_frames, file_argument, find_ffmpeg, start_ffmpeg, stderr_tail
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -284,13 +284,13 @@ class Mp4Writer(_Sink):
         if self.audio is not None:
             if self.frame_count is not None:
                 command += ["-t", f"{self.frame_count / self.fps:.6f}"]
-            command += ["-i", str(self.audio)]
+            command += ["-i", file_argument(self.audio)]
         command += ["-map", "0:v:0"]
         if self.audio is not None:
             command += ["-map", "1:a:0", "-c:a", "aac"]
         command += [
             "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-movflags", "+faststart", "-f", "mp4", str(self._temporary),
+            "-movflags", "+faststart", "-f", "mp4", file_argument(self._temporary),
         ]  # fmt: skip
         return command
 
