@@ -167,6 +167,15 @@ def read_driving(value) -> Tuple[np.ndarray, str]:
     return coeffs.read_coefficients(value), str(value)
 
 
+def read_source_row(value) -> np.ndarray:
+    """The source face's own coefficients `(C,) float32` from a file path, or from an array: one row
+    `(C,)`, or rows `(N, C)` / windows `(N, C, 27)` whose first frame is taken, as from a file."""
+    if not isinstance(value, np.ndarray):
+        return coeffs.read_source_coefficients(value)
+    array = coeffs.check_coefficients(value[None] if value.ndim == 1 else value, "the source coefficients array")
+    return np.array(array[0] if array.ndim == 2 else array[0, :, coeffs.SEMANTIC_RADIUS], dtype=np.float32)
+
+
 SOURCE_IMAGES_KEPT = 8  # resized source images kept per process (a 256 px one is 0.75 MiB)
 _source_images: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
 
@@ -225,7 +234,7 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
 
     driving, driving_name = read_driving(job.coeffs)
     if job.source_coeffs is not None:
-        source_row = coeffs.read_source_coefficients(job.source_coeffs)
+        source_row = read_source_row(job.source_coeffs)
     else:
         first = driving[0] if driving.ndim == 2 else driving[0, :, coeffs.SEMANTIC_RADIUS]
         source_row = np.array(first, dtype=np.float32)
