@@ -205,8 +205,8 @@ def read_source(value, size_px: int) -> np.ndarray:
 def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_created: bool = False) -> PreparedJob:
     """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
     `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
-    `folder_created`: the caller creates the MP4's folder before rendering (`sfr batch`), so a missing
-    one is fine when it can be created."""
+    A missing MP4 folder is fine when it can be created (the MP4 writer creates it, as `--frames-dir`
+    and `sfr batch` create theirs); `folder_created` is kept for callers and changes nothing."""
     notes: List[str] = []
 
     def noted(message: str) -> None:
@@ -256,7 +256,7 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
     ffmpeg = None
     if output is not None:
         ffmpeg = media.find_ffmpeg()
-        media.check_output_writable(output, folder_created=folder_created)
+        media.check_output_writable(output, folder_created=True)
         if job.audio is not None:
             audio = media.probe_audio(job.audio, ffmpeg)
             video_seconds = frame_count / job.fps
@@ -271,6 +271,8 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
     found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
              outputs.JobInput(files.mapping, "mapping checkpoint")]
     check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
+    if output is not None:  # after every check that protects an input: that message matters more
+        media.check_mp4_name(output)
     from .engine import check_precision, resolve_device
 
     device = resolve_device(job.device)
