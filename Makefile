@@ -1,7 +1,11 @@
 # sfr: `make demo` renders a short clip with random weights; `make test` runs the whole test suite (what CI
 # runs), `make test-fast` the edit loop's share of it (tiny config only: no test marked `slow`).
 # `make install` includes the `ray` extra, so the tests run `sfr batch --ray local` for real.
-# Every pip call is constrained by constraints.txt so pip never swaps in a newer (CUDA) torch.
+# Every pip call is constrained by constraints.txt (torch==2.13.0), so pip never swaps in another torch
+# version. Which build of it comes is the configured package index's choice (from PyPI on Linux: the CUDA
+# build, several GB); a CPU-only machine can ask for the CPU wheel:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (`--index-url` for the torch install only; a fresh clone, or after `rm -rf .venv`).
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,6 +13,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.sfr-installed
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
+TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)))
 DEMO_OUT := demo-out
 
 .PHONY: install test test-fast demo bench clean
@@ -17,7 +23,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt '$(TORCH)'
+	$(PIP) install -c constraints.txt $(TORCH_INDEX_ARGS) '$(TORCH)'
 	$(PIP) install -c constraints.txt -e '.[test,ray]'
 	touch $(STAMP)
 

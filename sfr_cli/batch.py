@@ -108,7 +108,10 @@ def read_manifest(path: Path, default_source: Optional[str] = None) -> List[Mani
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read the manifest ({exc})") from exc
-    rows = _csv_rows(path, text) if kind == "csv" else _jsonl_rows(text)
+    rows = _csv_rows(path, text) if kind == "csv" else _jsonl_rows(path, text)
+    if not rows:
+        raise ManifestError(f"{path}: no rows; write one row per clip (coeffs and source at least)"
+                            + (" under the header row" if kind == "csv" else ", one JSON object per line"))
     base = path.parent
     for row in rows:
         for name in PATH_FIELDS:
@@ -147,8 +150,12 @@ def _csv_rows(path: Path, text: str) -> List[ManifestRow]:
     return rows
 
 
-def _jsonl_rows(text: str) -> List[ManifestRow]:
+def _jsonl_rows(path: Path, text: str) -> List[ManifestRow]:
+    """Rows of a JSONL manifest. An unknown key fails the whole manifest, as an unknown CSV column does:
+    it is a mistake in how the manifest was written (a typo like `ouptut` or `expresion_scale`, usually
+    on every line a script wrote), found before anything renders rather than once per row."""
     rows = []
+    unknown_keys: Dict[str, List[int]] = {}
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -161,9 +168,14 @@ def _jsonl_rows(text: str) -> List[ManifestRow]:
         if not isinstance(values, dict):
             rows.append(ManifestRow(number, {}, "not a JSON object; write {\"coeffs\": ..., \"source\": ...}"))
             continue
-        unknown = [name for name in values if name not in ROW_FIELDS]
-        error = f"unknown key(s) {', '.join(unknown)}; keys are {', '.join(ROW_FIELDS)}" if unknown else None
-        rows.append(ManifestRow(number, {k: v for k, v in values.items() if v is not None}, error))
+        for name in values:
+            if name not in ROW_FIELDS:
+                unknown_keys.setdefault(name, []).append(number)
+        rows.append(ManifestRow(number, {k: v for k, v in values.items() if v is not None}))
+    if unknown_keys:
+        where = "; ".join(f"{name} (row {', '.join(map(str, numbers[:5]))}{', ...' if len(numbers) > 5 else ''})"
+                          for name, numbers in unknown_keys.items())
+        raise ManifestError(f"{path}: unknown key(s) {where}; keys are {', '.join(ROW_FIELDS)}")
     return rows
 
 
@@ -178,11 +190,16 @@ def _check_cells(values: Dict) -> Optional[str]:
 
 
 def rows_from_globs(patterns: Sequence[str], source: Optional[str]) -> List[ManifestRow]:
-    """Rows for `--coeffs 'results/*.mat' --source face.png`: every file a pattern matches (a pattern
-    matching nothing is taken as a path, so its row fails with `sfr render`'s message), sorted, once."""
+    """Rows for `--coeffs 'results/*.mat' --source face.png`: every file a pattern matches, sorted, once.
+    A pattern matching nothing raises ManifestError naming it (a usage error: nothing to render is a
+    mistake, not a success); a plain path is taken as given, so a missing file fails its row with
+    `sfr render`'s message."""
     paths: List[str] = []
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise ManifestError(f"--coeffs '{pattern}' matches no file; check the pattern and the folder "
+                                f"(relative patterns start from {os.getcwd()})")
         paths.extend(p for p in matched if p not in paths)
     rows = [ManifestRow(number, {"coeffs": path, "source": source}) for number, path in enumerate(paths, 1)]
     for row in rows:
@@ -373,11 +390,12 @@ def row_clash(number: int, writes: Sequence[Place], reads: PlaceIndex, written: 
 
 
 def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: str = "row",
-               dry_run: bool = False) -> Plan:
+               dry_run: bool = False, on_checked: Optional[Callable[[int, int], None]] = None) -> Plan:
     """Check every row, as `sfr render` would, before any model loads; fail rows whose outputs are another
     row's input or output (every row against every row, through symlinks, `..` and hard links); skip rows
     already done (unless `overwrite`) or being rendered by another live sfr run; fail bad rows alone
-    (a folder refusing access included); order the rest longest first."""
+    (a folder refusing access included); order the rest longest first. `on_checked(rows checked, rows)`
+    hears progress before each row's full check (a long manifest takes a while)."""
     plan = Plan(total=len(rows))
     jobs: Dict[int, RenderJob] = {}
     places: Dict[int, List[Place]] = {}
@@ -400,7 +418,9 @@ def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: 
     reads_index = PlaceIndex(plan.reads)
     written = PlaceIndex(plan.writes)
     shared_found = False
-    for row in rows:
+    for checked, row in enumerate(rows):
+        if on_checked is not None:
+            on_checked(checked, len(rows))
         job = jobs.get(row.number)
         coeffs = row.values.get("coeffs")
         output, frames_dir = output_paths(job) if job is not None else (row.values.get("output"), row.values.get("frames_dir"))

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, SfrError
 from .modes import MAPPING_CROP, MAPPING_FULL, describe_coeff_count, get_mode
 from .outputs import atomic_path
 from .nets.generator import OcclusionAwareSPADEGenerator
@@ -207,6 +207,8 @@ def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], whe
                 hint = (f"; this mapping net takes {found[1]} coefficients "
                         f"({describe_coeff_count(found[1])} mode), "
                         f"the config takes {tensor.shape[1]}: use the matching --preprocess or --mapping file")
+            else:
+                hint = _other_config_hint(module, state_dict, config_name)
             raise CheckpointError(f"{where}: {key} has shape {found} but {config_name} expects "
                                   f"{list(tensor.shape)}{hint}")
         if key in state_dict and state_dict[key].is_floating_point() != tensor.is_floating_point():
@@ -217,6 +219,30 @@ def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], whe
     if unexpected:
         raise CheckpointError(f"{where}: {len(unexpected)} key(s) that {config_name} does not have, first "
                               f"'{unexpected[0]}'; is this a checkpoint for this model?")
+
+
+def _other_config_hint(module: nn.Module, state_dict: Dict[str, torch.Tensor], config_name: str) -> str:
+    """"; these are weights of the tiny config: pass --config tiny" when every shape of `state_dict` fits
+    the same part of another built-in config (built on the meta device: no memory, no I/O), else the
+    general question. For a shape mismatch only."""
+    from .config import BUILTIN_CONFIGS, config_path, load_config
+
+    for family in BUILTIN_CONFIGS:
+        for name in (family, f"{family}_still"):
+            if name == Path(config_name).stem:
+                continue
+            try:
+                with torch.device("meta"):
+                    nets = build_networks(load_config(config_path(name)), with_he_estimator=True)
+            except SfrError:
+                continue
+            part = next((m for m in vars(nets).values() if type(m) is type(module)), None)
+            expected = part.state_dict() if part is not None else {}
+            if expected and expected.keys() == state_dict.keys() and all(
+                    tuple(state_dict[k].shape) == tuple(t.shape) or (t.dim() == 0 and state_dict[k].numel() == 1)
+                    for k, t in expected.items()):
+                return f"; these are weights of the {family} config: pass --config {family}"
+    return "; weights made for another config? pass the --config they were made with (facerender, tiny or a YAML)"
 
 
 def load_networks(config: ModelConfig, files: CheckpointFiles) -> Networks:

@@ -216,8 +216,11 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
         patterns = list(coeffs_globs) + [str(p) for p in manifest_or_coeffs]  # the shell expanded the glob
         if not source:
             raise click.UsageError("--coeffs needs --source FACE (the face of every clip)")
-        rows = batching.rows_from_globs(patterns, source)
-        prefix = "clip"
+        try:
+            rows = batching.rows_from_globs(patterns, source)
+        except batching.ManifestError as exc:
+            raise click.UsageError(str(exc)) from None
+        prefix = "row"  # as in a manifest: row N is the N-th file matched
     else:
         if len(manifest_or_coeffs) != 1:
             raise click.UsageError("give one MANIFEST (.csv or .jsonl), or --coeffs GLOB --source FACE")
@@ -236,7 +239,9 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
                          compile=compile_, overwrite=overwrite)
     defaults = batching.BatchDefaults(template, output_dir=output_dir, overwrite=overwrite)
     rows = batching.select_shard(rows, shard)
-    plan = batching.plan_batch(rows, defaults, prefix=prefix, dry_run=dry_run)
+    checking = _CheckProgress(quiet=quiet or as_json)
+    plan = batching.plan_batch(rows, defaults, prefix=prefix, dry_run=dry_run, on_checked=checking)
+    checking.end(len(rows))
     progress = BatchProgress(quiet=quiet or as_json)
     if dry_run:
         summary = batching.dry_run_summary(plan)
@@ -253,12 +258,45 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
             report.close()
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
+    elif dry_run:
+        counts = summary.counts
+        for row in sorted(summary.rows, key=lambda r: r.row):
+            if row.status == batching.FAILED:
+                click.echo(f"Error: {row.error}", err=True)
+        click.echo(f"dry run: {counts.get(batching.TODO, 0)} to do, {counts['skipped']} skipped, "
+                   f"{counts['failed']} failed of {len(summary.rows)} rows; nothing rendered", err=quiet)
     else:
         counts = summary.counts
         click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
                    f"of {len(summary.rows)} rows", err=quiet)
     if not summary.ok:
         ctx.exit(EXIT_ERROR)
+
+
+class _CheckProgress:
+    """`sfr batch` checking its rows (before any model loads): a line on stderr every few seconds,
+    "checking rows: 2,400 of 10,000", so a long manifest never looks hung; nothing when quiet."""
+
+    EVERY_SECONDS = 2.0
+
+    def __init__(self, quiet: bool):
+        import time
+
+        self.quiet = quiet
+        self._clock = time.monotonic
+        self._next = self._clock() + self.EVERY_SECONDS
+        self.shown = False
+
+    def __call__(self, checked: int, total: int) -> None:
+        if self.quiet or self._clock() < self._next:
+            return
+        self._next = self._clock() + self.EVERY_SECONDS
+        self.shown = True
+        click.echo(f"checking rows: {checked:,} of {total:,}", err=True)
+
+    def end(self, total: int) -> None:
+        if self.shown:
+            click.echo(f"checking rows: {total:,} of {total:,}", err=True)
 
 
 def _batch_backend(settings, workers, devices, ray_address, debug: bool):

@@ -199,6 +199,15 @@ def read_driving(value) -> Tuple[np.ndarray, str]:
     return coeffs.read_coefficients(value), str(value)
 
 
+def read_source_row(value) -> np.ndarray:
+    """The source face's own coefficients `(C,) float32` from a file path, or from an array: one row
+    `(C,)`, or rows `(N, C)` / windows `(N, C, 27)` whose first frame is taken, as from a file."""
+    if not isinstance(value, np.ndarray):
+        return coeffs.read_source_coefficients(value)
+    array = coeffs.check_coefficients(value[None] if value.ndim == 1 else value, "the source coefficients array")
+    return np.array(array[0] if array.ndim == 2 else array[0, :, coeffs.SEMANTIC_RADIUS], dtype=np.float32)
+
+
 SOURCE_IMAGES_KEPT = 8  # resized source images kept per cache (a 256 px one is 0.75 MiB)
 
 
@@ -246,8 +255,8 @@ def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_cr
                 claim: bool = False, sources: Optional[SourceImages] = None) -> PreparedJob:
     """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
     `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
-    `folder_created`: the caller creates the MP4's folder before rendering (`sfr batch`), so a missing
-    one is fine when it can be created. With `claim` the job's outputs are claimed first (OutputBusy when
+    A missing MP4 folder is fine when it can be created (the MP4 writer creates it, as `--frames-dir`
+    and `sfr batch` create theirs); `folder_created` is kept for callers and changes nothing. With `claim` the job's outputs are claimed first (OutputBusy when
     another live run writes one) and stay claimed until `PreparedJob.release()`, which whoever renders it
     calls; a check failing releases them. A folder refusing access is a MediaError, as any user error.
     `sources`: a cache of source images (the Renderer's)."""
@@ -295,7 +304,7 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, folder_created: bool,
 
     driving, driving_name = read_driving(job.coeffs)
     if job.source_coeffs is not None:
-        source_row = coeffs.read_source_coefficients(job.source_coeffs)
+        source_row = read_source_row(job.source_coeffs)
     else:
         first = driving[0] if driving.ndim == 2 else driving[0, :, coeffs.SEMANTIC_RADIUS]
         source_row = np.array(first, dtype=np.float32)
@@ -315,7 +324,7 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, folder_created: bool,
     ffmpeg = None
     if output is not None:
         ffmpeg = media.find_ffmpeg()
-        media.check_output_writable(output, folder_created=folder_created)
+        media.check_output_writable(output, folder_created=True)
         if job.audio is not None:
             audio = media.probe_audio(job.audio, ffmpeg)
             video_seconds = frame_count / job.fps
@@ -332,6 +341,8 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, folder_created: bool,
     found += [outputs.JobInput(path, f"{stage.name} weights") for stage in stages
               for path in getattr(stage, "input_files", ())]
     check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
+    if output is not None:  # after every check that protects an input: that message matters more
+        media.check_mp4_name(output)
     from .engine import check_precision, resolve_device
 
     device = resolve_device(job.device)

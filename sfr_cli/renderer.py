@@ -20,6 +20,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import numbers
+import os
 import threading
 import time
 from dataclasses import fields, replace
@@ -28,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import CoefficientsError, ConfigError, MediaError
 from .jobs import PreparedJob, RenderJob, RenderReport, SourceImages, prepare_job
 from .streaming import build_engine, load_group, render_prepared, render_prepared_group, stream_frames
 from .progress import Reporter, SilentReporter
@@ -139,8 +141,9 @@ class Renderer:
                  precision: str = "fp32", batch_size: Optional[int] = None, size: int = 256, *,
                  checkpoint=None, mapping=None, compile: bool = False,
                  source_cache_entries: int = SOURCE_CACHE_ENTRIES):
-        self.settings = dict(checkpoint_dir=_path(checkpoint_dir), checkpoint=_path(checkpoint),
-                             mapping=_path(mapping), config=None if config is None else str(config),
+        self.settings = dict(checkpoint_dir=_path(checkpoint_dir, "checkpoint_dir"),
+                             checkpoint=_path(checkpoint, "checkpoint"), mapping=_path(mapping, "mapping"),
+                             config=None if config is None else str(config),
                              size_px=int(size), batch_size=batch_size, device=device, precision=precision,
                              compile=compile)
         self.models = ModelCache(source_cache_entries)
@@ -151,14 +154,17 @@ class Renderer:
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}; per-clip options are "
                               f"{', '.join(name for name in PER_CLIP_FIELDS if name not in ('coeffs', 'source'))}")
-        for name in ("source_coeffs", "output", "frames_dir", "audio"):
+        for name in ("output", "frames_dir", "audio", "paste_into"):
             if options.get(name) is not None:
-                options[name] = Path(options[name])
+                options[name] = _file_argument(name, options[name], "a path (str or Path)")
+        if options.get("source_coeffs") is not None:
+            options["source_coeffs"] = _coefficients_argument("source_coeffs", options["source_coeffs"],
+                                                              "(70|73,), (N, 70|73) or (N, 70|73, 27)")
         for name in ("yaw", "pitch", "roll"):
             if options.get(name) is not None:
-                options[name] = _degrees(options[name])
-        coeffs = coeffs if isinstance(coeffs, np.ndarray) else Path(coeffs)
-        source = source if isinstance(source, np.ndarray) else Path(source)
+                options[name] = _degrees(name, options[name])
+        coeffs = _coefficients_argument("coeffs", coeffs, "(N, 70|73) or windows (N, 70|73, 27)")
+        source = _source_argument(source)
         return RenderJob(coeffs=coeffs, source=source, **options, **self.settings)
 
     def frames(self, coeffs, source, **options) -> Iterator[np.ndarray]:
@@ -251,18 +257,68 @@ def _frames_only(tagged: Iterator[Tuple[int, object]]) -> Iterator[np.ndarray]:
         yield frame
 
 
-def _path(value) -> Optional[Path]:
-    return None if value is None else Path(value)
+def _path(value, name: str) -> Optional[Path]:
+    return None if value is None else _file_argument(name, value, "a path (str or Path)")
 
 
-def _degrees(value) -> Tuple[float, ...]:
+def _file_argument(name: str, value, accepted: str) -> Path:
+    """`value` as a Path, or ConfigError naming the argument `name` and what it takes (`accepted`)."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise ConfigError(f"{name}: got {type(value).__name__} {_shown(value)}; {name} takes {accepted}")
+
+
+def _coefficients_argument(name: str, value, shapes: str):
+    """A coefficient file's Path, or the in-memory coefficients as an array (a numpy array, a list of rows,
+    anything numpy can turn into numbers: a CPU torch tensor); `jobs` checks their shape and values."""
+    accepted = f"a .mat/.npy path (str or Path) or coefficients as an array or list of rows, {shapes}"
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
+        raise ConfigError(f"{name}: got a list of {len(value)} path(s); a call renders one clip, so pass one "
+                          "path (for many clips call render once per clip, or use `sfr batch`)")
+    if isinstance(value, np.ndarray) or isinstance(value, (list, tuple)) or hasattr(value, "__array__"):
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as exc:  # ragged lists, tensors on a GPU, ...
+            raise CoefficientsError(f"{name}: cannot be read as an array ({exc}); {name} takes {accepted}") from exc
+        if array.dtype.kind not in "iuf":
+            raise CoefficientsError(f"{name}: an array of {array.dtype} values; {name} takes {accepted}")
+        return array
+    raise ConfigError(f"{name}: got {type(value).__name__} {_shown(value)}; {name} takes {accepted}")
+
+
+def _source_argument(value):
+    """The source face: a Path, or an image as an array (numpy, or anything numpy reads: a PIL image)."""
+    accepted = "an image path (str or Path) or an (H, W, 3) RGB array (uint8, or float in [0, 1])"
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    if isinstance(value, np.ndarray) or hasattr(value, "__array__") or hasattr(value, "__array_interface__"):
+        try:
+            return np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise MediaError(f"source: cannot be read as an image array ({exc}); source takes {accepted}") from exc
+    raise ConfigError(f"source: got {type(value).__name__} {_shown(value)}; source takes {accepted}")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _degrees(name: str, value) -> Tuple[float, ...]:
+    """Degrees for yaw/pitch/roll: one number, a sequence of numbers, or text like "0,20,-10"."""
     if isinstance(value, str):
         from .coeffs import parse_degrees
 
         try:
             return tuple(parse_degrees(value))
         except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-    if isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: {exc}") from exc
+    if isinstance(value, numbers.Real):
         return (float(value),)
-    return tuple(float(v) for v in value)
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: got {type(value).__name__} {_shown(value)}; {name} takes degrees: a number, "
+                          "a list of numbers or text like \"0,20,-10\"") from None

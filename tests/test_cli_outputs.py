@@ -20,6 +20,7 @@ from sfr_cli.config import CONFIG_DIR
 from sfr_cli.media import count_video_frames
 from sfr_cli.outputs import host_name
 
+from held_ffmpeg import held_ffmpeg_env, wait_until_held
 from test_cli import DEMO_COEFFS, SOURCE, assert_user_error, no_model_load  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,17 +299,13 @@ def test_kill_9_mid_render_then_the_same_command_leaves_only_complete_files(tmp_
     command = [sys.executable, "-m", "sfr_cli.cli", "render", "--coeffs", str(clip), "--source", str(SOURCE),
                "-o", str(output), "--checkpoint-dir", str(tiny_checkpoints), "--config", "tiny", "--batch-size", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    ffmpeg = []
+    hold = tmp_path / "hold"  # the encode holds after 5 of 40 frames: the kill lands mid-clip on any machine
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**held_ffmpeg_env(hold, encode=1, frames=5), "PYTHONPATH": str(REPO)})
     try:
-        deadline = time.monotonic() + 120
-        while not ffmpeg or not list(out.glob(".clip.mp4.sfr-tmp-*")):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the render never started encoding"
-            time.sleep(0.05)
-            ffmpeg = [p for p in psutil.Process(process.pid).children(recursive=True) if "ffmpeg" in p.name()]
-        time.sleep(0.5)  # a few frames into the encode
-        assert process.poll() is None, "the render ended before it could be killed; give it more frames"
+        wait_until_held(hold, process)
+        ffmpeg = psutil.Process(process.pid).children(recursive=True)  # the holder and the real ffmpeg
+        assert any("ffmpeg" in p.name() for p in ffmpeg) and list(out.glob(".clip.mp4.sfr-tmp-*"))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
     finally:

@@ -4,13 +4,14 @@ package's public surface (`from sfr_cli import media; media.Mp4Writer(...)`); ea
 """
 
 from .ffmpeg import AudioInfo, count_video_frames, find_ffmpeg, probe_audio
-from .sinks import (MAX_FPS, Mp4Writer, PngFrameWriter, check_fps, check_frames_dir, check_output_writable,
-                    existing_frames, is_frame_name, write_png)
+from .sinks import (MAX_FPS, Mp4Writer, PngFrameWriter, check_fps, check_frames_dir, check_mp4_name,
+                    check_output_writable, existing_frames, is_frame_name, write_png)
 from .source import FrameSource, read_picture_uint8, read_source_image, resize_image, source_from_array
 
 __all__ = [
     "AudioInfo", "count_video_frames", "find_ffmpeg", "probe_audio",
-    "MAX_FPS", "Mp4Writer", "PngFrameWriter", "check_fps", "check_frames_dir", "check_output_writable",
+    "MAX_FPS", "Mp4Writer", "PngFrameWriter", "check_fps", "check_frames_dir", "check_mp4_name",
+    "check_output_writable",
     "existing_frames", "is_frame_name", "write_png",
     "read_source_image", "resize_image", "source_from_array",
     "read_picture_uint8", "FrameSource",

@@ -32,6 +32,15 @@ FFMPEG_PROBE_TIMEOUT_SECONDS = 30.0
 FFMPEG_COUNT_TIMEOUT_SECONDS = 300.0
 STDERR_TAIL_LINES = 15
 STDERR_KEEP_BYTES = 64 * 1024
+FILE_PROTOCOL = "file:"  # ffmpeg's local-file protocol: what follows is a path, colons and all
+
+
+def file_argument(path: PathLike) -> str:
+    """`path` as an ffmpeg input or output argument that names a local file whatever it holds. ffmpeg
+    reads a name like `take:2.wav` or `2025-01-01T10:30.mp4` as protocol `take` / `2025-01-01T10` and
+    fails "Protocol not found" (for an output, after every frame was rendered); the `file:` protocol
+    prefix makes it the plain file, relative or absolute."""
+    return FILE_PROTOCOL + os.fspath(path)
 
 
 def stderr_tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
@@ -112,15 +121,37 @@ class AudioInfo:
     duration_seconds: Optional[float]  # None when the container does not say
 
 
+PROBES_KEPT = 256  # audio files whose probe is kept per process (a batch checks one WAV for many rows)
+_probes: "collections.OrderedDict[tuple, AudioInfo]" = collections.OrderedDict()
+
+
 def probe_audio(path: PathLike, ffmpeg: Optional[str] = None) -> AudioInfo:
     """Check that ffmpeg can open `path` (audio, or a video with sound) and that it holds audio; return its
-    codec and duration."""
+    codec and duration. A file probed before by this process (same path, size and modification time, same
+    ffmpeg) is not probed again: a 10,000-row batch with one WAV runs ffmpeg once, not once per row."""
     source = Path(path)
     if not source.is_file():
         raise MediaError(f"{source}: audio file not found")
     exe = ffmpeg or find_ffmpeg()
     try:
-        result = _run([exe, "-hide_banner", "-nostdin", "-i", str(source)], FFMPEG_PROBE_TIMEOUT_SECONDS)
+        info = os.stat(source)
+        key = (os.path.abspath(source), info.st_size, info.st_mtime_ns, exe)
+    except OSError:
+        key = None
+    if key in _probes:
+        _probes.move_to_end(key)
+        return dataclasses.replace(_probes[key], path=source)
+    probed = _probe_audio(source, exe)
+    if key is not None:
+        _probes[key] = probed
+        while len(_probes) > PROBES_KEPT:
+            _probes.popitem(last=False)
+    return probed
+
+
+def _probe_audio(source: Path, exe: str) -> AudioInfo:
+    try:
+        result = _run([exe, "-hide_banner", "-nostdin", "-i", file_argument(source)], FFMPEG_PROBE_TIMEOUT_SECONDS)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise MediaError(f"{source}: ffmpeg could not inspect the audio ({exc})") from exc
     # Without an output file ffmpeg always exits 1; what matters is what it printed about the input.
@@ -148,7 +179,7 @@ def _parse_duration(stderr: str) -> Optional[float]:
 def count_video_frames(path: PathLike, ffmpeg: Optional[str] = None) -> int:
     """Count the frames of the first video stream of `path` by remuxing it to nowhere (fast, no decode)."""
     exe = ffmpeg or find_ffmpeg()
-    command = [exe, "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
+    command = [exe, "-hide_banner", "-nostdin", "-i", file_argument(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"]
     try:
         result = _run(command, FFMPEG_COUNT_TIMEOUT_SECONDS)
     except (OSError, subprocess.TimeoutExpired) as exc:

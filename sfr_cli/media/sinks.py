@@ -30,7 +30,7 @@ from sfr_cli.errors import MediaError
 from sfr_cli.outputs import (OutputExists, atomic_path, check_regular_target, commit_path, probe_writable,
                              remove_quietly, rename_noreplace, resolved, temporary_path)
 
-from .ffmpeg import StderrDrain, count_video_frames, find_ffmpeg, start_ffmpeg, stderr_tail
+from .ffmpeg import StderrDrain, count_video_frames, file_argument, find_ffmpeg, start_ffmpeg, stderr_tail
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,6 +39,7 @@ PNG_COMPRESS_LEVEL = 3
 FRAME_FILE = re.compile(r"\d{6}\.png")  # 000000.png, 000001.png, ...
 DEFAULT_CRF = 18
 MAX_FPS = 1000.0  # beyond any real video; inf overflowed the rate fraction
+MP4_SUFFIX = ".mp4"  # the one container the writer writes (ffmpeg -f mp4)
 
 
 def _check_frame(frame: np.ndarray, shape: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -111,7 +112,7 @@ class PngFrameWriter(_Sink):
             self._target.parent.mkdir(parents=True, exist_ok=True)
             self._temporary.mkdir()
         except OSError as exc:
-            self._remove_created_dirs()
+            _remove_empty(self._created_dirs)
             raise MediaError(f"{self.directory}: cannot create the frames folder ({exc.strerror or exc})") from exc
 
     @property
@@ -186,14 +187,16 @@ class PngFrameWriter(_Sink):
         self._done = True
         shutil.rmtree(self._temporary, ignore_errors=True)
         self.paths.clear()
-        self._remove_created_dirs()
+        _remove_empty(self._created_dirs)
 
-    def _remove_created_dirs(self) -> None:
-        for folder in reversed(self._created_dirs):
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+
+def _remove_empty(created: List[Path]) -> None:
+    """Remove the folders a writer created (`_missing_dirs`), deepest first, while they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _missing_dirs(directory: Path) -> List[Path]:
@@ -230,6 +233,16 @@ def check_output_writable(path: PathLike, *, folder_created: bool = False) -> No
         probe_writable(existing, f"{target}: cannot create the output folder {folder} in {existing}")
         return
     probe_writable(folder, f"{target}: output folder {folder} is not writable")
+
+
+def check_mp4_name(path: PathLike) -> None:
+    """Raise MediaError unless `path` ends in .mp4: the writer always writes H.264 in an MP4 container,
+    which under another name (x.png, x.avi, x.mkv, no extension) would mislead every player and user."""
+    suffix = Path(path).suffix
+    if suffix.lower() != MP4_SUFFIX:
+        got = f"'{suffix}'" if suffix else "no extension"
+        raise MediaError(f"{path}: the video output must be named *.mp4 (got {got}); sfr writes H.264 MP4 only. "
+                         "For PNG frames use --frames-dir DIR")
 
 
 def is_frame_name(name: str) -> bool:
@@ -329,12 +342,21 @@ class Mp4Writer(_Sink):
             raise MediaError(f"{self.path}: frame_count must be positive, got {frame_count}")
         if self.audio is not None and not self.audio.is_file():
             raise MediaError(f"{self.audio}: audio file not found")
-        check_output_writable(self.path)
+        check_output_writable(self.path, folder_created=True)
         self._ffmpeg = ffmpeg or find_ffmpeg()
+        self._created_dirs = _missing_dirs(self.path.absolute().parent)
+        try:  # as the PNG writer and `sfr batch` do; `abort` removes what it created, if left empty
+            self.path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MediaError(f"{self.path}: cannot create the output folder ({exc})") from exc
         self._temporary = temporary_path(self.path, ".mp4")
         self._shape = (self.height_px, self.width_px, 3)
         self._closed = False
-        self._proc = self._start(crf)
+        try:
+            self._proc = self._start(crf)
+        except MediaError:
+            _remove_empty(self._created_dirs)
+            raise
         self._stderr = StderrDrain(self._proc.stderr)
 
     @property
@@ -352,13 +374,13 @@ class Mp4Writer(_Sink):
         if self.audio is not None:
             if self.frame_count is not None:
                 command += ["-t", f"{self.frame_count / self.fps:.6f}"]
-            command += ["-i", str(self.audio)]
+            command += ["-i", file_argument(self.audio)]
         command += ["-map", "0:v:0"]
         if self.audio is not None:
             command += ["-map", "1:a:0", "-c:a", "copy" if self.audio_copy else "aac"]
         command += [
             "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-movflags", "+faststart", "-f", "mp4", str(self._temporary),
+            "-movflags", "+faststart", "-f", "mp4", file_argument(self._temporary),
         ]  # fmt: skip
         return command
 
@@ -424,6 +446,7 @@ class Mp4Writer(_Sink):
         self._proc.wait()
         self._stderr.finish()
         remove_quietly(self._temporary)
+        _remove_empty(self._created_dirs)
 
     def _fail(self, reason: str, stderr: Optional[str] = None) -> None:
         """Abort and raise MediaError with `reason` and ffmpeg's stderr tail."""
