@@ -65,6 +65,19 @@ def enhancer_reference_weights(reference_dir, tmp_path_factory) -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_enhancer_weights(tmp_path_factory) -> Path:
+    """The face enhancer at test widths (`--enhancer gfpgan-tiny`): GFPGANv1.4.pth, detection_Resnet50_Final.pth
+    and parsing_parsenet.pth of random weights in the real files' layouts; the detector finds 1-3 faces on
+    the golden face frames and none on a flat grey frame."""
+    from sfr_cli.checkpoints import write_random_enhancer_weights
+
+    out_dir = tmp_path_factory.mktemp("tiny-enhancer")
+    with one_torch_thread():
+        write_random_enhancer_weights(out_dir, "gfpgan-tiny")
+    return out_dir
+
+
 # How far two renders of the same frames may differ when only the order of float arithmetic differs
 # (batching, folded weights, another CPU's SIMD width or thread count), taken from what SadTalker itself
 # shows: its own frames at batch size 1 and 2 differ by at most 1 uint8 level, on 0.12 % of values
@@ -91,6 +104,13 @@ def assert_frames_close(got: np.ndarray, want: np.ndarray, what: str = "frames")
     assert max_levels <= MAX_LEVELS and share <= MAX_OFF_BY_ONE_SHARE, (
         f"{what}: max {max_levels} uint8 level(s), {100 * share:.3f} % of values differ "
         f"(allowed: max {MAX_LEVELS}, {100 * MAX_OFF_BY_ONE_SHARE:.1f} %)")
+
+
+def read_png_frames(folder) -> np.ndarray:
+    """The `*.png` frames of a folder in name order, `(N, H, W, 3) uint8 RGB`."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in sorted(Path(folder).glob("*.png"))])
 
 
 def to_uint8(prediction) -> np.ndarray:

@@ -38,8 +38,12 @@ from ..errors import ConfigError
 ENHANCERS = ("gfpgan", "gfpgan-tiny")  # SadTalker's, and the same nets at test widths
 UPSCALES = (2, 1)  # 2: SadTalker's (twice the input size); 1: the input's size
 NOISES = ("stored", "random")
-CPU_FACES_PER_CALL = 4  # faces restored together on a CPU (no gain from more; bounds memory)
-CUDA_FACES_PER_CALL = 32  # the first try on CUDA; halved on out-of-memory
+# Faces restored per call. On a CPU one at a time, and frames detected one at a time: CPU kernels pick
+# their reduction order by batch size (a batch of 3 moved a landmark by 1e-5 px, hence a warp position by
+# 1/32 px and a level here and there), the convolutions already use every core on one face, and so the
+# frames do not depend on the batch size. On CUDA as many as fit (halved on out-of-memory).
+CPU_FACES_PER_CALL = 1
+CUDA_FACES_PER_CALL = 32
 SEED_BITS = 63
 
 
@@ -122,7 +126,10 @@ class FaceEnhancer:
         first_frame = self._frames_seen
         self._frames_seen += rgb.shape[0]
         background = face_paste.upsample_background(rgb, self.upscale)
-        detections = detect_faces(nets.detector, rgb)
+        if self._device.type == "cpu":  # one frame at a time: see CPU_FACES_PER_CALL
+            detections = [rows for b in range(rgb.shape[0]) for rows in detect_faces(nets.detector, rgb[b : b + 1])]
+        else:
+            detections = detect_faces(nets.detector, rgb)
         matrices, frame_index, face_number = [], [], []
         for b, rows in enumerate(detections):
             for k, row in enumerate(rows.cpu()):
