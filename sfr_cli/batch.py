@@ -27,11 +27,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from . import media, outputs
 from .errors import SfrError
 from .jobs import RenderJob, describe_os_error, job_inputs, output_paths, prepare_job
+from .options import column_rows, convert_cell, shared_rows
 
-PATH_FIELDS = ("coeffs", "source", "output", "frames_dir", "source_coeffs", "audio")
-OPTION_FIELDS = ("fps", "preprocess", "still", "expression_scale", "yaw", "pitch", "roll")
-ROW_FIELDS = PATH_FIELDS + OPTION_FIELDS
-REQUIRED_FIELDS = ("coeffs", "source")
+# The manifest's columns (`options`' table): all, the paths among them (relative to the manifest), the rest.
+ROW_FIELDS = tuple(row.name for row in column_rows())
+PATH_FIELDS = tuple(row.name for row in column_rows() if row.path)
+OPTION_FIELDS = tuple(row.name for row in column_rows() if not row.path)
+REQUIRED_FIELDS = tuple(row.name for row in column_rows() if row.required)
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 GLOB_REPORT_NAME = "sfr-batch.report.jsonl"
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
@@ -245,17 +247,12 @@ def row_job(row: ManifestRow, defaults: BatchDefaults) -> RenderJob:
     """The row's `RenderJob`; a bad cell raises SfrError with `sfr render`'s message for that option."""
     import click
 
-    from .options import convert_row_value
-
     changes: Dict[str, object] = {}
     for name, value in row.values.items():
-        if name in OPTION_FIELDS:
-            try:
-                changes[name] = convert_row_value(name, value)
-            except click.BadParameter as exc:
-                raise SfrError(f"{name.replace('_', '-')}: {exc.format_message()}") from None
-        elif name in PATH_FIELDS:
-            changes[name] = Path(value)
+        try:
+            changes[name] = convert_cell(name, value)
+        except click.BadParameter as exc:
+            raise SfrError(f"{name.replace('_', '-')}: {exc.format_message()}") from None
     job = replace(defaults.template, **changes)
     if job.output is None and job.frames_dir is None:
         job = replace(job, output=defaults.output_dir / f"{Path(job.coeffs).stem}.mp4")
@@ -568,9 +565,7 @@ class InProcessBackend:
 
 def renderer_settings(template: RenderJob) -> Dict:
     """`Renderer(**settings)` for a batch's shared options (picklable, for worker processes and actors)."""
-    return dict(checkpoint_dir=template.checkpoint_dir, config=template.config, device=template.device,
-                precision=template.precision, batch_size=template.batch_size, size=template.size_px,
-                checkpoint=template.checkpoint, mapping=template.mapping, compile=template.compile)
+    return {row.api_name: getattr(template, row.name) for row in shared_rows()}
 
 
 class ReportFile:

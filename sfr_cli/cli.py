@@ -18,16 +18,13 @@ import click
 
 from . import __version__
 from .errors import CheckpointError, SfrError
-from .modes import DEFAULT_MODE, MODE_NAMES
-from .options import ROW_TYPES, BatchSize, CropBox, Degrees, Shard
+from . import options
+from .modes import DEFAULT_MODE
+from .options import CONFIG_HELP, DEVICE_HELP, OVERWRITE_HELP, BatchSize, Shard
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEBUG_KEY = "sfr.debug"
-DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
-OVERWRITE_HELP = "Replace outputs that already exist (never an input of the job, never a non-regular file)."
-CONFIG_HELP = ("Model config: a built-in name (facerender, tiny; their _still siblings for 73 coefficients) "
-               "or a YAML path, e.g. SadTalker's src/config/facerender.yaml.")
 
 
 class SfrGroup(click.Group):
@@ -72,61 +69,12 @@ def sfr() -> None:
 
 
 @sfr.command(context_settings={"max_content_width": 100})
-@click.option("--coeffs", "coeffs_path", required=True, type=click.Path(path_type=Path),
-              help="SadTalker coefficients: .mat (coeff_3dmm) or .npy, (frames, 70|73).")
-@click.option("--source", required=True, type=click.Path(dir_okay=True, path_type=Path),
-              help="The source face image (any size; resized to --size).")
-@click.option("--source-coeffs", type=click.Path(path_type=Path),
-              help="The source face's own coefficients (default: the first frame of --coeffs).")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="The MP4 to write (default: <coeffs name>.mp4 here, unless only --frames-dir is given).")
-@click.option("--frames-dir", type=click.Path(path_type=Path),
-              help="Also (or, without -o, only) write frames as DIR/000000.png, 000001.png, ...")
-@click.option("--audio", type=click.Path(path_type=Path), help="Audio to mux into the MP4 (cut to the video).")
-@click.option("--fps", type=ROW_TYPES["fps"], default=25.0, show_default=True,
-              help="Frames per second of the MP4 (above 0, at most 1000).")
-@click.option("--checkpoint-dir", type=click.Path(path_type=Path),
-              help="SadTalker's checkpoints folder [default: $SFR_CHECKPOINT_DIR or ./checkpoints].")
-@click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="The renderer file (SadTalker_V0.0.2_256.safetensors or facevid2vid_00189-model.pth.tar).")
-@click.option("--mapping", type=click.Path(path_type=Path),
-              help="The mapping file (mapping_00229-model.pth.tar crop, mapping_00109-model.pth.tar full).")
-@click.option("--config", "config", metavar="NAME|PATH", help=CONFIG_HELP + " [default: facerender]")
-@click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
-              help="Frame size in pixels (picks SadTalker_V0.0.2_<size>.safetensors).")
-@click.option("--preprocess", type=click.Choice(MODE_NAMES), default=DEFAULT_MODE, show_default=True,
-              help="SadTalker's preprocess mode of the coefficients: crop/resize/extcrop use 70, full/extfull 73.")
-@click.option("--still/--no-still", default=False, show_default=True,
-              help="Keep the source's head pose (SadTalker's --still).")
-@click.option("--expression-scale", type=ROW_TYPES["expression_scale"], default=1.0,
-              show_default=True, help="Multiply the 64 expression coefficients (finite, within ±1000).")
-@click.option("--yaw", type=Degrees(), help="Camera yaw in degrees (each within ±360), swept over the clip: 0,20,-10.")
-@click.option("--pitch", type=Degrees(), help="Camera pitch in degrees, as --yaw.")
-@click.option("--roll", type=Degrees(), help="Camera roll in degrees, as --yaw.")
-@click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
-              help="Frames per batch; auto picks from free memory.")
-@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Compute precision (fp16/bf16 on CUDA; keypoint and pose math stays fp32).")
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the decoder (CUDA; slow first batch).")
-@click.option("--paste-into", type=click.Path(path_type=Path), metavar="PICTURE",
-              help="Paste the face back into this original picture, SadTalker's full-mode way (seamless "
-                   "clone); frames and MP4 take its size. --source must then be SadTalker's crop of it.")
-@click.option("--crop-box", type=CropBox(),
-              help="The face box in the original picture (SadTalker's ox1,oy1,ox2,oy2). With --paste-into: "
-                   "skip the search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.")
-@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@options.command_options(options.RENDER)
 @click.option("--quiet", is_flag=True, help="No progress or notes on stderr.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with the result and timings (no progress or notes on stderr).")
 @debug_option
-def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], output: Optional[Path],
-           frames_dir: Optional[Path], audio: Optional[Path], fps: float, checkpoint_dir: Optional[Path],
-           checkpoint: Optional[Path], mapping: Optional[Path], config: Optional[str], size_px: str,
-           preprocess: str, still: bool, expression_scale: float, yaw, pitch, roll, batch_size: Optional[int],
-           device: str, precision: str, compile_: bool, paste_into: Optional[Path], crop_box, overwrite: bool,
-           quiet: bool, as_json: bool) -> None:
+def render(quiet: bool, as_json: bool, **given) -> None:
     """Render a talking-head MP4 (and/or PNG frames) from coefficients and one source face.
 
     Prints the MP4 path (or the frames folder when only --frames-dir is given), or with --json one
@@ -135,21 +83,31 @@ def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], outpu
     """
     from .renderer import Renderer
 
-    renderer = Renderer(checkpoint_dir=checkpoint_dir, config=config, device=device, precision=precision,
-                        batch_size=batch_size, size=int(size_px), checkpoint=checkpoint, mapping=mapping,
-                        compile=compile_)
+    settings = {row.api_name: given[row.name] for row in options.command_rows(options.RENDER, options.SHARED)}
+    clip = {row.name: given[row.name] for row in options.command_rows(options.RENDER, options.CLIP)}
+    renderer = Renderer(**settings)
     with _reporter(quiet or as_json) as reporter:
-        report = renderer.render(coeffs_path, source, output=output, frames_dir=frames_dir, audio=audio,
-                                 reporter=reporter, source_coeffs=source_coeffs, fps=fps, preprocess=preprocess,
-                                 still=still, expression_scale=expression_scale, yaw=yaw, pitch=pitch, roll=roll,
-                                 overwrite=overwrite, paste_into=paste_into, crop_box=crop_box)
+        report = renderer.render(reporter=reporter, **clip)
     if as_json:
         click.echo(report.to_json())
     else:
         click.echo(str(report.output if report.output is not None else report.frames_dir))
 
 
-@sfr.command(context_settings={"max_content_width": 100})
+def _batch_help() -> str:
+    columns = [row.name for row in options.column_rows()]
+    required = [name for name in columns if options.row_named(name).required]
+    optional = [name for name in columns if name not in required]
+    return (f"""Render many clips with models loaded once: MANIFEST (.csv with a header row, or .jsonl) has one row
+    per clip ({', '.join(required)}; optional {', '.join(optional)}), or `--coeffs GLOB --source FACE` gives one
+    clip per file.
+
+    Rows whose outputs exist are skipped (rerun the same command to resume). Exit 0 when every row is
+    done or skipped, 1 when any failed, 2 for a usage error.
+    """)
+
+
+@sfr.command(context_settings={"max_content_width": 100}, help=_batch_help())
 @click.argument("manifest_or_coeffs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--coeffs", "coeffs_globs", multiple=True, metavar="GLOB",
               help="Without a manifest: coefficient files, e.g. 'results/*.mat' (quoted, or expanded by the shell).")
@@ -159,52 +117,21 @@ def render(coeffs_path: Path, source: Path, source_coeffs: Optional[Path], outpu
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Report to append one JSON line per row to [default: <manifest stem>.report.jsonl beside the "
                    "manifest, or sfr-batch.report.jsonl in --output-dir].")
-@click.option("--source-coeffs", type=click.Path(path_type=Path), help="Default for rows without source_coeffs.")
-@click.option("--fps", type=ROW_TYPES["fps"], default=25.0, show_default=True, help="Default frames per second.")
-@click.option("--preprocess", type=ROW_TYPES["preprocess"], default=DEFAULT_MODE, show_default=True,
-              help="Default preprocess mode.")
-@click.option("--still/--no-still", default=False, show_default=True, help="Default for rows without still.")
-@click.option("--expression-scale", type=ROW_TYPES["expression_scale"], default=1.0, show_default=True,
-              help="Default expression scale.")
-@click.option("--yaw", type=Degrees(), help="Default camera yaw sweep, as sfr render's.")
-@click.option("--pitch", type=Degrees(), help="Default camera pitch sweep.")
-@click.option("--roll", type=Degrees(), help="Default camera roll sweep.")
-@click.option("--checkpoint-dir", type=click.Path(path_type=Path),
-              help="SadTalker's checkpoints folder [default: $SFR_CHECKPOINT_DIR or ./checkpoints].")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="The renderer file, as sfr render's.")
-@click.option("--mapping", type=click.Path(path_type=Path), help="The mapping file, as sfr render's.")
-@click.option("--config", "config", metavar="NAME|PATH", help=CONFIG_HELP + " [default: facerender]")
-@click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
-              help="Frame size in pixels.")
-@click.option("--batch-size", type=BatchSize(), default="auto", show_default=True, help="Frames per batch.")
-@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Compute precision.")
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the decoder (CUDA).")
+@options.command_options(options.BATCH, options.CLIP)  # defaults for rows that do not say
+@options.command_options(options.BATCH, options.SHARED)
 @click.option("--workers", type=click.IntRange(min=1),
               help="Worker processes, each loading the models once [default: one per visible GPU, else 1].")
 @click.option("--devices", help="GPUs for the workers, e.g. cuda:0,cuda:2 [default: every visible GPU].")
 @click.option("--shard", type=Shard(), help="Render only shard K of N (rows K, K+N, ...): 1/4, 2/4, ...")
 @click.option("--ray", "ray_address", metavar="local|auto|ADDRESS",
               help="Run rows on Ray actors: local (start a local instance), auto or ADDRESS (join a cluster).")
-@click.option("--overwrite", is_flag=True, help="Render rows whose outputs exist again (default: skip them).")
 @click.option("--dry-run", is_flag=True, help="Check every row and say what would run; render nothing.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document at the end: totals and every row.")
 @debug_option
 @click.pass_context
-def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_dir: Path, report_path, source_coeffs,
-          fps, preprocess, still, expression_scale, yaw, pitch, roll, checkpoint_dir, checkpoint, mapping, config,
-          size_px, batch_size, device, precision, compile_, workers, devices, shard, ray_address, overwrite, dry_run,
-          quiet, as_json) -> None:
-    """Render many clips with models loaded once: MANIFEST (.csv with a header row, or .jsonl) has one row
-    per clip (coeffs, source; optional output, frames_dir, source_coeffs, audio, fps, preprocess, still,
-    expression_scale, yaw, pitch, roll), or `--coeffs GLOB --source FACE` gives one clip per file.
-
-    Rows whose outputs exist are skipped (rerun the same command to resume). Exit 0 when every row is
-    done or skipped, 1 when any failed, 2 for a usage error.
-    """
+def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_dir: Path, report_path, workers,
+          devices, shard, ray_address, dry_run, quiet, as_json, **given) -> None:
     import json
 
     from . import batch as batching
@@ -232,12 +159,8 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
         except batching.ManifestError as exc:
             raise click.UsageError(str(exc)) from None
         prefix = "row"
-    template = RenderJob(coeffs=Path("."), source=Path("."), source_coeffs=source_coeffs, fps=fps,
-                         checkpoint_dir=checkpoint_dir, checkpoint=checkpoint, mapping=mapping, config=config,
-                         size_px=int(size_px), preprocess=preprocess, still=still, expression_scale=expression_scale,
-                         yaw=yaw, pitch=pitch, roll=roll, batch_size=batch_size, device=device, precision=precision,
-                         compile=compile_, overwrite=overwrite)
-    defaults = batching.BatchDefaults(template, output_dir=output_dir, overwrite=overwrite)
+    template = RenderJob(coeffs=Path("."), source=Path("."), **given)  # every row's defaults
+    defaults = batching.BatchDefaults(template, output_dir=output_dir, overwrite=template.overwrite)
     rows = batching.select_shard(rows, shard)
     checking = _CheckProgress(quiet=quiet or as_json)
     plan = batching.plan_batch(rows, defaults, prefix=prefix, dry_run=dry_run, on_checked=checking)

@@ -33,16 +33,19 @@ import numpy as np
 from .errors import CoefficientsError, ConfigError, MediaError
 from .jobs import PreparedJob, RenderJob, RenderReport, SourceImages, prepare_job
 from .streaming import build_engine, load_group, render_prepared, render_prepared_group, stream_frames
+from .options import clip_rows, shared_rows
 from .progress import Reporter, SilentReporter
 
 SOURCE_CACHE_ENTRIES = 8  # source states kept (a 256 px source state is a few MiB)
 # Jobs packed into one stream at most: each holds its source image and coefficients until the group is
 # done; one more group boundary per 16 clips costs one short batch.
 PACK_MAX_JOBS = 16
-# RenderJob fields that are the Renderer's, not a clip's: set once in the constructor.
-SHARED_FIELDS = ("checkpoint_dir", "checkpoint", "mapping", "config", "size_px", "batch_size", "device",
-                 "precision", "compile")
-PER_CLIP_FIELDS = tuple(f.name for f in fields(RenderJob) if f.name not in SHARED_FIELDS)
+# RenderJob fields that are the Renderer's, set once in the constructor, and a clip's (`options`' table).
+SHARED_FIELDS = tuple(row.name for row in shared_rows())
+PER_CLIP_FIELDS = tuple(row.name for row in clip_rows())
+# Per-clip paths (str or Path); coeffs, source and source_coeffs may also be arrays.
+PATH_OPTIONS = tuple(row.name for row in clip_rows()
+                     if row.path and row.name not in ("coeffs", "source", "source_coeffs"))
 
 
 class ModelCache:
@@ -140,12 +143,22 @@ class Renderer:
     def __init__(self, checkpoint_dir=None, config: Optional[str] = None, device: str = "auto",
                  precision: str = "fp32", batch_size: Optional[int] = None, size: int = 256, *,
                  checkpoint=None, mapping=None, compile: bool = False,
-                 source_cache_entries: int = SOURCE_CACHE_ENTRIES):
-        self.settings = dict(checkpoint_dir=_path(checkpoint_dir, "checkpoint_dir"),
-                             checkpoint=_path(checkpoint, "checkpoint"), mapping=_path(mapping, "mapping"),
-                             config=None if config is None else str(config),
-                             size_px=int(size), batch_size=batch_size, device=device, precision=precision,
-                             compile=compile)
+                 source_cache_entries: int = SOURCE_CACHE_ENTRIES, **stage_settings):
+        """`stage_settings`: the shared options frame stages add to the table (`options.shared_rows()`),
+        under their `Renderer` keywords; each not given takes its `RenderJob` default."""
+        given = dict(checkpoint_dir=checkpoint_dir, checkpoint=checkpoint, mapping=mapping,
+                     config=None if config is None else str(config), size=int(size), batch_size=batch_size,
+                     device=device, precision=precision, compile=compile, **stage_settings)
+        rows = shared_rows()
+        unknown = sorted(set(given) - {row.api_name for row in rows})
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; Renderer settings are "
+                              f"{', '.join(row.api_name for row in rows)} (per-clip options go to frames/render)")
+        defaults = {f.name: f.default for f in fields(RenderJob)}
+        self.settings = {}
+        for row in rows:
+            value = given.get(row.api_name, defaults[row.name])
+            self.settings[row.name] = _path(value, row.api_name) if row.path else value
         self.models = ModelCache(source_cache_entries)
 
     def job(self, coeffs, source, **options) -> RenderJob:
@@ -154,7 +167,7 @@ class Renderer:
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}; per-clip options are "
                               f"{', '.join(name for name in PER_CLIP_FIELDS if name not in ('coeffs', 'source'))}")
-        for name in ("output", "frames_dir", "audio", "paste_into"):
+        for name in PATH_OPTIONS:
             if options.get(name) is not None:
                 options[name] = _file_argument(name, options[name], "a path (str or Path)")
         if options.get("source_coeffs") is not None:

@@ -53,15 +53,18 @@ RULES = {
     "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
     # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
     "sfr_cli.stages": rule(),  # the stage registry: imports its stage modules by name, lazily
-    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints"}, {"numpy", "torch"}),
+    # a stage module may declare its option rows (its OPTIONS, read by `options.table()`)
+    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints", "options"},
+                             {"numpy", "torch"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads
     "sfr_cli.streaming": rule(LIBRARY | {"jobs"}, {"numpy", "torch"}),  # frames through stages into sinks
     "sfr_cli.bench": rule(LIBRARY | {"jobs", "streaming"}, {"numpy", "torch"}),  # `sfr bench`: the engine vs a plain loop
     "sfr_cli.cli": rule(ANY, ANY),
     # The public Python API and `sfr batch`: glue over the library, like jobs and streaming.
-    "sfr_cli.options": rule({"errors", "modes", "coeffs"}, {"click"}),  # Click types shared by CLI and manifests
-    "sfr_cli.renderer": rule(LIBRARY | {"jobs", "streaming"}, {"numpy"}),
+    # the one option table (its Click types; the stages' rows, read from the stage registry)
+    "sfr_cli.options": rule({"errors", "modes", "coeffs", "stages"}, {"click"}),
+    "sfr_cli.renderer": rule(LIBRARY | {"jobs", "streaming", "options"}, {"numpy"}),
     "sfr_cli.batch": rule(LIBRARY | {"jobs", "options", "renderer"}, {"click"}),
     "sfr_cli.workers": rule({"batch", "jobs", "renderer"}, {"torch"}),  # a backend: worker processes
     "sfr_cli.cluster": rule({"batch", "jobs", "renderer", "errors", "workers"}, {"ray", "torch"}),  # Ray actors

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Tuple
 
-import numpy as np
-
-from .. import media
+# numpy and media are imported where used: this module is imported for its options by `sfr --help`.
 from ..errors import MediaError
 from ..modes import get_mode
 
@@ -56,6 +54,8 @@ def find_crop_box(crop_path: Path, picture_path: Path, crop_what: str = "--sourc
                   picture_what: str = "--paste-into"):
     """Locate SadTalker's crop PNG in the original picture. Returns `nets.paste.BoxMatch`; raises
     MediaError, suggesting --crop-box, when the picture does not hold the crop."""
+    from .. import media
+
     crop = media.read_picture_uint8(crop_path, crop_what)
     picture = media.read_picture_uint8(picture_path, picture_what)
     return locate_crop(crop, picture, crop_path, picture_path)
@@ -140,6 +140,10 @@ def plan(job, size_px: int, note: Callable[[str], None]) -> List:
 
     Reads the original picture and, without `crop_box`, finds the box (seconds, no model needed).
     """
+    import numpy as np
+
+    from .. import media
+
     if job.paste_into is not None and job.crop_box is None and isinstance(job.source, np.ndarray):
         raise MediaError("paste_into with the source as an array: give crop_box= too (the box is found by "
                          "matching SadTalker's crop file in the picture)")
