@@ -29,10 +29,9 @@ from .errors import SfrError
 from .jobs import RenderJob, describe_os_error, job_inputs, output_paths, prepare_job
 from .options import column_rows, convert_cell, shared_rows
 
-# The manifest's columns (`options`' table): all, the paths among them (relative to the manifest), the rest.
+# The manifest's columns (`options`' table) and the paths among them (relative to the manifest's folder).
 ROW_FIELDS = tuple(row.name for row in column_rows())
 PATH_FIELDS = tuple(row.name for row in column_rows() if row.path)
-OPTION_FIELDS = tuple(row.name for row in column_rows() if not row.path)
 REQUIRED_FIELDS = tuple(row.name for row in column_rows() if row.required)
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 GLOB_REPORT_NAME = "sfr-batch.report.jsonl"

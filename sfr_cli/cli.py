@@ -16,9 +16,8 @@ from typing import Optional
 
 import click
 
-from . import __version__
+from . import __version__, options
 from .errors import CheckpointError, SfrError
-from . import options
 from .modes import DEFAULT_MODE
 from .options import CONFIG_HELP, DEVICE_HELP, OVERWRITE_HELP, BatchSize, Shard
 

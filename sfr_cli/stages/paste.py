@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import TYPE_CHECKING, Callable, List, Tuple
 
+if TYPE_CHECKING:
+    import numpy as np
 # numpy and media are imported where used: this module is imported for its options by `sfr --help`.
 from ..errors import MediaError
 from ..modes import get_mode
