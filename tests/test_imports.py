@@ -55,7 +55,7 @@ RULES = {
     "sfr_cli.stages": rule(),  # the stage registry: imports its stage modules by name, lazily
     # a stage module may declare its option rows (its OPTIONS, read by `options.table()`)
     "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints", "options"},
-                             {"numpy", "torch"}),
+                             {"numpy", "torch", "click"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads
     "sfr_cli.streaming": rule(LIBRARY | {"jobs"}, {"numpy", "torch"}),  # frames through stages into sinks

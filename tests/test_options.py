@@ -128,14 +128,14 @@ def test_every_column_is_read_and_paths_are_taken_from_the_manifest(tmp_path):
     cells = {"coeffs": "c.npy", "source": "face.png", "source_coeffs": "s.npy", "output": "out/a.mp4",
              "frames_dir": "frames", "audio": "a.wav", "fps": "30", "preprocess": "full", "still": "yes",
              "expression_scale": "1.5", "yaw": "0,20", "pitch": "5", "roll": "-5"}
-    assert set(cells) == {row.name for row in options.column_rows()}  # a new column needs a cell here
+    assert set(cells) == {row.name for row in options.CORE_OPTIONS if row.column}  # a new core column: a cell here
     manifest = tmp_path / "sub" / "clips.csv"
     manifest.parent.mkdir()
     manifest.write_text(",".join(cells) + "\n" + ",".join(f'"{v}"' for v in cells.values()) + "\n")
     (row,) = batching.read_manifest(manifest)
     assert row.error is None
     job = batching.row_job(row, batching.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
-    for column in options.column_rows():
+    for column in (row for row in options.CORE_OPTIONS if row.column):
         value = getattr(job, column.name)
         if column.path:
             assert value == manifest.parent / cells[column.name]
@@ -179,7 +179,9 @@ def test_renderer_job_takes_exactly_the_clip_rows(tmp_path):
     given = {"source_coeffs": "s.npy", "output": "a.mp4", "frames_dir": "f", "audio": "a.wav", "fps": 30.0,
              "preprocess": "full", "still": True, "expression_scale": 2.0, "yaw": [0, 20], "pitch": 5,
              "roll": "1,2", "overwrite": True, "paste_into": "pic.png", "crop_box": (0, 0, 9, 9)}
-    assert set(given) | {"coeffs", "source"} == {row.name for row in options.clip_rows()}
+    assert set(given) | {"coeffs", "source"} == {row.name for row in options.CORE_OPTIONS if row.scope == options.CLIP}
+    given.update({row.name: row.convert(row.default) for row in options.clip_rows()
+                  if row.name not in given and row.name not in ("coeffs", "source")})
     job = renderer.job("c.npy", "face.png", **given)
     for row in options.clip_rows():
         if row.path and getattr(job, row.name) is not None:
@@ -208,24 +210,24 @@ def stage_with_rows(monkeypatch):
 
 
 def test_a_stage_modules_rows_join_the_table_and_the_commands(stage_with_rows):
-    rows = (options.OptionRow("enhancer", ("--enhancer",), "Face enhancer.", type=click.Choice(["none", "gfpgan"]),
+    rows = (options.OptionRow("sharpen", ("--sharpen",), "Sharpen.", type=click.Choice(["none", "unsharp"]),
                               default="none", column=True),
-            options.OptionRow("enhancer_dir", ("--enhancer-dir",), "Enhancer weights.", path=True,
+            options.OptionRow("sharpen_dir", ("--sharpen-dir",), "Its weights.", path=True,
                               scope=options.SHARED))
     stage_with_rows(rows)
     assert options.table()[-2:] == rows
-    assert [row.name for row in options.column_rows()][-1] == "enhancer"
+    assert [row.name for row in options.column_rows()][-1] == "sharpen"
     assert options.shared_rows()[-1] == rows[1]
 
     @click.command()
     @options.command_options(options.BATCH)
     def command(**given):
-        click.echo(repr(sorted((k, v) for k, v in given.items() if k.startswith("enhancer"))))
+        click.echo(repr(sorted((k, v) for k, v in given.items() if k.startswith("sharpen"))))
 
-    result = CliRunner().invoke(command, ["--enhancer", "gfpgan", "--enhancer-dir", "w"])
+    result = CliRunner().invoke(command, ["--sharpen", "unsharp", "--sharpen-dir", "w"])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == repr([("enhancer", "gfpgan"), ("enhancer_dir", Path("w"))])
-    assert options.convert_cell("enhancer", "gfpgan") == "gfpgan"
+    assert result.output.strip() == repr([("sharpen", "unsharp"), ("sharpen_dir", Path("w"))])
+    assert options.convert_cell("sharpen", "unsharp") == "unsharp"
 
 
 def test_a_row_declared_twice_is_refused(stage_with_rows):

@@ -33,7 +33,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+import click
+
 from ..errors import ConfigError
+from ..options import CLIP, IntChoice, OptionRow
 
 ENHANCERS = ("gfpgan", "gfpgan-tiny")  # SadTalker's, and the same nets at test widths
 UPSCALES = (2, 1)  # 2: SadTalker's (twice the input size); 1: the input's size
@@ -45,6 +48,22 @@ NOISES = ("stored", "random")
 CPU_FACES_PER_CALL = 1
 CUDA_FACES_PER_CALL = 32
 SEED_BITS = 63
+
+# The enhancer's options (`options.table()` reads them). Renderer keywords for now: no command declares
+# them yet; `commands=(RENDER, BATCH)` (and `column=True`, and the README's rows) puts them on the CLI.
+OPTIONS = (
+    OptionRow("enhancer", ("--enhancer",), "Restore faces after paste-back, as SadTalker's --enhancer gfpgan.",
+              type=click.Choice(ENHANCERS), scope=CLIP, commands=()),
+    OptionRow("enhancer_dir", ("--enhancer-dir",), "The enhancer's weights folder [default: searched beside "
+              "the checkpoints].", path=True, scope=CLIP, commands=()),
+    OptionRow("enhancer_upscale", ("--enhancer-upscale",), "2: twice the frames' size, as SadTalker; 1: their "
+              "own size.", type=IntChoice(UPSCALES), default="2", scope=CLIP, commands=()),
+    OptionRow("enhancer_noise", ("--enhancer-noise",), "StyleGAN2 noise: stored in the weights file (the same "
+              "frames every run) or random per face, as SadTalker.", type=click.Choice(NOISES), default="stored",
+              scope=CLIP, commands=()),
+    OptionRow("enhancer_seed", ("--enhancer-seed",), "The random noise's seed [default: drawn, and reported].",
+              type=click.INT, scope=CLIP, commands=()),
+)
 
 
 def plan(job, size_px: int, note: Callable[[str], None]) -> List:
