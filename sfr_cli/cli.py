@@ -241,6 +241,46 @@ def _batch_backend(settings, workers, devices, ray_address, debug: bool):
     from .workers import WorkerPoolBackend
 
     return WorkerPoolBackend(settings, workers=count, devices=device_list)
+@sfr.command(context_settings={"max_content_width": 100})
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="The frames to enhance: a video (SadTalker's result, another tool's) or a folder of pictures.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="The MP4 to write (default: <input name>_enhanced.mp4 here, unless only --frames-dir is given); "
+                   "a video's sound is kept (copied when it is AAC).")
+@click.option("--frames-dir", type=click.Path(path_type=Path),
+              help="Also (or, without -o, only) write frames as DIR/000000.png, 000001.png, ...")
+@click.option("--fps", type=options.CheckedFloat(".media:check_fps"),
+              help="Frames per second of the MP4 [default: the video's own; 25 for a folder].")
+@click.option("--enhancer", type=click.Choice(("gfpgan", "gfpgan-tiny")), default="gfpgan", show_default=True,
+              help="SadTalker's GFPGAN v1.4 face enhancer (gfpgan-tiny: the same nets at test widths).")
+@options.command_options(options.ENHANCE)
+@options.row_named("checkpoint_dir").click_option(options.RENDER)
+@click.option("--batch-size", type=BatchSize(), default=None, help="Frames per batch [default: 4 on a CPU, 16 on CUDA].")
+@options.row_named("device").click_option(options.RENDER)
+@options.row_named("overwrite").click_option(options.RENDER)
+@click.option("--quiet", is_flag=True, help="No progress or notes on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result and timings.")
+@debug_option
+def enhance(input_path: Path, quiet: bool, as_json: bool, **given) -> None:
+    """Run the face enhancer (SadTalker's --enhancer gfpgan) on frames that already exist.
+
+    The same stage, weights lookup and guarantees as `sfr render --enhancer`: outputs written atomically,
+    existing ones refused without --overwrite, every input checked before any model loads. Prints the MP4
+    path (or the frames folder), or with --json one JSON object.
+    """
+    from .jobs import EnhanceJob, prepare_enhance
+    from .renderer import ModelCache
+    from .streaming import render_enhance
+
+    job = EnhanceJob(input=input_path, **given)
+    with _reporter(quiet or as_json) as reporter:
+        report = render_enhance(prepare_enhance(job, reporter.note), reporter, ModelCache())
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        click.echo(str(report.output if report.output is not None else report.frames_dir))
+
+
 @sfr.command("crop-box", context_settings={"max_content_width": 100})
 @click.option("--source", required=True, type=click.Path(path_type=Path),
               help="SadTalker's crop PNG (the face it rendered from).")
@@ -283,23 +323,34 @@ def checkpoints() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
               help="The size in the safetensors file name.")
+@click.option("--enhancer/--no-enhancer", default=False, show_default=True,
+              help="Also write the face enhancer's three files (GFPGANv1.4.pth, detection_Resnet50_Final.pth, "
+                   "parsing_parsenet.pth), at the config's widths: gfpgan-tiny for tiny configs.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @debug_option
-def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_px: str, overwrite: bool) -> None:
+def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_px: str, enhancer: bool,
+                       overwrite: bool) -> None:
     """Write deterministic random weights under SadTalker's file names into OUT_DIR (the renderer and
-    both mapping files). Random weights render abstract frames; they are for tests, demos and benches."""
-    from .checkpoints import random_checkpoint_paths, write_random_checkpoints
+    both mapping files; with --enhancer the face enhancer's too). Random weights render abstract frames;
+    they are for tests, demos and benches."""
+    from .checkpoints import ENHANCER_FILES, random_checkpoint_paths, write_random_checkpoints, write_random_enhancer_weights
     from .config import config_pair, config_path, load_config
     from .outputs import JobInput, check_output, describe_leftovers, remove_leftovers
 
     model_file = config_path(config)
     config_70, config_73 = config_pair(load_config(model_file))
-    for path in random_checkpoint_paths(out_dir, layout=layout, size_px=int(size_px)):
+    paths = random_checkpoint_paths(out_dir, layout=layout, size_px=int(size_px))
+    if enhancer:
+        paths += [out_dir / name for name in ENHANCER_FILES.values()]
+    for path in paths:
         removed = remove_leftovers(path)
         if removed:
             click.echo(describe_leftovers(path, removed), err=True)
         check_output(path, [JobInput(model_file, "--config")], overwrite=overwrite)
     write_random_checkpoints(out_dir, config_70, config_73, layout=layout, seed=seed, size_px=int(size_px))
+    if enhancer:  # the enhancer's reference seed is 14 (golden-enhance); --seed moves it along
+        variant = "gfpgan-tiny" if config_70.name.startswith("tiny") else "gfpgan"
+        write_random_enhancer_weights(out_dir, variant, seed=14 + seed)
     click.echo(str(out_dir))
 
 

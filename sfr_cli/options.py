@@ -121,7 +121,7 @@ class IntChoice(click.Choice):
 # ---------------------------------------------------------------------------------------------------
 # The table
 
-RENDER, BATCH = "render", "batch"  # the commands that declare rows
+RENDER, BATCH, ENHANCE = "render", "batch", "enhance"  # the commands that declare rows
 SHARED, CLIP = "shared", "clip"  # a Renderer setting (its constructor; one engine) | one clip's option
 
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
@@ -266,15 +266,6 @@ CORE_OPTIONS: Tuple[OptionRow, ...] = (
               type=click.Choice(PRECISIONS), default="fp32", scope=SHARED, batch_help="Compute precision."),
     OptionRow("compile", ("--compile/--no-compile",), "torch.compile the decoder (CUDA; slow first batch).",
               type=click.BOOL, default=False, scope=SHARED, batch_help="torch.compile the decoder (CUDA)."),
-    # Paste-back's rows: they move to sfr_cli/stages/paste.py (its OPTIONS) with the stage package.
-    OptionRow("paste_into", ("--paste-into",),
-              "Paste the face back into this original picture, SadTalker's full-mode way (seamless clone); "
-              "frames and MP4 take its size. --source must then be SadTalker's crop of it.",
-              path=True, metavar="PICTURE", commands=(RENDER,)),
-    OptionRow("crop_box", ("--crop-box",),
-              "The face box in the original picture (SadTalker's ox1,oy1,ox2,oy2). With --paste-into: skip the "
-              "search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.",
-              type=CropBox(), commands=(RENDER,)),
     OptionRow("overwrite", ("--overwrite",), OVERWRITE_HELP, type=click.BOOL, default=False,
               batch_help="Render rows whose outputs exist again (default: skip them)."),
 )

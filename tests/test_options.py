@@ -18,6 +18,7 @@ from sfr_cli import options
 from sfr_cli.cli import batch, render
 from sfr_cli.errors import ConfigError
 from sfr_cli.jobs import RenderJob
+from sfr_cli.stages import stage_modules
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
@@ -179,7 +180,9 @@ def test_renderer_job_takes_exactly_the_clip_rows(tmp_path):
     given = {"source_coeffs": "s.npy", "output": "a.mp4", "frames_dir": "f", "audio": "a.wav", "fps": 30.0,
              "preprocess": "full", "still": True, "expression_scale": 2.0, "yaw": [0, 20], "pitch": 5,
              "roll": "1,2", "overwrite": True, "paste_into": "pic.png", "crop_box": (0, 0, 9, 9)}
-    assert set(given) | {"coeffs", "source"} == {row.name for row in options.CORE_OPTIONS if row.scope == options.CLIP}
+    stage_rows = {row.name for module in stage_modules() for row in module.OPTIONS}
+    assert {"paste_into", "crop_box", "enhancer"} <= stage_rows  # paste-back's and the enhancer's own rows
+    assert set(given) | {"coeffs", "source"} == {row.name for row in options.clip_rows()} - (stage_rows - set(given))
     given.update({row.name: row.convert(row.default) for row in options.clip_rows()
                   if row.name not in given and row.name not in ("coeffs", "source")})
     job = renderer.job("c.npy", "face.png", **given)

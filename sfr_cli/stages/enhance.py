@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import click
 
 from ..errors import ConfigError
-from ..options import CLIP, IntChoice, OptionRow
+from ..options import BATCH, CLIP, ENHANCE, RENDER, IntChoice, OptionRow
 
 ENHANCERS = ("gfpgan", "gfpgan-tiny")  # SadTalker's, and the same nets at test widths
 UPSCALES = (2, 1)  # 2: SadTalker's (twice the input size); 1: the input's size
@@ -52,17 +52,19 @@ SEED_BITS = 63
 # The enhancer's options (`options.table()` reads them). Renderer keywords for now: no command declares
 # them yet; `commands=(RENDER, BATCH)` (and `column=True`, and the README's rows) puts them on the CLI.
 OPTIONS = (
-    OptionRow("enhancer", ("--enhancer",), "Restore faces after paste-back, as SadTalker's --enhancer gfpgan.",
-              type=click.Choice(ENHANCERS), scope=CLIP, commands=()),
+    OptionRow("enhancer", ("--enhancer",), "Restore faces after paste-back, as SadTalker's --enhancer gfpgan "
+              "(gfpgan-tiny: the same nets at test widths).",
+              type=click.Choice(ENHANCERS), scope=CLIP, column=True, batch_help="Default enhancer for every row."),
     OptionRow("enhancer_dir", ("--enhancer-dir",), "The enhancer's weights folder [default: searched beside "
-              "the checkpoints].", path=True, scope=CLIP, commands=()),
+              "the checkpoints].", path=True, scope=CLIP, column=True, commands=(RENDER, BATCH, ENHANCE)),
     OptionRow("enhancer_upscale", ("--enhancer-upscale",), "2: twice the frames' size, as SadTalker; 1: their "
-              "own size.", type=IntChoice(UPSCALES), default="2", scope=CLIP, commands=()),
+              "own size.", type=IntChoice(UPSCALES), default="2", scope=CLIP, column=True,
+              commands=(RENDER, BATCH, ENHANCE)),
     OptionRow("enhancer_noise", ("--enhancer-noise",), "StyleGAN2 noise: stored in the weights file (the same "
               "frames every run) or random per face, as SadTalker.", type=click.Choice(NOISES), default="stored",
-              scope=CLIP, commands=()),
+              scope=CLIP, column=True, commands=(RENDER, BATCH, ENHANCE)),
     OptionRow("enhancer_seed", ("--enhancer-seed",), "The random noise's seed [default: drawn, and reported].",
-              type=click.INT, scope=CLIP, commands=()),
+              type=click.INT, scope=CLIP, column=True, commands=(RENDER, BATCH, ENHANCE)),
 )
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 # numpy and media are imported where used: this module is imported for its options by `sfr --help`.
 from ..errors import MediaError
 from ..modes import get_mode
+from ..options import RENDER, CropBox, OptionRow
 
 Box = Tuple[int, int, int, int]
 # A crop written by SadTalker from this very picture matches exactly; a JPEG original decoded by
@@ -25,6 +26,18 @@ Box = Tuple[int, int, int, int]
 # the picture does not hold the crop.
 CROP_MATCH_MAX_MEAN_LEVELS = 2.0
 BOX_HINT = "pass the box as --crop-box x1,y1,x2,y2 (SadTalker's ox1,oy1,ox2,oy2 from crop_info)"
+
+
+OPTIONS = (
+    OptionRow("paste_into", ("--paste-into",),
+              "Paste the face back into this original picture, SadTalker's full-mode way (seamless clone); "
+              "frames and MP4 take its size. --source must then be SadTalker's crop of it.",
+              path=True, metavar="PICTURE", column=True, commands=(RENDER,)),
+    OptionRow("crop_box", ("--crop-box",),
+              "The face box in the original picture (SadTalker's ox1,oy1,ox2,oy2). With --paste-into: skip the "
+              "search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.",
+              type=CropBox(), column=True, commands=(RENDER,)),
+)
 
 
 def format_box(box: Box) -> str:
