@@ -17,7 +17,7 @@ TORCH_INDEX ?=
 TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)))
 DEMO_OUT := demo-out
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo demo-enhance bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,13 @@ demo: install
 	@echo "For real faces, download SadTalker's checkpoints and run:"
 	@echo "  $(BIN)/sfr render --coeffs demo/coeffs.npy --source demo/source.png --audio demo/speech.wav --checkpoint-dir path/to/SadTalker/checkpoints -o out.mp4"
 	@echo "$(DEMO_OUT)/demo.mp4"
+
+demo-enhance: install  # the same clip through the face enhancer (tiny widths: seconds), 512x512
+	$(BIN)/sfr checkpoints random $(DEMO_OUT)/checkpoints-enhance --config tiny --enhancer --overwrite >/dev/null
+	$(BIN)/sfr render --coeffs demo/coeffs.npy --source demo/source.png --audio demo/speech.wav \
+		--checkpoint-dir $(DEMO_OUT)/checkpoints-enhance --config tiny --enhancer gfpgan-tiny \
+		-o $(DEMO_OUT)/demo-enhanced.mp4 --overwrite >/dev/null
+	@echo "$(DEMO_OUT)/demo-enhanced.mp4 (random weights at tiny widths; real faces need SadTalker's gfpgan/weights)"
 
 bench: install
 	$(BIN)/sfr bench --config tiny --frames 16
