@@ -5,7 +5,7 @@ as for worker processes, waiting on `ray.wait`); a dead actor's clip is retried 
 then reported failed.
 
 `--ray local` starts a private instance whose processes end with the driver: `ray.shutdown()` on any
-way out (Ctrl-C: the in-flight clips are cancelled first, so their temporaries are removed), and a
+way out (Ctrl-C: then the in-flight clips' temporaries are removed once their actors are gone), and a
 `watchdog.DriverWatchdog` that kills them if the driver itself is killed.
 
 Outputs are written by the actors where the rows say: on a cluster, that must be storage every node
@@ -24,12 +24,12 @@ from .batch import RowResult, Task, run_task
 from .dispatch import DIED, DONE, READY, Event, dispatch
 from .errors import SfrError
 from .jobs import output_paths
-from .watchdog import DriverWatchdog
+from .watchdog import DriverWatchdog, wait_for_exit
 
 PATH_FIELDS = ("coeffs", "source", "source_coeffs", "output", "frames_dir", "audio", "checkpoint_dir",
                "checkpoint", "mapping")
 
-CANCEL_SECONDS = 10.0  # Ctrl-C: how long the cancelled in-flight clips get to clean up before shutdown
+JOIN_SECONDS = 10.0  # after ray.shutdown: how long a local instance's actor processes get to end
 
 
 class _RowActor:
@@ -94,9 +94,10 @@ class RayBackend:
                 if watchdog is not None:
                     watchdog.watch_descendants()
                 pool = self._pool(ray, len(tasks), watchdog)
-                dispatch(tasks, pool, on_start, on_done, workers=pool.count, note=note)
-            finally:
+            except BaseException:
                 ray.shutdown()
+                raise
+            dispatch(tasks, pool, on_start, on_done, workers=pool.count, note=note)  # closing the pool stops Ray
         finally:
             if watchdog is not None:
                 watchdog.close()
@@ -186,14 +187,13 @@ class _ActorPool:
         return events
 
     def close(self) -> None:
-        """Cancel the calls in flight (a run call gets KeyboardInterrupt: its clip's temporary is removed)
-        and wait for them a little; `ray.shutdown` ends the actors."""
-        running = list(self.calls)
-        for ref in running:
-            self.ray.cancel(ref)
-        if running:
-            self.ray.wait(running, num_returns=len(running), timeout=CANCEL_SECONDS)
+        """Stop Ray (`ray.shutdown`: this driver's actors end, and a local instance with them), then wait
+        for a local instance's actor processes to be gone, so the dispatcher can remove the temporaries of
+        the clips they were rendering (Ctrl-C: a running actor task is not interrupted by `ray.cancel`)."""
         self.calls = {}
+        self.ray.shutdown()
+        if self.watchdog is not None:
+            wait_for_exit(list(self.pids.values()), timeout_seconds=JOIN_SECONDS)
 
 
 def _absolute(task: Task) -> Task:

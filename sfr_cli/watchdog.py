@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 _PROC_STAT_START_FIELD = 19  # starttime: field 22 of /proc/PID/stat, counted after the ")" closing comm
 _PROC_STAT_PPID_FIELD = 1  # ppid: field 4 of /proc/PID/stat
@@ -53,6 +55,22 @@ def descendants(pid: int) -> List[Tuple[int, str]]:
         found.append((child, table[child][1]))
         stack.extend(children[child])
     return found
+
+
+def wait_for_exit(pids: Sequence[int], timeout_seconds: float) -> None:
+    """Wait until the processes `pids` (not necessarily this one's children) have ended, at most
+    `timeout_seconds` in all: each through a pidfd, which becomes readable when its process exits (Linux
+    5.3+; elsewhere, or for a process already gone, nothing to wait for)."""
+    deadline = time.monotonic() + timeout_seconds
+    for pid in pids:
+        try:
+            handle = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd here, or no such process
+            continue
+        try:
+            select.select([handle], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(handle)
 
 
 class DriverWatchdog:
