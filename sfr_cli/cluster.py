@@ -14,8 +14,10 @@ sees (NFS, a mounted bucket), as must the coefficient, source and checkpoint fil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -97,7 +99,10 @@ class RayBackend:
             except BaseException:
                 ray.shutdown()
                 raise
-            dispatch(tasks, pool, on_start, on_done, workers=pool.count, note=note)  # closing the pool stops Ray
+            # Ray's driver prints its error messages (a page per dead actor) to stdout, which carries results
+            # only: to stderr with --debug, else nowhere (the dispatcher tells the user in one line).
+            with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(sys.stderr if self.debug else nowhere):
+                dispatch(tasks, pool, on_start, on_done, workers=pool.count, note=note)  # closing the pool stops Ray
         finally:
             if watchdog is not None:
                 watchdog.close()
@@ -131,7 +136,7 @@ class _ActorPool:
     (it is ready) or its `run` call (its task); `ray.wait` on all of them is the one wait."""
 
     noun = "Ray actor"
-    death_hint = ""
+    death_hint = "; see Ray's logs (/tmp/ray/session_latest/logs for --ray local; out of memory?)"
 
     def __init__(self, ray, new_actor: Callable, count: int, watchdog: Optional[DriverWatchdog]):
         from ray.exceptions import RayActorError
@@ -171,8 +176,7 @@ class _ActorPool:
                 value = self.ray.get(ref)
             except self.actor_error as exc:
                 self.ray.kill(self.actors.pop(worker), no_restart=True)
-                events.append(Event(DIED, worker, cause=str(exc).strip().splitlines()[0] if str(exc).strip() else
-                                    type(exc).__name__))
+                events.append(Event(DIED, worker, cause=_first_sentence(exc)))
                 continue
             if task is None:
                 self.pids[worker] = value
@@ -201,6 +205,13 @@ def _absolute(task: Task) -> Task:
     changes = {name: Path(os.path.abspath(getattr(task.job, name))) for name in PATH_FIELDS
                if isinstance(getattr(task.job, name), (str, Path))}
     return replace(task, job=replace(task.job, **changes))
+
+
+def _first_sentence(exc: Exception) -> str:
+    """Ray's actor-death message is a page (ids, addresses, guesses); its first line says what happened."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].strip().rstrip(".") if lines else type(exc).__name__
+    return first[:1].lower() + first[1:]
 
 
 def _str(path) -> Optional[str]:

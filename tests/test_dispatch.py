@@ -5,6 +5,7 @@ seconds). Every kill waits for an observable event (a temporary file, a child pr
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,13 +182,18 @@ def test_killing_the_driver_ends_its_worker_processes(long_clips, tiny_checkpoin
 
 
 @pytest.mark.slow  # real worker processes started and killed: `make test`, not test-fast
-def test_a_worker_killed_mid_clip_has_its_row_retried_and_the_user_told(short_clips, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("backend", ["workers", "ray"])
+def test_a_worker_killed_mid_clip_has_its_row_retried_and_the_user_told(backend, short_clips, tiny_checkpoints,
+                                                                        tmp_path):
     """The worker writing a clip (its PID is in the temporary's name) is stopped; if its temporary is still
     there it is mid-clip, and it is killed. The row is rendered again on another worker, stderr says so, the
     report line says why, and the batch ends with every row done. (--json or --quiet would hide the line,
     as they hide the progress lines; the report keeps it.)"""
+    if backend == "ray":
+        pytest.importorskip("ray", reason="Ray is the 'ray' extra (make install includes it)")
+    noun = "worker" if backend == "workers" else "Ray actor"
     out = tmp_path / "out"
-    process = start_batch(short_clips, out, tiny_checkpoints, "--workers", "2")
+    process = start_batch(short_clips, out, tiny_checkpoints, "--workers", "2", *(["--ray", "local"] * (backend == "ray")))
     try:
         while True:
             first = wait_for(lambda: temporaries(out) or process.poll() is not None, "a clip to start")
@@ -206,12 +212,16 @@ def test_a_worker_killed_mid_clip_has_its_row_retried_and_the_user_told(short_cl
             process.wait()
     stderr = (tmp_path / "out.stderr").read_text()
     assert process.returncode == 0, stderr
-    assert f"row {row}: worker {pid} died (signal 9); retrying on another worker" in stderr
+    # The cause: "signal 9" from a worker's exit status; Ray's own words for an actor (not our child)
+    told = re.search(rf"^row {row}: {noun} {pid} died \((.+)\); retrying on another {noun}$", stderr, re.MULTILINE)
+    assert told, stderr
+    cause = told.group(1)
+    assert backend == "ray" or cause == "signal 9"
     assert "Traceback" not in stderr
     assert stdout.strip() == "3 done, 0 skipped, 0 failed of 3 rows"
     report = [json.loads(line) for line in (tmp_path / "out.report.jsonl").read_text().splitlines()]
     notes = {line["row"]: line["note"] for line in report}
-    assert notes.pop(row) == f"row {row}: worker {pid} died (signal 9); retried on another worker"
+    assert notes.pop(row) == f"row {row}: {noun} {pid} died ({cause}); retried on another {noun}"
     assert set(notes.values()) == {None}
     assert sorted(p.name for p in out.iterdir()) == ["0.mp4", "1.mp4", "2.mp4"]  # no temporary left
 
