@@ -137,6 +137,7 @@ class _ActorPool:
 
     noun = "Ray actor"
     death_hint = "; see Ray's logs (/tmp/ray/session_latest/logs for --ray local; out of memory?)"
+    option = "--ray"
 
     def __init__(self, ray, new_actor: Callable, count: int, watchdog: Optional[DriverWatchdog]):
         from ray.exceptions import RayActorError

@@ -41,10 +41,12 @@ class Event:
 
 class Pool(Protocol):
     """Where a dispatcher's workers live. `noun` names one in messages ("worker", "Ray actor");
-    `death_hint` follows a row's "died twice" message."""
+    `death_hint` follows a row's "died twice" message; `option` is the command-line option that asked
+    for this pool ("--workers", "--ray")."""
 
     noun: str
     death_hint: str
+    option: str
 
     def start(self) -> Hashable:
         """Start a worker; it reports READY (or DIED) through `wait`."""
@@ -122,7 +124,7 @@ def dispatch(tasks: List[Task], pool: Pool, on_start: Callable[[Task], None],
                             while pending:
                                 lost = pending.popleft()
                                 settle(lost, failed_result(lost, f"no {pool.noun} could start ({event.cause}); run "
-                                                                 "without --workers or --ray, with --debug, to see why"))
+                                                                 f"without {pool.option}, with --debug, to see why"))
                     else:
                         task.attempts += 1
                         if task.attempts <= RETRIES:

@@ -120,6 +120,7 @@ class _ProcessPool:
 
     noun = "worker"
     death_hint = "; see the system log (out of memory?)"
+    option = "--workers"
 
     def __init__(self, settings: Dict, threads: Optional[int], devices: Optional[List[str]]):
         self.context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
