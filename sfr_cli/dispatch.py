@@ -9,7 +9,7 @@ task left; a worker that dies holding a task has it put back, once, for another 
 takes the dead one's place) and the user is told on stderr; a second death fails the row alone and the
 batch goes on. Workers that die before taking any task (they could not start) fail the remaining rows
 after `START_FAILURES` such deaths. On any way out (Ctrl-C included) the pool is closed first, then the
-temporaries the in-flight rows' dead workers left are removed.
+temporaries and lock files the in-flight rows' dead workers left are removed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Protocol
 
 from .batch import FAILED, RowResult, Task
 from .jobs import output_paths
-from .outputs import remove_leftovers
+from .outputs import remove_dead_lock, remove_leftovers, resolved
 
 RETRIES = 1  # a dead worker's clip is tried once more
 START_FAILURES = 3  # workers dying without a task before the batch gives up on them
@@ -164,6 +164,9 @@ def _print_note(message: str) -> None:
 
 
 def _remove_dead_temporaries(task: Task) -> None:
-    output, _ = output_paths(task.job)
-    if output is not None:
-        remove_leftovers(output)
+    """What a dead worker left for its task's outputs: its MP4's and frames folder's temporaries and locks."""
+    output, frames_dir = output_paths(task.job)
+    for target in (output, None if frames_dir is None else resolved(frames_dir)):
+        if target is not None:
+            remove_leftovers(target)
+            remove_dead_lock(target)

@@ -50,6 +50,11 @@ def temporaries(folder: Path):
     return [p for p in folder.iterdir() if TEMP_MARKER in p.name] if folder.is_dir() else []
 
 
+def writer_pid(temporary: Path) -> int:
+    """The PID in a temporary's name: `.NAME.sfr-tmp-HOST-PID-START.mp4`."""
+    return int(temporary.name.split(TEMP_MARKER)[1].split(".")[0].rsplit("-", 2)[1])
+
+
 def tiny(checkpoints):
     return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
 
@@ -198,7 +203,7 @@ def test_a_worker_killed_mid_clip_has_its_row_retried_and_the_user_told(backend,
         while True:
             first = wait_for(lambda: temporaries(out) or process.poll() is not None, "a clip to start")
             assert process.poll() is None, "the batch ended before a worker could be caught mid-clip"
-            pid = int(first[0].name.split(TEMP_MARKER)[1].split("-")[0])
+            pid = writer_pid(first[0])
             os.kill(pid, signal.SIGSTOP)
             if first[0].exists():  # stopped before its clip was renamed into place: it holds the row
                 break
@@ -296,4 +301,4 @@ def test_ctrl_c_with_ray_local_leaves_no_temporary(long_clips, tiny_checkpoints,
             process.kill()
             process.wait()
     assert process.returncode == 130, (tmp_path / "out.stderr").read_text()
-    assert temporaries(out) == []
+    assert [p.name for p in out.iterdir()] == []  # no temporary, no lock file
