@@ -76,7 +76,8 @@ class RowResult:
     error: Optional[str] = None
     frames_dir: Optional[str] = None
     render_seconds: Optional[float] = None  # of `seconds`: rendering and encoding (model load, checks excluded)
-    note: Optional[str] = None  # why a row was skipped, when not because its outputs were there at the start
+    note: Optional[str] = None  # why a row was skipped (when not because its outputs were there at the start),
+    # or why it was rendered twice (its first worker died)
 
     def to_dict(self) -> Dict:
         data = asdict(self)
@@ -545,7 +546,8 @@ class InProcessBackend:
         self.debug = debug
         self.renderer = renderer  # a warm Renderer to reuse (the benchmark's), else one is made per run
 
-    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None]):
+    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None],
+            note: Optional[Callable[[str], None]] = None):
         from .renderer import Renderer
 
         renderer = self.renderer if self.renderer is not None else Renderer(**self.renderer_settings)
@@ -631,7 +633,7 @@ def run_batch(plan: Plan, backend, report: ReportFile, progress) -> BatchSummary
         results.append(result)
         progress.settled(result, task.frames)
 
-    backend.run(plan.tasks, progress.started, on_done)
+    backend.run(plan.tasks, progress.started, on_done, note=progress.note)
     progress.end()
     return BatchSummary(results, time.perf_counter() - started)
 
@@ -648,11 +650,3 @@ def default_report_path(manifest: Optional[Path], output_dir: Path) -> Path:
         return manifest.with_name(f"{manifest.stem}.report.jsonl")
     return output_dir / GLOB_REPORT_NAME
 
-
-def iter_lines(path: Path) -> Iterable[Dict]:
-    """The report's lines (for tests and scripts); a last line cut by a kill is skipped."""
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue

@@ -1,7 +1,12 @@
 """A batch backend on Ray (`pip install 'sfr[ray]'`): one actor per GPU (per worker slot on CPUs), each
 holding a `Renderer`, so models load once per actor. The driver (this process) hands the longest task
-left to each idle actor, collects the results, and keeps the report and progress; a dead actor's clip
-is retried once on a fresh actor, then reported failed.
+left to each idle actor, collects the results, and keeps the report and progress (`dispatch.dispatch`,
+as for worker processes, waiting on `ray.wait`); a dead actor's clip is retried once on a fresh actor,
+then reported failed.
+
+`--ray local` starts a private instance whose processes end with the driver: `ray.shutdown()` on any
+way out (Ctrl-C: then the in-flight clips' temporaries are removed once their actors are gone), and a
+`watchdog.DriverWatchdog` that kills them if the driver itself is killed.
 
 Outputs are written by the actors where the rows say: on a cluster, that must be storage every node
 sees (NFS, a mounted bucket), as must the coefficient, source and checkpoint files.
@@ -9,20 +14,24 @@ sees (NFS, a mounted bucket), as must the coefficient, source and checkpoint fil
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .batch import FAILED, RowResult, Task, run_task
+from .batch import RowResult, Task, run_task
+from .dispatch import DIED, DONE, READY, Event, dispatch
 from .errors import SfrError
 from .jobs import output_paths
+from .watchdog import DriverWatchdog, wait_for_exit
 
 PATH_FIELDS = ("coeffs", "source", "source_coeffs", "output", "frames_dir", "audio", "checkpoint_dir",
                "checkpoint", "mapping")
 
-RETRIES = 1
+JOIN_SECONDS = 10.0  # after ray.shutdown: how long a local instance's actor processes get to end
 
 
 class _RowActor:
@@ -37,6 +46,10 @@ class _RowActor:
         from .renderer import Renderer
 
         self.renderer = Renderer(**settings)
+
+    def pid(self) -> int:
+        """This actor's process id; answered once the models are loaded (the actor is ready)."""
+        return os.getpid()
 
     def run(self, task: Task) -> RowResult:
         return run_task(self.renderer, task)
@@ -72,18 +85,29 @@ class RayBackend:
                                "`ray start --head`, or use --ray local") from exc
         return ray
 
-    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None]):
+    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None],
+            note: Optional[Callable[[str], None]] = None):
         if not tasks:
             return
-        ray = self._init()
+        watchdog = DriverWatchdog() if self.address == "local" else None
         try:
-            self._run(ray, tasks, on_start, on_done)
+            ray = self._init()
+            try:
+                if watchdog is not None:
+                    watchdog.watch_descendants()
+                pool = self._pool(ray, len(tasks), watchdog)
+            except BaseException:
+                ray.shutdown()
+                raise
+            # Ray's driver prints its error messages (a page per dead actor) to stdout, which carries results
+            # only: to stderr with --debug, else nowhere (the dispatcher tells the user in one line).
+            with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(sys.stderr if self.debug else nowhere):
+                dispatch(tasks, pool, on_start, on_done, workers=pool.count, note=note)  # closing the pool stops Ray
         finally:
-            ray.shutdown()
+            if watchdog is not None:
+                watchdog.close()
 
-    def _run(self, ray, tasks, on_start, on_done) -> None:
-        from ray.exceptions import RayActorError
-
+    def _pool(self, ray, task_count: int, watchdog: Optional[DriverWatchdog]) -> "_ActorPool":
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         cpus = max(1, int(resources.get("CPU", 1)))
@@ -103,50 +127,78 @@ class RayBackend:
 
             count = self.workers or 1
             options, threads = {"num_cpus": max(1, cpus // count)}, same_threads()
-        actor_class = ray.remote(_RowActor)
-        count = min(count, len(tasks))
+        actor_class = ray.remote(_RowActor).options(**options)
+        return _ActorPool(ray, lambda: actor_class.remote(settings, threads), min(count, task_count), watchdog)
 
-        def new_actor():
-            return actor_class.options(**options).remote(settings, threads)
 
-        actors = [new_actor() for _ in range(count)]
-        originals = {task.row: task for task in tasks}
-        pending = [_absolute(task) for task in tasks]  # longest first; paths as every node must see them
-        running: Dict = {}  # object ref -> (actor index, task)
+class _ActorPool:
+    """`dispatch.Pool` of Ray actors. Each call in flight is an object reference: the actor's `pid` call
+    (it is ready) or its `run` call (its task); `ray.wait` on all of them is the one wait."""
 
-        def submit(index: int) -> None:
-            task = pending.pop(0)
-            running[actors[index].run.remote(task)] = (index, task)
-            on_start(task)
+    noun = "Ray actor"
+    death_hint = "; see Ray's logs (/tmp/ray/session_latest/logs for --ray local; out of memory?)"
+    option = "--ray"
 
-        for index in range(count):
-            if pending:
-                submit(index)
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            ref = ready[0]
-            index, task = running.pop(ref)
+    def __init__(self, ray, new_actor: Callable, count: int, watchdog: Optional[DriverWatchdog]):
+        from ray.exceptions import RayActorError
+
+        self.ray = ray
+        self.actor_error = RayActorError
+        self.new_actor = new_actor
+        self.count = count
+        self.watchdog = watchdog
+        self.started = 0
+        self.actors: Dict[int, object] = {}  # key -> actor handle
+        self.pids: Dict[int, int] = {}
+        self.calls: Dict = {}  # object ref -> (key, the original task or None for the ready call)
+
+    def start(self) -> int:
+        self.started += 1
+        actor = self.new_actor()
+        self.actors[self.started] = actor
+        self.calls[actor.pid.remote()] = (self.started, None)
+        return self.started
+
+    def submit(self, worker: int, task: Task) -> None:
+        self.calls[self.actors[worker].run.remote(_absolute(task))] = (worker, task)
+
+    def stop(self, worker: int) -> None:
+        self.ray.kill(self.actors.pop(worker), no_restart=True)
+
+    def pid(self, worker: int) -> Optional[int]:
+        return self.pids.get(worker)
+
+    def wait(self) -> List[Event]:
+        ready, _ = self.ray.wait(list(self.calls), num_returns=1)
+        events = []
+        for ref in ready:
+            worker, task = self.calls.pop(ref)
             try:
-                result = ray.get(ref)
-            except RayActorError as exc:
-                ray.kill(actors[index], no_restart=True)
-                actors[index] = new_actor()
-                task.attempts += 1
-                if task.attempts <= RETRIES:
-                    pending.insert(0, task)
-                else:
-                    output, frames_dir = output_paths(task.job)
-                    result = RowResult(task.row, str(task.job.coeffs), None if output is None else str(output),
-                                       FAILED, error=f"row {task.row}: the Ray actor rendering it died twice ({exc})",
-                                       frames_dir=None if frames_dir is None else str(frames_dir))
-                    on_done(task, result)
+                value = self.ray.get(ref)
+            except self.actor_error as exc:
+                self.ray.kill(self.actors.pop(worker), no_restart=True)
+                events.append(Event(DIED, worker, cause=_first_sentence(exc)))
+                continue
+            if task is None:
+                self.pids[worker] = value
+                if self.watchdog is not None:
+                    self.watchdog.watch_descendants()  # the actor's process, and agents started meanwhile
+                events.append(Event(READY, worker))
             else:
-                original = originals[task.row]  # the report names paths as the manifest did
-                result.output, result.frames_dir, result.coeffs = (
-                    _str(output_paths(original.job)[0]), _str(output_paths(original.job)[1]), str(original.job.coeffs))
-                on_done(original, result)
-            if pending:
-                submit(index)
+                # the report names paths as the manifest did, not as the actor saw them
+                output, frames_dir = output_paths(task.job)
+                value.output, value.frames_dir, value.coeffs = _str(output), _str(frames_dir), str(task.job.coeffs)
+                events.append(Event(DONE, worker, result=value))
+        return events
+
+    def close(self) -> None:
+        """Stop Ray (`ray.shutdown`: this driver's actors end, and a local instance with them), then wait
+        for a local instance's actor processes to be gone, so the dispatcher can remove the temporaries of
+        the clips they were rendering (Ctrl-C: a running actor task is not interrupted by `ray.cancel`)."""
+        self.calls = {}
+        self.ray.shutdown()
+        if self.watchdog is not None:
+            wait_for_exit(list(self.pids.values()), timeout_seconds=JOIN_SECONDS)
 
 
 def _absolute(task: Task) -> Task:
@@ -154,6 +206,13 @@ def _absolute(task: Task) -> Task:
     changes = {name: Path(os.path.abspath(getattr(task.job, name))) for name in PATH_FIELDS
                if isinstance(getattr(task.job, name), (str, Path))}
     return replace(task, job=replace(task.job, **changes))
+
+
+def _first_sentence(exc: Exception) -> str:
+    """Ray's actor-death message is a page (ids, addresses, guesses); its first line says what happened."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].strip().rstrip(".") if lines else type(exc).__name__
+    return first[:1].lower() + first[1:]
 
 
 def _str(path) -> Optional[str]:

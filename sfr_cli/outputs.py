@@ -344,6 +344,20 @@ def live_holder(target: PathLike) -> Optional[LockHolder]:
     return holder if holder is not None else LockHolder("?", 0, "0", time.time())
 
 
+def remove_dead_lock(target: PathLike) -> bool:
+    """Remove `target`'s lock file if the run holding it is dead (as a new claim would take it over); say
+    whether one was removed. For a batch driver tidying up after workers that were stopped mid-clip."""
+    path = lock_path(target)
+    try:
+        judged = os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+    if _lock_live(path, _read_holder(path)):
+        return False
+    _break_lock(path, judged)
+    return True
+
+
 class _Heartbeat:
     """One thread per process refreshing the modification time of every lock this process holds."""
 

@@ -204,6 +204,11 @@ class BatchProgress:
             self.console.print(f"[{self._settled}/{self._total}] {result.status} {where}{detail}", markup=False,
                                highlight=False, soft_wrap=True)
 
+    def note(self, message: str) -> None:
+        """One line about the batch itself (a worker died, its row is retried), above a live bar."""
+        if not self.quiet:
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
     def end(self) -> None:
         if self._progress is not None:
             self._progress.stop()

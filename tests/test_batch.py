@@ -50,6 +50,17 @@ def frame_rows(clips: Path, out: str, relative: bool = False):
     return [f"{where}clip{i}.npy,{where}{faces[i % 2]},{out}/{i}" for i in range(CLIPS)]
 
 
+def report_lines(path: Path):
+    """The report's lines; a last line cut by a kill is skipped."""
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
 def read_frames(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
 
@@ -202,7 +213,7 @@ def test_bad_rows_fail_alone_and_good_rows_render_identical_frames(clips, tiny_c
     assert errors[5].startswith("row 5: ") and "as row 1 does" in errors[5]
     for index in range(CLIPS):
         np.testing.assert_array_equal(read_frames(out / str(index)), reference_frames[index])
-    lines = list(batching.iter_lines(tmp_path / "r.jsonl"))
+    lines = report_lines(tmp_path / "r.jsonl")
     assert sorted(line["row"] for line in lines) == [1, 2, 3, 4, 5]
 
     again = run_batch(manifest, "--json", "--report", tmp_path / "r.jsonl", *tiny(tiny_checkpoints))
@@ -215,7 +226,7 @@ def test_glob_form_writes_mp4s_to_the_output_dir(clips, tiny_checkpoints, tmp_pa
                        "--output-dir", tmp_path, "--quiet", *tiny(tiny_checkpoints))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
-    assert len(list(batching.iter_lines(tmp_path / batching.GLOB_REPORT_NAME))) == CLIPS
+    assert len(report_lines(tmp_path / batching.GLOB_REPORT_NAME)) == CLIPS
 
 
 @pytest.mark.slow  # a long end-to-end run (processes started and killed): `make test`, not test-fast
@@ -271,7 +282,7 @@ def test_resume_after_kill_9(clips, tiny_checkpoints, tmp_path):
         process.wait()
     assert process.returncode == -signal.SIGKILL
     psutil.wait_procs(children, timeout=30)  # the orphaned ffmpeg finishes its partial file
-    finished = {line["row"] for line in batching.iter_lines(report) if line["status"] == "done"}
+    finished = {line["row"] for line in report_lines(report) if line["status"] == "done"}
     assert finished == {2}, "row 2 done, row 1 held mid-clip (rows report in the order they render)"
 
     result = subprocess.run(command + ["--json"], env=env, capture_output=True, text=True, timeout=300)
@@ -331,11 +342,15 @@ def test_a_killed_workers_clip_is_retried_once_on_another_worker(clips, tiny_che
                 worker.kill()
             killed.extend(workers)
 
+    notes = []
     backend = WorkerPoolBackend(batching.renderer_settings(template), workers=1)
-    backend.run(plan.tasks, kill_the_worker, lambda task, result: results.append(result))
+    backend.run(plan.tasks, kill_the_worker, lambda task, result: results.append(result), note=notes.append)
     assert killed
     assert [result.status for result in results] == ["done"], results
     assert plan.tasks[0].attempts == 1
+    told = f"row 1: worker {killed[0].pid} died (signal 9); retrying on another worker"
+    assert notes == [told]
+    assert results[0].note == f"row 1: worker {killed[0].pid} died (signal 9); retried on another worker"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # the killed worker's temporary is gone
 
 
@@ -482,4 +497,4 @@ def test_a_row_whose_folder_refuses_access_fails_alone(clips, tiny_checkpoints, 
     summary = {row["row"]: row for row in json.loads(result.stdout)["rows"]}
     assert [summary[n]["status"] for n in (1, 2, 3)] == ["done", "failed", "done"]
     assert summary[2]["error"].startswith(f"row 2: {locked}") and "permission denied" in summary[2]["error"]
-    assert sorted(line["row"] for line in batching.iter_lines(tmp_path / "m.report.jsonl")) == [1, 2, 3]
+    assert sorted(line["row"] for line in report_lines(tmp_path / "m.report.jsonl")) == [1, 2, 3]

@@ -66,8 +66,13 @@ RULES = {
     "sfr_cli.options": rule({"errors", "modes", "coeffs", "stages"}, {"click"}),
     "sfr_cli.renderer": rule(LIBRARY | {"jobs", "streaming", "options"}, {"numpy"}),
     "sfr_cli.batch": rule(LIBRARY | {"jobs", "options", "renderer"}, {"click"}),
-    "sfr_cli.workers": rule({"batch", "jobs", "renderer"}, {"torch"}),  # a backend: worker processes
-    "sfr_cli.cluster": rule({"batch", "jobs", "renderer", "errors", "workers"}, {"ray", "torch"}),  # Ray actors
+    # The one dispatcher of the process backends (longest first, retry once, the failed row); the watchdog
+    # that ends what a killed driver started (stdlib only: it runs as a small process of its own).
+    "sfr_cli.dispatch": rule({"batch", "jobs", "outputs"}),
+    "sfr_cli.watchdog": rule(),
+    "sfr_cli.workers": rule({"batch", "dispatch", "renderer"}, {"torch"}),  # a backend: worker processes
+    "sfr_cli.cluster": rule({"batch", "dispatch", "watchdog", "jobs", "renderer", "errors", "workers"},
+                            {"ray", "torch"}),  # Ray actors
 }
 
 
