@@ -28,8 +28,6 @@ from .errors import SfrError
 from .jobs import output_paths
 from .watchdog import DriverWatchdog, wait_for_exit
 
-PATH_FIELDS = ("coeffs", "source", "source_coeffs", "output", "frames_dir", "audio", "checkpoint_dir",
-               "checkpoint", "mapping")
 
 JOIN_SECONDS = 10.0  # after ray.shutdown: how long a local instance's actor processes get to end
 
@@ -203,8 +201,10 @@ class _ActorPool:
 
 def _absolute(task: Task) -> Task:
     """The task with absolute paths: an actor's working folder is not the driver's."""
-    changes = {name: Path(os.path.abspath(getattr(task.job, name))) for name in PATH_FIELDS
-               if isinstance(getattr(task.job, name), (str, Path))}
+    from .options import table
+
+    changes = {row.name: Path(os.path.abspath(getattr(task.job, row.name))) for row in table()
+               if row.path and isinstance(getattr(task.job, row.name), (str, Path))}
     return replace(task, job=replace(task.job, **changes))
 
 

@@ -71,7 +71,7 @@ RULES = {
     "sfr_cli.dispatch": rule({"batch", "jobs", "outputs"}),
     "sfr_cli.watchdog": rule(),
     "sfr_cli.workers": rule({"batch", "dispatch", "renderer"}, {"torch"}),  # a backend: worker processes
-    "sfr_cli.cluster": rule({"batch", "dispatch", "watchdog", "jobs", "renderer", "errors", "workers"},
+    "sfr_cli.cluster": rule({"batch", "dispatch", "watchdog", "jobs", "renderer", "errors", "workers", "options"},
                             {"ray", "torch"}),  # Ray actors
 }
 
