@@ -79,7 +79,8 @@ def case_frames(name: str, reference: Path, count: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def step_timers(device):
-    """Wrap the nets functions the stage calls; yields `{step: seconds}` accumulated while inside."""
+    """Wrap the nets functions the stage calls; yields `{step: wall seconds, 'cpu_' + step: process CPU
+    seconds}` accumulated while inside."""
     import importlib
 
     from sfr_cli.bench import sync_device
@@ -90,10 +91,11 @@ def step_timers(device):
     def timed(step, fn):
         def wrapper(*args, **kwargs):
             sync_device(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
             sync_device(device)
             seconds[step] += time.perf_counter() - start
+            seconds["cpu_" + step] += time.process_time() - cpu_start
             return out
 
         return wrapper
@@ -166,6 +168,7 @@ def bench_speed(args) -> list:
                 "seconds_per_frame": round(total / n, 3), "seconds_per_face": round(total / faces, 3) if faces else None,
                 "cpu_seconds_per_frame": round(cpu / n, 3),
                 "step_seconds_per_frame": {k: (round(v / n, 4) if v is not None else None) for k, v in steps.items()},
+                "step_cpu_seconds_per_frame": {k: round(seconds.get("cpu_" + k, 0.0) / n, 4) for k in STEPS},
                 "load_seconds": round(load_seconds, 2), "torch": torch.__version__,
                 "loadavg": [round(x, 2) for x in os.getloadavg()],
             })

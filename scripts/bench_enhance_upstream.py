@@ -164,9 +164,10 @@ def main(argv=None) -> None:
 
     def timed(step, fn):
         def wrapper(*a, **k):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = fn(*a, **k)
             seconds[step] += time.perf_counter() - start
+            seconds["cpu_" + step] += time.process_time() - cpu_start
             return out
 
         return wrapper
@@ -206,6 +207,8 @@ def main(argv=None) -> None:
         steps = {k: seconds.get(k, 0.0) for k in STEPS if k != "paste"}
         steps["paste"] = seconds.get("paste_total", 0.0) - seconds.get("parse_mask", 0.0)
         steps["other"] = max(0.0, total - sum(steps.values()))
+        cpu_steps = {k: seconds.get("cpu_" + k, 0.0) for k in STEPS if k != "paste"}
+        cpu_steps["paste"] = seconds.get("cpu_paste_total", 0.0) - seconds.get("cpu_parse_mask", 0.0)
         n = len(frames)
         rows.append({
             "case": name, "size_wh": [int(frames[0].shape[1]), int(frames[0].shape[0])], "frames": n, "faces": faces,
@@ -213,6 +216,7 @@ def main(argv=None) -> None:
             "code": "upstream GFPGANer.enhance", "seconds_per_frame": round(total / n, 3),
             "seconds_per_face": round(total / faces, 3) if faces else None, "cpu_seconds_per_frame": round(cpu / n, 3),
             "step_seconds_per_frame": {k: round(v / n, 4) for k, v in steps.items()},
+            "step_cpu_seconds_per_frame": {k: round(v / n, 4) for k, v in cpu_steps.items()},
             "load_seconds": round(load_seconds, 2), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "weights_sha256": {n_: sha256(weights / n_)[:16] for n_ in WEIGHT_FILES},
