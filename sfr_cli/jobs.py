@@ -395,17 +395,41 @@ class PreparedEnhance:
     audio_copy: bool
     ffmpeg: Optional[str]
     notes: List[str]
+    claims: List[outputs.OutputClaim] = field(default_factory=list)  # held until `release()`
 
     @property
     def frame_count(self) -> int:
         return self.source.frame_count
+
+    def release(self) -> None:
+        """Give up the claims on the outputs (after the commit or a failure); idempotent."""
+        for claim in self.claims:
+            claim.release()
 
 
 DEFAULT_ENHANCE_FPS = 25.0
 
 
 def prepare_enhance(job: EnhanceJob, note=None) -> PreparedEnhance:
-    """Every check `sfr enhance` makes before any model loads (input, outputs, ffmpeg, the weights)."""
+    """Every check `sfr enhance` makes before any model loads (input, outputs, ffmpeg, the weights). The
+    outputs are claimed for the job's life, as `sfr render`'s (`PreparedEnhance.release()` ends it; a
+    check failing releases them); a folder refusing access is a MediaError."""
+    claims: List[outputs.OutputClaim] = []
+    try:
+        prepared = _prepare_enhance(job, note, claims)
+    except PermissionError as exc:
+        for held in claims:
+            held.release()
+        raise MediaError(describe_os_error(exc)) from exc
+    except BaseException:
+        for held in claims:
+            held.release()
+        raise
+    prepared.claims = claims
+    return prepared
+
+
+def _prepare_enhance(job: EnhanceJob, note, claims: List[outputs.OutputClaim]) -> PreparedEnhance:
     notes: List[str] = []
 
     def noted(message: str) -> None:
@@ -423,7 +447,7 @@ def prepare_enhance(job: EnhanceJob, note=None) -> PreparedEnhance:
     if output is None and frames_dir is None:
         output = Path(input_path.name.rsplit(".", 1)[0] + "_enhanced.mp4")
     inputs = [outputs.JobInput(input_path, "--input")]
-    check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=noted)
+    check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=noted, claims=claims)
     ffmpeg = media.find_ffmpeg() if output is not None or input_path.is_file() else None
     source = media.FrameSource(input_path, ffmpeg)
     fps = job.fps or source.fps or DEFAULT_ENHANCE_FPS

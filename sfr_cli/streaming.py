@@ -247,6 +247,14 @@ CUDA_ENHANCE_BATCH = 16
 
 
 def render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
+    """`sfr enhance`: see `_render_enhance`; the outputs' claims end with it, however it ends."""
+    try:
+        return _render_enhance(prepared, reporter, models)
+    finally:
+        prepared.release()
+
+
+def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
     """`sfr enhance`: a checked `jobs.PreparedEnhance`'s frames, read in batches, through its stages on the
     device (the same `StageLane` as a render's), into its sinks. Nothing is left at the outputs on failure
     or interrupt; memory stays flat (frames are read, enhanced and written a batch at a time)."""

@@ -127,3 +127,18 @@ def test_enhance_refuses_an_existing_output_and_a_missing_input(runner, tiny_enh
     plain = runner.invoke(sfr, args + ["--input", str(frames), "--frames-dir", str(out / "f"), "--enhancer-upscale", "1"])
     assert plain.exit_code == 0, plain.output
     assert read_png_frames(out / "f").shape == (4, 256, 256, 3)
+
+
+def test_enhance_refuses_an_output_another_live_run_holds(runner, tiny_enhancer_weights, reference_dir, tmp_path):
+    from sfr_cli.outputs import OutputClaim
+
+    target = tmp_path / "clip.mp4"
+    holder = OutputClaim(target).acquire()  # another run, rendering into it right now
+    try:
+        result = runner.invoke(sfr, ["enhance", "--input", str(reference_dir / "golden-enhance" / "frames"), "-o",
+                                     str(target), "--enhancer", "gfpgan-tiny", "--enhancer-dir",
+                                     str(tiny_enhancer_weights), "--device", "cpu"])
+    finally:
+        holder.release()
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "another sfr run" in result.stderr and not target.exists()
