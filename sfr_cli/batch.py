@@ -450,7 +450,7 @@ def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: 
             if not dry_run:
                 _make_output_folder(output)
                 _make_output_folder(frames_dir)
-            prepared = prepare_job(job, folder_created=True)
+            prepared = prepare_job(job)
         except SfrError as exc:
             failed(str(exc))
             continue

@@ -12,7 +12,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -184,8 +184,7 @@ class PreparedJob:
 
     def release(self) -> None:
         """Give up this job's claims on its outputs (after its commit or failure); idempotent."""
-        for claim in self.claims:
-            claim.release()
+        release_claims(self.claims)
 
     @property
     def frame_count(self) -> int:
@@ -251,32 +250,60 @@ def read_source(value, size_px: int, sources: Optional[SourceImages] = None) -> 
     return media.read_source_image(value, size_px)
 
 
-def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, folder_created: bool = False,
-                claim: bool = False, sources: Optional[SourceImages] = None) -> PreparedJob:
-    """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
-    `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
-    A missing MP4 folder is fine when it can be created (the MP4 writer creates it, as `--frames-dir`
-    and `sfr batch` create theirs); `folder_created` is kept for callers and changes nothing. With `claim` the job's outputs are claimed first (OutputBusy when
-    another live run writes one) and stay claimed until `PreparedJob.release()`, which whoever renders it
-    calls; a check failing releases them. A folder refusing access is a MediaError, as any user error.
-    `sources`: a cache of source images (the Renderer's)."""
+def release_claims(claims: Sequence[outputs.OutputClaim]) -> None:
+    """Give up `claims` on outputs (after a commit or a failure); idempotent."""
+    for claim in claims:
+        claim.release()
+
+
+PreparedT = TypeVar("PreparedT")
+
+
+def _under_claims(prepare: Callable[[List[outputs.OutputClaim]], PreparedT]) -> PreparedT:
+    """`prepare(claims)`, which appends the claims it takes, with them kept on its result (`.claims`) or,
+    when a check fails, released; a folder refusing access becomes a MediaError, as any user error."""
     claims: List[outputs.OutputClaim] = []
     try:
-        prepared = _prepare_job(job, note, in_memory, folder_created, claims if claim else None, sources)
+        prepared = prepare(claims)
     except PermissionError as exc:
-        for held in claims:
-            held.release()
+        release_claims(claims)
         raise MediaError(describe_os_error(exc)) from exc
     except BaseException:
-        for held in claims:
-            held.release()
+        release_claims(claims)
         raise
     prepared.claims = claims
     return prepared
 
 
-def _prepare_job(job: RenderJob, note, in_memory: bool, folder_created: bool,
-                 claims: Optional[List[outputs.OutputClaim]], sources: Optional[SourceImages]) -> PreparedJob:
+def stage_inputs(stages: Sequence) -> List[outputs.JobInput]:
+    """The files the frame stages read (their weights), as inputs no output may be."""
+    return [outputs.JobInput(path, f"{stage.name} weights") for stage in stages
+            for path in getattr(stage, "input_files", ())]
+
+
+def check_mp4_output(output: Path, width_px: int, height_px: int, note: Callable[[str], None]) -> None:
+    """An MP4 output's own checks: its folder writable (or creatable: the MP4 writer creates it, as
+    `--frames-dir` and `sfr batch` create theirs) and a note when the frames' size is odd."""
+    media.check_output_writable(output, folder_created=True)
+    if width_px % 2 or height_px % 2:
+        note(f"{width_px}x{height_px} frames: the MP4 repeats the last "
+             f"{'column' if width_px % 2 else 'row'}{' and row' if width_px % 2 and height_px % 2 else ''} "
+             "(H.264 yuv420p needs even sizes); PNG frames keep the exact size")
+
+
+def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, claim: bool = False,
+                sources: Optional[SourceImages] = None) -> PreparedJob:
+    """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
+    `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
+    A missing MP4 folder is fine when it can be created. With `claim` the job's outputs are claimed first
+    (OutputBusy when another live run writes one) and stay claimed until `PreparedJob.release()`, which
+    whoever renders it calls; a check failing releases them. A folder refusing access is a MediaError, as
+    any user error. `sources`: a cache of source images (the Renderer's)."""
+    return _under_claims(lambda claims: _prepare_job(job, note, in_memory, claims if claim else None, sources))
+
+
+def _prepare_job(job: RenderJob, note, in_memory: bool, claims: Optional[List[outputs.OutputClaim]],
+                 sources: Optional[SourceImages]) -> PreparedJob:
     notes: List[str] = []
 
     def noted(message: str) -> None:
@@ -316,15 +343,11 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, folder_created: bool,
     image = read_source(job.source, job.size_px, sources)
     stages = plan_stages(job, job.size_px, noted)
     frame_width, frame_height = chain_output_size(stages, job.size_px, job.size_px)
-    if output is not None and (frame_width % 2 or frame_height % 2):
-        noted(f"{frame_width}x{frame_height} frames: the MP4 repeats the last "
-              f"{'column' if frame_width % 2 else 'row'}{' and row' if frame_width % 2 and frame_height % 2 else ''} "
-              "(H.264 yuv420p needs even sizes); PNG frames keep the exact size")
 
     ffmpeg = None
     if output is not None:
         ffmpeg = media.find_ffmpeg()
-        media.check_output_writable(output, folder_created=True)
+        check_mp4_output(output, frame_width, frame_height, noted)
         if job.audio is not None:
             audio = media.probe_audio(job.audio, ffmpeg)
             video_seconds = frame_count / job.fps
@@ -337,9 +360,7 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, folder_created: bool,
     files = checkpoints.find_checkpoints(job.checkpoint_dir, size_px=job.size_px, preprocess=job.preprocess,
                                          checkpoint=job.checkpoint, mapping=job.mapping)
     found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
-             outputs.JobInput(files.mapping, "mapping checkpoint")]
-    found += [outputs.JobInput(path, f"{stage.name} weights") for stage in stages
-              for path in getattr(stage, "input_files", ())]
+             outputs.JobInput(files.mapping, "mapping checkpoint")] + stage_inputs(stages)
     check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
     if output is not None:  # after every check that protects an input: that message matters more
         media.check_mp4_name(output)
@@ -403,8 +424,7 @@ class PreparedEnhance:
 
     def release(self) -> None:
         """Give up the claims on the outputs (after the commit or a failure); idempotent."""
-        for claim in self.claims:
-            claim.release()
+        release_claims(self.claims)
 
 
 DEFAULT_ENHANCE_FPS = 25.0
@@ -414,19 +434,7 @@ def prepare_enhance(job: EnhanceJob, note=None) -> PreparedEnhance:
     """Every check `sfr enhance` makes before any model loads (input, outputs, ffmpeg, the weights). The
     outputs are claimed for the job's life, as `sfr render`'s (`PreparedEnhance.release()` ends it; a
     check failing releases them); a folder refusing access is a MediaError."""
-    claims: List[outputs.OutputClaim] = []
-    try:
-        prepared = _prepare_enhance(job, note, claims)
-    except PermissionError as exc:
-        for held in claims:
-            held.release()
-        raise MediaError(describe_os_error(exc)) from exc
-    except BaseException:
-        for held in claims:
-            held.release()
-        raise
-    prepared.claims = claims
-    return prepared
+    return _under_claims(lambda claims: _prepare_enhance(job, note, claims))
 
 
 def _prepare_enhance(job: EnhanceJob, note, claims: List[outputs.OutputClaim]) -> PreparedEnhance:
@@ -455,7 +463,7 @@ def _prepare_enhance(job: EnhanceJob, note, claims: List[outputs.OutputClaim]) -
     frame_width, frame_height = chain_output_size(stages, source.width_px, source.height_px)
     audio, audio_copy = None, False
     if output is not None:
-        media.check_output_writable(output)
+        check_mp4_output(output, frame_width, frame_height, noted)
         if source.files is None:
             try:
                 info = media.probe_audio(input_path, ffmpeg)
@@ -464,10 +472,9 @@ def _prepare_enhance(job: EnhanceJob, note, claims: List[outputs.OutputClaim]) -
             if info is not None:
                 audio, audio_copy = input_path, info.codec == "aac"
                 noted(f"sound of {input_path} kept ({'copied as it is' if audio_copy else f'{info.codec} encoded to AAC'})")
-        if frame_width % 2 or frame_height % 2:
-            noted(f"{frame_width}x{frame_height} frames: the MP4 repeats the last row/column (H.264 needs even sizes)")
-    found = [outputs.JobInput(path, f"{stage.name} weights") for stage in stages for path in getattr(stage, "input_files", ())]
-    check_outputs(output, frames_dir, found, overwrite=True)
+    check_outputs(output, frames_dir, stage_inputs(stages), overwrite=True)
+    if output is not None:  # after every check that protects an input, as sfr render's
+        media.check_mp4_name(output)
     from .engine import check_precision, resolve_device
 
     check_precision(job.precision, resolve_device(job.device))

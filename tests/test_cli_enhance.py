@@ -142,3 +142,18 @@ def test_enhance_refuses_an_output_another_live_run_holds(runner, tiny_enhancer_
         holder.release()
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "another sfr run" in result.stderr and not target.exists()
+
+
+def test_enhance_writes_mp4s_only_and_creates_their_folder(runner, tiny_enhancer_weights, reference_dir, tmp_path):
+    """As `sfr render -o`: a name not ending in .mp4 is refused before any model loads; a missing folder is
+    created."""
+    frames = reference_dir / "golden-enhance" / "frames"
+    args = ["enhance", "--input", str(frames), "--enhancer", "gfpgan-tiny", "--enhancer-dir",
+            str(tiny_enhancer_weights), "--device", "cpu", "--enhancer-upscale", "1"]
+    out = tmp_path / "out"
+    out.mkdir()
+    refused = runner.invoke(sfr, args + ["-o", str(out / "clip.avi")])
+    assert_user_error(refused, out, ".mp4")
+    made = runner.invoke(sfr, args + ["-o", str(out / "new" / "clip.mp4")])
+    assert made.exit_code == 0, made.output
+    assert count_video_frames(out / "new" / "clip.mp4") == 4
