@@ -23,6 +23,7 @@ from . import media
 from .errors import RenderError
 from .jobs import PreparedJob, RenderJob, RenderReport, prepare_job
 from .progress import Reporter
+from .stages import stage_reports
 
 QUEUE_FRAMES = 8  # frames between the renderer and the writer thread
 QUEUE_POLL_SECONDS = 0.1
@@ -139,7 +140,7 @@ def _render_group(group: Sequence[PreparedJob], reporter: Reporter, models
                 precision=engine.precision,
                 batch_size=int(max(batch_sizes)),
                 notes=prepared.notes,
-                stages={k: v for stage in prepared.stages if hasattr(stage, "report") for k, v in stage.report().items()},
+                stages=stage_reports(prepared.stages),
             )
     reporter.finish()
 
@@ -228,13 +229,11 @@ def stream_frames(engine, state, clips: Sequence, chains: Sequence[Sequence], pr
     skip = skip if skip is not None else set()
     lane = StageLane(engine.device)
     for batch in engine.launch_clips(state, clips):
-        count = 0
         for index, frames in lane.run(batch, chains, set(skip)):
             if isinstance(frames, Exception):
                 skip.add(index)
                 yield index, frames
                 continue
-            count += len(frames)
             for frame in frames:
                 yield index, frame
         engine.record_memory()
@@ -310,7 +309,7 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
         frames_per_second=written / seconds if seconds > 0 else 0.0, peak_rss_mib=round(peak_rss_mib(), 1),
         peak_cuda_mib=round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None,
         device=str(device), precision="fp32", batch_size=batch, notes=prepared.notes,
-        stages={k: v for stage in prepared.stages for k, v in stage.report().items()})
+        stages=stage_reports(prepared.stages))
 
 
 @dataclass

@@ -6,6 +6,7 @@ A stage is one small object:
 - `load(device, models)`: bind to the render device and load its weights, if any, through the model
   cache `models` (`models.stage_model(key, build)`: built once per process and key, shared by the clips
   of a batch); called once a job's engine is known, before its first frame;
+- `report()` (optional): what the stage tells a job's report (`--json`), e.g. the enhancer's faces;
 - `__call__(frames) -> frames`: a batch `(B, H, W, 3) uint8` on the render device -> `(B, H', W', 3) uint8`
   on the same device (a batch may hold any number of frames of one clip).
 
@@ -19,7 +20,7 @@ not serialise with the engine, and the frames cross to the host once, after the 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # chain order: paste-back (aspect resize, blend) first, then the face enhancer on the pasted picture
 STAGE_MODULES: Tuple[str, ...] = ("paste", "enhance")
@@ -45,3 +46,12 @@ def chain_output_size(stages: Sequence, width_px: int, height_px: int) -> Tuple[
     for stage in stages:
         width_px, height_px = stage.output_size(width_px, height_px)
     return width_px, height_px
+
+
+def stage_reports(stages: Sequence) -> Dict[str, object]:
+    """What the stages that report something (`report()`) tell a job's report, merged in chain order."""
+    merged: Dict[str, object] = {}
+    for stage in stages:
+        if hasattr(stage, "report"):
+            merged.update(stage.report())
+    return merged
