@@ -193,3 +193,19 @@ def test_golden_enhance_full_size(reference_dir, enhancer_reference_weights, tmp
     diff = np.abs(frames.astype(np.int16) - expected.astype(np.int16))
     assert diff.max() <= 4 and np.count_nonzero(diff) / diff.size <= 0.005, (diff.max(), np.count_nonzero(diff) / diff.size)
     np.testing.assert_array_equal(frames[3], lanczos_2x(read_png_frames(golden / "frames"))[3])
+
+
+def test_weights_checked_once_while_unchanged_and_again_once_changed(tiny_enhancer_weights, tmp_path, monkeypatch):
+    """A batch checks each row twice: unchanged files are read once; a file changed since is read again."""
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_enhancer_weights, folder)
+    files = checkpoints.find_enhancer_weights(folder)
+    reads = []
+    original = checkpoints.read_enhancer_state_dicts
+    monkeypatch.setattr(checkpoints, "read_enhancer_state_dicts", lambda f: reads.append(f) or original(f))
+    for _ in range(3):
+        checkpoints.check_enhancer_weights("gfpgan-tiny", files)
+    assert len(reads) == 1
+    files.gfpgan.write_bytes(files.gfpgan.read_bytes()[: 4096])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoints.check_enhancer_weights("gfpgan-tiny", files)
