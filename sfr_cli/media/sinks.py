@@ -27,7 +27,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from sfr_cli.errors import MediaError
-from sfr_cli.outputs import (OutputExists, atomic_path, check_regular_target, commit_path, probe_writable,
+from sfr_cli.outputs import (OutputExists, check_regular_target, commit_path, probe_writable,
                              remove_quietly, rename_noreplace, resolved, temporary_path)
 
 from .ffmpeg import StderrDrain, count_video_frames, file_argument, find_ffmpeg, start_ffmpeg, stderr_tail
@@ -50,18 +50,6 @@ def _check_frame(frame: np.ndarray, shape: Optional[Sequence[int]] = None) -> np
     if shape is not None and tuple(frame.shape) != tuple(shape):
         raise ValueError(f"a frame must be {tuple(shape)}, got {frame.shape}")
     return np.ascontiguousarray(frame)
-
-
-def write_png(path: PathLike, frame: np.ndarray) -> Path:
-    """Write one `(H, W, 3) uint8 RGB` frame as a lossless PNG, atomically (temp name, then rename)."""
-    target = Path(path)
-    pixels = _check_frame(frame)
-    try:
-        with atomic_path(target) as temporary:
-            iio.imwrite(temporary, pixels, extension=".png", compress_level=PNG_COMPRESS_LEVEL)
-    except OSError as exc:
-        raise MediaError(f"{target}: cannot write PNG frame ({exc})") from exc
-    return target
 
 
 class _Sink:
@@ -173,7 +161,7 @@ class PngFrameWriter(_Sink):
                 if aside is not None:
                     shutil.rmtree(aside, ignore_errors=True)
                 return
-        for index, path in enumerate(self.paths):  # a folder holding other files: frame by frame
+        for path in self.paths:  # a folder holding other files: frame by frame
             os.replace(temporary / path.name, target / path.name)
         for path in old[len(self.paths):]:
             remove_quietly(path)
