@@ -87,6 +87,12 @@ def render(quiet: bool, as_json: bool, **given) -> None:
     renderer = Renderer(**settings)
     with _reporter(quiet or as_json) as reporter:
         report = renderer.render(reporter=reporter, **clip)
+    _print_result(report, as_json)
+
+
+def _print_result(report, as_json: bool) -> None:
+    """stdout's one result: the MP4 path (or the frames folder when only frames were written), or with
+    --json the report as one JSON object."""
     if as_json:
         click.echo(report.to_json())
     else:
@@ -275,10 +281,7 @@ def enhance(input_path: Path, quiet: bool, as_json: bool, **given) -> None:
     job = EnhanceJob(input=input_path, **given)
     with _reporter(quiet or as_json) as reporter:
         report = render_enhance(prepare_enhance(job, reporter.note), reporter, ModelCache())
-    if as_json:
-        click.echo(report.to_json())
-    else:
-        click.echo(str(report.output if report.output is not None else report.frames_dir))
+    _print_result(report, as_json)
 
 
 @sfr.command("crop-box", context_settings={"max_content_width": 100})
