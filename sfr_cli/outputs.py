@@ -54,6 +54,7 @@ _TEMP_TAIL = re.compile(r"(?:(?P<host>[A-Za-z_][A-Za-z0-9_]*)-)?(?P<pid>\d+)-(?P
 _PROC_STAT_START_FIELD = 19  # starttime: field 22 of /proc/PID/stat, counted after the ")" closing comm
 HOST_NAME_CHARS = 40
 LOCK_HEARTBEAT_SECONDS = 30.0  # a held lock's modification time is refreshed this often
+LOCK_WRITE_GRACE_SECONDS = 5.0  # a lock file still without its holder this long: its run was killed taking it
 LOCK_STALE_SECONDS = 600.0  # another host's lock not refreshed this long belongs to a dead run
 LOCK_ATTEMPTS = 5
 
@@ -321,7 +322,8 @@ def _flock_refused(path: Path) -> bool:
 
 def _lock_live(path: Path, holder: Optional[LockHolder]) -> bool:
     """Whether the lock file at `path` belongs to a live run: its flock is held, or its process lives on
-    this host, or (another host, or a file still being written) it was refreshed lately."""
+    this host, or (another host) it was refreshed lately, or (no holder written yet) it was created a
+    moment ago: a run killed between creating it and writing its holder leaves an empty file behind."""
     if _flock_refused(path):
         return True
     if holder is not None and holder.host == host_name():
@@ -330,6 +332,8 @@ def _lock_live(path: Path, holder: Optional[LockHolder]) -> bool:
         age = time.time() - os.stat(path).st_mtime
     except FileNotFoundError:
         return False
+    if holder is None:  # no holder written: a run taking it writes one at once; after a while it died doing so
+        return age < LOCK_WRITE_GRACE_SECONDS
     return age < LOCK_STALE_SECONDS
 
 

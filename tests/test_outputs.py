@@ -266,3 +266,20 @@ def test_a_flocked_lock_is_live_whatever_it_says(tmp_path):
         holder.kill()
         holder.wait()
     OutputClaim(target).acquire().release()
+
+
+def test_a_lock_left_empty_by_a_run_killed_taking_it_is_taken_over(tmp_path):
+    """A run killed between creating the lock file and writing its holder leaves it empty: busy for a
+    moment (a live run writes its holder at once), then taken over, not held for the stale-lock time."""
+    target = tmp_path / "clip.mp4"
+    lock = outputs.lock_path(target)
+    lock.write_bytes(b"")
+    with pytest.raises(outputs.OutputBusy, match="starting now"):
+        outputs.OutputClaim(target).acquire()
+    aged = time.time() - 2 * outputs.LOCK_WRITE_GRACE_SECONDS
+    os.utime(lock, (aged, aged))
+    claim = outputs.OutputClaim(target).acquire()
+    try:
+        assert outputs.live_holder(target).pid == os.getpid()
+    finally:
+        claim.release()
