@@ -2,7 +2,7 @@
 
 Speed (default): the `enhance` stage (`stages.enhance.FaceEnhancer`, upscale 2, stored noise) as `sfr
 enhance` runs it, on two cases, warmed up (one frame of each case first), with full-size weights (the
-reference weights of golden-enhance: `write_random_enhancer_weights(dir, 'gfpgan', 14)`, the same files as
+reference weights of golden-enhance: `stages.enhance.write_random_weights(dir, 'gfpgan', 14)`, the same files as
 `make_enhancer_checkpoints.py --seed 14`):
 
 - `256`: the golden-enhance frames (256x256 with 1, 1, 2 and 0 faces), cycled to --frames;
@@ -127,8 +127,8 @@ def run_stage(stage, frames: np.ndarray, batch: int, device):
 
 
 def bench_speed(args) -> list:
-    from sfr_cli import checkpoints
     from sfr_cli.renderer import ModelCache
+    from sfr_cli.stages import enhance as enhance_stage
     from sfr_cli.stages.enhance import FaceEnhancer
     from sfr_cli.streaming import CPU_ENHANCE_BATCH, CUDA_ENHANCE_BATCH
 
@@ -139,10 +139,10 @@ def bench_speed(args) -> list:
             weights = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sfr-enh-weights-")))
         else:
             weights = Path(args.weights)
-        files = checkpoints.EnhancerFiles(*(weights / n for n in checkpoints.ENHANCER_FILES.values()))
+        files = enhance_stage.FaceFiles(*(weights / n for n in enhance_stage.weights_files(args.variant)))
         if not all(p.is_file() for p in files.paths()):
             started = time.perf_counter()
-            files = checkpoints.write_random_enhancer_weights(weights, args.variant, SEED)
+            files = enhance_stage.write_random_weights(weights, args.variant, SEED)
             print(f"wrote {args.variant} weights (seed {SEED}) to {weights} in {time.perf_counter() - started:.0f} s",
                   file=sys.stderr)
         stage = FaceEnhancer(args.variant, files, upscale=2, noise_seed=None)
@@ -195,7 +195,7 @@ def memory_child(args) -> dict:
         golden = sorted((Path(args.reference) / "golden-enhance" / "frames").glob("*.png"))
         for i in range(count):  # links, not copies: the input costs no memory or disk
             (frames_dir / f"{i:06d}.png").symlink_to(golden[i % len(golden)])
-        job = jobs.EnhanceJob(input=frames_dir, output=tmp / "out.mp4", enhancer="gfpgan-tiny",
+        job = jobs.EnhanceJob.make(input=frames_dir, output=tmp / "out.mp4", enhancer="gfpgan-tiny",
                               enhancer_dir=Path(args.weights), device=args.device, batch_size=args.batch)
         rss_before = peak_rss_mib()
         prepared = jobs.prepare_enhance(job)
@@ -208,11 +208,11 @@ def memory_child(args) -> dict:
 
 
 def bench_memory(args) -> list:
-    from sfr_cli import checkpoints
+    from sfr_cli.stages import enhance as enhance_stage
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="sfr-enh-tiny-") as weights:
-        checkpoints.write_random_enhancer_weights(weights, "gfpgan-tiny")
+        enhance_stage.write_random_weights(weights, "gfpgan-tiny")
         for count in (int(c) for c in args.memory_frames.split(",")):
             command = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(count), "--weights", weights,
                        "--device", args.device, "--reference", str(args.reference)]

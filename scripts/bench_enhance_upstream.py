@@ -13,7 +13,7 @@ packages (they are no sfr dependency), e.g.
         [--threads N] [--frames 4] [--cases 256,640x1024] [--json]
 
 The weights folder holds GFPGANv1.4.pth, detection_Resnet50_Final.pth and parsing_parsenet.pth (sfr's
-`write_random_enhancer_weights(dir, 'gfpgan', 14)` or `make_enhancer_checkpoints.py DIR --seed 14`: the
+`stages.enhance.write_random_weights(dir, 'gfpgan', 14)` or `make_enhancer_checkpoints.py DIR --seed 14`: the
 golden-enhance weights; their sha256 is recorded in the output). Per frame, as SadTalker's
 `src/utils/face_enhancer.py` does: `GFPGANer(model_path, upscale=2, arch='clean', channel_multiplier=2,
 bg_upsampler=None).enhance(bgr, has_aligned=False, only_center_face=False, paste_back=True)`, on the BGR frame

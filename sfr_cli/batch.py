@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import media, outputs
 from .errors import SfrError
-from .jobs import RenderJob, describe_os_error, job_inputs, output_paths, prepare_job
+from .jobs import RenderJob, describe_os_error, job_inputs, output_paths, prepare_job, with_options
 from .options import column_rows, convert_cell, shared_rows
 
 # The manifest's columns (`options`' table) and the paths among them (relative to the manifest's folder).
@@ -253,7 +253,7 @@ def row_job(row: ManifestRow, defaults: BatchDefaults) -> RenderJob:
             changes[name] = convert_cell(name, value)
         except click.BadParameter as exc:
             raise SfrError(f"{name.replace('_', '-')}: {exc.format_message()}") from None
-    job = replace(defaults.template, **changes)
+    job = with_options(defaults.template, **changes)
     if job.output is None and job.frames_dir is None:
         job = replace(job, output=defaults.output_dir / f"{Path(job.coeffs).stem}.mp4")
     return job
@@ -566,7 +566,7 @@ class InProcessBackend:
 
 def renderer_settings(template: RenderJob) -> Dict:
     """`Renderer(**settings)` for a batch's shared options (picklable, for worker processes and actors)."""
-    return {row.api_name: getattr(template, row.name) for row in shared_rows()}
+    return {row.api_name: template.option(row.name) for row in shared_rows()}
 
 
 class ReportFile:

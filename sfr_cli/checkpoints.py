@@ -17,7 +17,6 @@ objects to load is refused, never run.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import pickle
@@ -25,7 +24,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -384,177 +383,20 @@ def _atomic_save(path: Path, save) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The face enhancer's weights (SadTalker's --enhancer gfpgan): GFPGAN v1.4, RetinaFace-R50, ParseNet.
-
-ENHANCER_FILES = {"gfpgan": "GFPGANv1.4.pth", "detector": "detection_Resnet50_Final.pth",
-                  "parser": "parsing_parsenet.pth"}
-ENHANCER_DIR_ENV = "SFR_ENHANCER_DIR"
-ENHANCER_VARIANTS = ("gfpgan", "gfpgan-tiny")  # SadTalker's enhancer, and the same nets at test widths
-ENHANCER_ACCEPTED = ("SadTalker's gfpgan/weights files " + ", ".join(ENHANCER_FILES.values()))
+# For the frame stages' weights (each stage module keeps its own files' rules and uses these)
 
 
-@dataclass(frozen=True)
-class EnhancerFiles:
-    gfpgan: Path
-    detector: Path
-    parser: Path
-
-    def paths(self) -> List[Path]:
-        return [self.gfpgan, self.detector, self.parser]
+def read_weights_file(path: Path, accepted: str):
+    """What a torch file holds, memory-mapped, tensors only (a file needing code is refused, never run);
+    CheckpointError naming `accepted` (the files sfr takes there) or the damage."""
+    return _torch_load(path, accepted)
 
 
-@dataclass
-class EnhancerNets:
-    """The enhancer's modules, in eval mode: GFPGANv1Clean, RetinaFace and ParseNet."""
-
-    gfpgan: nn.Module
-    detector: nn.Module
-    parser: nn.Module
-
-    def to(self, device) -> "EnhancerNets":
-        return EnhancerNets(self.gfpgan.to(device), self.detector.to(device), self.parser.to(device))
+def load_into(module: nn.Module, state_dict, where: str, model_name: str) -> None:
+    """Fill `module` from `state_dict` strictly: keys, shapes, dtypes (`check_state_dict`), finite values."""
+    _load_into(module, state_dict, where, model_name)
 
 
-def enhancer_search_dirs(enhancer_dir=None, checkpoint_dir=None) -> List[Path]:
-    """Where the enhancer's files are looked for, in order: ``enhancer_dir`` alone when given; else
-    ``$SFR_ENHANCER_DIR``, then where SadTalker's download script puts them (``gfpgan/weights`` beside the
-    checkpoints folder), then the checkpoints folder itself."""
-    if enhancer_dir is not None:
-        return [Path(enhancer_dir)]
-    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir()
-    dirs = [Path(os.environ[ENHANCER_DIR_ENV])] if os.environ.get(ENHANCER_DIR_ENV) else []
-    return dirs + [checkpoints.parent / "gfpgan" / "weights", checkpoints]
-
-
-def find_enhancer_weights(enhancer_dir=None, checkpoint_dir=None) -> EnhancerFiles:
-    """The first searched folder holding all three files; a CheckpointError naming the files and the
-    folders searched when none does."""
-    searched = enhancer_search_dirs(enhancer_dir, checkpoint_dir)
-    for folder in searched:
-        files = EnhancerFiles(*(folder / name for name in ENHANCER_FILES.values()))
-        if all(path.is_file() for path in files.paths()):
-            return files
-    partial = [(folder, [n for n in ENHANCER_FILES.values() if not (folder / n).is_file()]) for folder in searched]
-    partial = [(folder, missing) for folder, missing in partial if len(missing) < len(ENHANCER_FILES)]
-    detail = (f"; {partial[0][0]} lacks {', '.join(partial[0][1])}" if partial else "")
-    raise CheckpointError(
-        f"the face enhancer needs {', '.join(ENHANCER_FILES.values())} (SadTalker's gfpgan/weights); searched "
-        f"{', '.join(str(folder) for folder in searched)}{detail}. Pass --enhancer-dir DIR, or write random "
-        "ones with `sfr checkpoints random DIR --enhancer`")
-
-
-def build_enhancer_nets(variant: str = "gfpgan") -> EnhancerNets:
-    """The enhancer's modules for ``variant`` (gfpgan, gfpgan-tiny) with untrained weights (no I/O)."""
-    from .nets.gfpgan import GFPGANER_CLEAN_CONFIG, TINY_GFPGAN_CONFIG, GFPGANv1Clean
-    from .nets.parsenet import FACEXLIB_PARSENET_CONFIG, TINY_PARSENET_CONFIG, ParseNet
-    from .nets.retinaface import build_retinaface
-
-    if variant not in ENHANCER_VARIANTS:
-        raise CheckpointError(f"unknown enhancer {variant!r}; use {' or '.join(ENHANCER_VARIANTS)}")
-    tiny = variant.endswith("-tiny")
-    nets = EnhancerNets(GFPGANv1Clean(**(TINY_GFPGAN_CONFIG if tiny else GFPGANER_CLEAN_CONFIG)),
-                        build_retinaface(tiny=tiny),
-                        ParseNet(**(TINY_PARSENET_CONFIG if tiny else FACEXLIB_PARSENET_CONFIG)))
-    for module in (nets.gfpgan, nets.detector, nets.parser):
-        module.eval().requires_grad_(False)
-    return nets
-
-
-def read_enhancer_state_dicts(files: EnhancerFiles) -> Dict[str, Dict[str, torch.Tensor]]:
-    """``{gfpgan, detector, parser: state_dict}`` as the nets name their keys: GFPGAN's ``params_ema``
-    (else ``params``) unwrapped, the detector's DataParallel ``module.`` prefix stripped. No code runs."""
-    from .nets.gfpgan import unwrap_state_dict
-    from .nets.retinaface import strip_module_prefix
-
-    out = {}
-    for part, path in (("gfpgan", files.gfpgan), ("detector", files.detector), ("parser", files.parser)):
-        data = _torch_load(path, ENHANCER_ACCEPTED)
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
-        if part == "gfpgan":
-            try:
-                data = unwrap_state_dict(data)
-            except KeyError as exc:
-                raise CheckpointError(f"{path}: {exc.args[0]}; is this GFPGANv1.4.pth?") from exc
-        elif part == "detector":
-            data = strip_module_prefix(data)
-        if not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise CheckpointError(f"{path}: not a state dict of tensors")
-        out[part] = data
-    return out
-
-
-def check_enhancer_weights(variant: str, files: EnhancerFiles) -> None:
-    """Every key, shape and dtype of the three files against ``variant``'s modules (built on the meta
-    device: no memory, no init); the files are memory-mapped, not loaded. Raises CheckpointError.
-
-    Files that passed unchanged (same path, size and modification time) are not read again: a batch
-    checks every row twice (its plan, then its render), and a full-size check costs 0.2-0.4 s."""
-    identity = []
-    for path in files.paths():
-        try:
-            info = os.stat(path)
-        except OSError:
-            identity = None  # the read below says what is wrong
-            break
-        identity.append((os.path.abspath(path), info.st_size, info.st_mtime_ns))
-    if identity is None:
-        _check_enhancer_files(variant, files)
-    else:
-        _checked_enhancer_files(variant, files, tuple(identity))
-
-
-@functools.lru_cache(maxsize=8)
-def _checked_enhancer_files(variant: str, files: EnhancerFiles, identity: Tuple) -> None:
-    """`_check_enhancer_files`, once per (variant, files as they are on disk); a failure is not kept."""
-    _check_enhancer_files(variant, files)
-
-
-def _check_enhancer_files(variant: str, files: EnhancerFiles) -> None:
-    state_dicts = read_enhancer_state_dicts(files)
-    try:
-        _check_enhancer_state_dicts(variant, state_dicts, files)
-    except CheckpointError as exc:
-        for other in ENHANCER_VARIANTS:
-            if other != variant:
-                try:
-                    _check_enhancer_state_dicts(other, state_dicts, files)
-                except CheckpointError:
-                    continue
-                raise CheckpointError(f"{exc}; these are weights of the {other} enhancer: pass --enhancer {other}") from exc
-        raise
-
-
-def _check_enhancer_state_dicts(variant: str, state_dicts, files: EnhancerFiles) -> None:
-    with torch.device("meta"):
-        nets = build_enhancer_nets(variant)
-    for part, sd in state_dicts.items():
-        check_state_dict(getattr(nets, part), sd, str(getattr(files, part)), f"the {variant} enhancer")
-
-
-def load_enhancer_nets(variant: str, files: EnhancerFiles) -> EnhancerNets:
-    """Build ``variant``'s modules and fill them from ``files``, strictly (keys, shapes, finite values)."""
-    with torch.device("meta"):
-        nets = build_enhancer_nets(variant)
-    for part, sd in read_enhancer_state_dicts(files).items():
-        _load_into(getattr(nets, part), sd, str(getattr(files, part)), f"the {variant} enhancer")
-    return nets
-
-
-def write_random_enhancer_weights(out_dir, variant: str = "gfpgan", seed: int = 14) -> EnhancerFiles:
-    """Deterministic random weights in the real files' layouts (``{'params_ema': sd}``, ``module.``-prefixed
-    detector keys, flat ParseNet) under SadTalker's names; at full size and seed 14 they are the
-    reference weights of ``golden-enhance``. The detector is conditioned to find faces."""
-    from .nets import gfpgan, parsenet, retinaface
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    nets = build_enhancer_nets(variant)
-    detector_seed = retinaface.TINY_SEED if variant.endswith("-tiny") and seed == 14 else seed
-    files = EnhancerFiles(*(out_dir / name for name in ENHANCER_FILES.values()))
-    _atomic_save(files.gfpgan, lambda p: torch.save({"params_ema": gfpgan.random_state_dict(nets.gfpgan, seed)}, p))
-    detector = retinaface.random_state_dict(nets.detector, detector_seed)
-    _atomic_save(files.detector, lambda p: torch.save(
-        {retinaface.DATAPARALLEL_PREFIX + k: v for k, v in detector.items()}, p))
-    _atomic_save(files.parser, lambda p: torch.save(parsenet.random_state_dict(nets.parser, seed), p))
-    return files
+def save_atomically(path: Path, save: Callable[[Path], None]) -> None:
+    """`save(temporary)` then the temporary renamed to `path`: never a half-written weights file."""
+    _atomic_save(path, save)

@@ -20,6 +20,7 @@ from . import __version__, options
 from .errors import CheckpointError, SfrError
 from .modes import DEFAULT_MODE
 from .options import CONFIG_HELP, DEVICE_HELP, OVERWRITE_HELP, BatchSize, Shard
+from .stages.restorers import ENHANCERS
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -165,7 +166,7 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
         except batching.ManifestError as exc:
             raise click.UsageError(str(exc)) from None
         prefix = "row"
-    template = RenderJob(coeffs=Path("."), source=Path("."), **given)  # every row's defaults
+    template = RenderJob.make(coeffs=Path("."), source=Path("."), **given)  # every row's defaults
     defaults = batching.BatchDefaults(template, output_dir=output_dir, overwrite=template.overwrite)
     rows = batching.select_shard(rows, shard)
     checking = _CheckProgress(quiet=quiet or as_json)
@@ -258,7 +259,7 @@ def _batch_backend(settings, workers, devices, ray_address, debug: bool):
               help="Also (or, without -o, only) write frames as DIR/000000.png, 000001.png, ...")
 @click.option("--fps", type=options.CheckedFloat(".media:check_fps"),
               help="Frames per second of the MP4 [default: the video's own; 25 for a folder].")
-@click.option("--enhancer", type=click.Choice(("gfpgan", "gfpgan-tiny")), default="gfpgan", show_default=True,
+@click.option("--enhancer", type=click.Choice(ENHANCERS), default="gfpgan", show_default=True,
               help="SadTalker's GFPGAN v1.4 face enhancer (gfpgan-tiny: the same nets at test widths).")
 @options.command_options(options.ENHANCE)
 @options.row_named("checkpoint_dir").click_option(options.RENDER)
@@ -279,7 +280,7 @@ def enhance(input_path: Path, quiet: bool, as_json: bool, **given) -> None:
     from .renderer import ModelCache
     from .streaming import render_enhance
 
-    job = EnhanceJob(input=input_path, **given)
+    job = EnhanceJob.make(input=input_path, **given)
     with _reporter(quiet or as_json) as reporter:
         report = render_enhance(prepare_enhance(job, reporter.note), reporter, ModelCache())
     _print_result(report, as_json)
@@ -337,24 +338,26 @@ def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_
     """Write deterministic random weights under SadTalker's file names into OUT_DIR (the renderer and
     both mapping files; with --enhancer the face enhancer's too). Random weights render abstract frames;
     they are for tests, demos and benches."""
-    from .checkpoints import ENHANCER_FILES, random_checkpoint_paths, write_random_checkpoints, write_random_enhancer_weights
+    from .checkpoints import random_checkpoint_paths, write_random_checkpoints
     from .config import config_pair, config_path, load_config
     from .outputs import JobInput, check_output, describe_leftovers, remove_leftovers
+    from .stages import enhance as enhance_stage
 
     model_file = config_path(config)
     config_70, config_73 = config_pair(load_config(model_file))
     paths = random_checkpoint_paths(out_dir, layout=layout, size_px=int(size_px))
-    if enhancer:
-        paths += [out_dir / name for name in ENHANCER_FILES.values()]
+    # every restorer's files at the config's widths (gfpgan-tiny for tiny configs): the one enhancer list
+    enhancers = enhance_stage.random_weights_names(tiny=config_70.name.startswith("tiny")) if enhancer else {}
+    for names in enhancers.values():
+        paths += [out_dir / name for name in names if out_dir / name not in paths]
     for path in paths:
         removed = remove_leftovers(path)
         if removed:
             click.echo(describe_leftovers(path, removed), err=True)
         check_output(path, [JobInput(model_file, "--config")], overwrite=overwrite)
     write_random_checkpoints(out_dir, config_70, config_73, layout=layout, seed=seed, size_px=int(size_px))
-    if enhancer:  # the enhancer's reference seed is 14 (golden-enhance); --seed moves it along
-        variant = "gfpgan-tiny" if config_70.name.startswith("tiny") else "gfpgan"
-        write_random_enhancer_weights(out_dir, variant, seed=14 + seed)
+    for name in enhancers:  # the enhancer's reference seed is 14 (golden-enhance); --seed moves it along
+        enhance_stage.write_random_weights(out_dir, name, seed=14 + seed)
     click.echo(str(out_dir))
 
 

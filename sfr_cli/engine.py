@@ -214,6 +214,29 @@ def peak_rss_mib() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2 ** 20
 
 
+OUT_OF_MEMORY = object()  # what `attempt` returns when the device ran out of memory
+
+
+def attempt(run: Callable, *args, **kwargs):
+    """`run(*args, **kwargs)`, or `OUT_OF_MEMORY` when CUDA ran out of memory: the caller recovers outside
+    the handler, so the failed call's tensors are freed first. Every other error propagates untouched."""
+    try:
+        return run(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        return OUT_OF_MEMORY
+
+
+def halve_after_oom(size: int, device: torch.device, at_one: str) -> int:
+    """The out-of-memory back-off of the engine and the frame stages: half of `size` (frames or faces per
+    call) to retry with, the cached memory released; at 1 a RenderError "out of GPU memory on DEVICE
+    <at_one>" (what failed and what to do)."""
+    if size <= 1:
+        raise RenderError(f"out of GPU memory on {device} {at_one}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return max(1, size // 2)
+
+
 @dataclass
 class DeviceFrames:
     """A launched batch on the render device: ``frames`` ``(B, S, S, 3) uint8``, the clip index of each
@@ -412,17 +435,11 @@ class Engine:
         while start < stream.total:
             stop = min(start + batch, stream.total)
             windows, angles, owners = stream.batch(start, stop)
-            try:
-                frames = self.launch_batch(source, windows, *angles, pad_to=planned)
-            except torch.cuda.OutOfMemoryError:
-                frames = None
-            if frames is None:  # recover outside the handler, so the failed batch's tensors are freed
-                if batch == 1:
-                    raise RenderError(f"out of GPU memory on {self.device} even at batch size 1; free the GPU "
-                                      "or use --precision fp16 or --device cpu")
-                batch = planned = self._oom_cap = max(1, batch // 2)  # later renders start from what fitted
+            frames = attempt(self.launch_batch, source, windows, *angles, pad_to=planned)
+            if frames is OUT_OF_MEMORY:  # later renders start from what fitted
+                batch = planned = self._oom_cap = halve_after_oom(batch, self.device, "even at batch size 1; free "
+                                                                  "the GPU or use --precision fp16 or --device cpu")
                 self.stats.oom_retries += 1
-                self._release_cached_memory()
                 continue
             launched = DeviceFrames(frames, owners, self._record_ready())
             self.stats.batch_sizes.append(stop - start)
@@ -476,10 +493,6 @@ class Engine:
         finally:
             self._compiled = compiled
         return max(torch.cuda.max_memory_allocated(self.device) - before, 1)
-
-    def _release_cached_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def record_memory(self) -> None:
         """Note the peak memory so far in ``stats`` (after each batch collected)."""

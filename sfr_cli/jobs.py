@@ -10,7 +10,7 @@ import collections
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
@@ -19,14 +19,58 @@ import numpy as np
 from . import coeffs, media, outputs
 from .config import resolve_config
 from .errors import ConfigError, MediaError, RenderError
-from .stages import chain_output_size, plan_stages
+from .stages import chain_output_size, default_options, option_owners, plan_stages, stage_input_files
 
 SIZES_PX = (256, 512)
 
 
+class StageOptions:
+    """What a job type shares: its frame stages' options by stage name (`job.stages["enhance"]`, a stage
+    module's `Options`), read and given under the option table's flat names."""
+
+    @classmethod
+    def make(cls, **given):
+        """A job from the option table's names: its own fields and every stage's options (`enhancer=`,
+        `paste_into=`, ...); a stage option not given takes its `Options` default."""
+        owners = option_owners()
+        job = cls(**{name: value for name, value in given.items() if name not in owners})
+        return with_options(job, **{name: value for name, value in given.items() if name in owners})
+
+    def option(self, name: str):
+        """The value of table option `name`: a field of the job or of one of its stages' options."""
+        owner = option_owners().get(name)
+        return getattr(self.stages[owner] if owner is not None else self, name)
+
+
+def option_defaults() -> Dict[str, object]:
+    """`{table option name: its RenderJob default}` (a field's, or its stage `Options`' field's);
+    required fields have none."""
+    from dataclasses import MISSING, fields
+
+    defaults = {f.name: f.default for f in fields(RenderJob) if f.default is not MISSING}
+    for options in default_options().values():
+        defaults.update({f.name: getattr(options, f.name) for f in fields(options)})
+    return defaults
+
+
+def with_options(job, **changes):
+    """`job` with `changes` (the option table's names: its own fields and its stages' options)."""
+    owners = option_owners()
+    stages = dict(job.stages)
+    for name, value in changes.items():
+        owner = owners.get(name)
+        if owner is None:
+            continue
+        if owner not in stages:
+            raise TypeError(f"{type(job).__name__} has no {owner} stage (option {name})")
+        stages[owner] = replace(stages[owner], **{name: value})
+    return replace(job, stages=stages, **{name: value for name, value in changes.items() if name not in owners})
+
+
 @dataclass(frozen=True)
-class RenderJob:
-    """Everything `sfr render` takes. Paths may be str or Path; None means "not given"."""
+class RenderJob(StageOptions):
+    """Everything `sfr render` takes. Paths may be str or Path; None means "not given". Its frame stages'
+    options are `stages[stage name]` (`RenderJob.make(enhancer=...)` sets them by the table's names)."""
 
     coeffs: Path
     source: Path
@@ -51,13 +95,7 @@ class RenderJob:
     precision: str = "fp32"
     compile: bool = False  # CUDA only; ignored with a note on the CPU
     overwrite: bool = False  # replace an existing MP4 / earlier frames in frames_dir
-    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
-    crop_box: Optional[Tuple[int, int, int, int]] = None  # x1,y1,x2,y2 in it; None with paste_into: found
-    enhancer: Optional[str] = None  # the face enhancer after paste-back: "gfpgan" (SadTalker's) or None
-    enhancer_dir: Optional[Path] = None  # its weights' folder; None: searched beside the checkpoints
-    enhancer_upscale: int = 2  # 2: twice the size, as SadTalker; 1: the frames' own size
-    enhancer_noise: str = "stored"  # StyleGAN2 noise: "stored" in the weights file, or "random" per face
-    enhancer_seed: Optional[int] = None  # the random noise's seed (None: drawn, and reported)
+    stages: Dict[str, object] = field(default_factory=default_options)  # stage name -> its Options
 
 
 @dataclass
@@ -106,10 +144,11 @@ def output_paths(job: RenderJob) -> Tuple[Optional[Path], Optional[Path]]:
 
 
 def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outputs.JobInput]:
-    """The files `job` reads that the user named, with their options (the config's YAML too)."""
+    """The files `job` reads that the user named, with their options (the config's YAML too), and the
+    files its frame stages read (each stage module's `input_files`)."""
     named = [(job.coeffs, "--coeffs"), (job.source, "--source"), (job.source_coeffs, "--source-coeffs"),
              (job.audio, "--audio"), (job.checkpoint, "--checkpoint"), (job.mapping, "--mapping"),
-             (config_file, "--config"), (job.paste_into, "--paste-into")]
+             (config_file, "--config")] + stage_input_files(job)
     return [outputs.JobInput(Path(path), role) for path, role in named
             if path is not None and not isinstance(path, np.ndarray)]  # the API's arrays are no files
 
@@ -275,12 +314,6 @@ def _under_claims(prepare: Callable[[List[outputs.OutputClaim]], PreparedT]) -> 
     return prepared
 
 
-def stage_inputs(stages: Sequence) -> List[outputs.JobInput]:
-    """The files the frame stages read (their weights), as inputs no output may be."""
-    return [outputs.JobInput(path, f"{stage.name} weights") for stage in stages
-            for path in getattr(stage, "input_files", ())]
-
-
 def check_mp4_output(output: Path, width_px: int, height_px: int, note: Callable[[str], None]) -> None:
     """An MP4 output's own checks: its folder writable (or creatable: the MP4 writer creates it, as
     `--frames-dir` and `sfr batch` create theirs) and a note when the frames' size is odd."""
@@ -360,7 +393,7 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, claims: Optional[List[ou
     files = checkpoints.find_checkpoints(job.checkpoint_dir, size_px=job.size_px, preprocess=job.preprocess,
                                          checkpoint=job.checkpoint, mapping=job.mapping)
     found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
-             outputs.JobInput(files.mapping, "mapping checkpoint")] + stage_inputs(stages)
+             outputs.JobInput(files.mapping, "mapping checkpoint")]
     check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
     if output is not None:  # after every check that protects an input: that message matters more
         media.check_mp4_name(output)
@@ -382,25 +415,27 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, claims: Optional[List[ou
 # `sfr enhance`: the frame stages on frames that already exist
 
 
+def frame_stage_options() -> Dict[str, object]:
+    """The stages `sfr enhance` runs on existing frames, their options at the defaults."""
+    return default_options(frames_in=True)
+
+
 @dataclass(frozen=True)
-class EnhanceJob:
-    """Everything `sfr enhance` takes: frames in (a video, or a folder of pictures), the enhancer's options
-    (the same names as `RenderJob`'s), and where to write."""
+class EnhanceJob(StageOptions):
+    """Everything `sfr enhance` takes: frames in (a video, or a folder of pictures), where to write, and
+    the options of the frame stages that run on existing frames (`stages`, as `RenderJob`'s: the same
+    names; `EnhanceJob.make(input=..., enhancer="gfpgan")`). No stage asked: the frames are copied."""
 
     input: Path
     output: Optional[Path] = None  # the MP4; None with frames_dir = frames only, None without = <input>_enhanced.mp4
     frames_dir: Optional[Path] = None
     fps: Optional[float] = None  # None: the video's own rate (a frames folder: 25)
-    enhancer: str = "gfpgan"
-    enhancer_dir: Optional[Path] = None
-    enhancer_upscale: int = 2
-    enhancer_noise: str = "stored"
-    enhancer_seed: Optional[int] = None
     checkpoint_dir: Optional[Path] = None  # where the enhancer's weights are looked for, as for sfr render
     batch_size: Optional[int] = None  # frames per batch (None: 4 on a CPU, 16 on CUDA)
     device: str = "auto"
     precision: str = "fp32"
     overwrite: bool = False
+    stages: Dict[str, object] = field(default_factory=frame_stage_options)  # stage name -> its Options
 
 
 @dataclass
@@ -459,7 +494,7 @@ def _prepare_enhance(job: EnhanceJob, note, claims: List[outputs.OutputClaim]) -
     ffmpeg = media.find_ffmpeg() if output is not None or input_path.is_file() else None
     source = media.FrameSource(input_path, ffmpeg)
     fps = job.fps or source.fps or DEFAULT_ENHANCE_FPS
-    stages = plan_stages(job, source.width_px, noted, kinds=("enhance",))
+    stages = plan_stages(job, source.width_px, noted)
     frame_width, frame_height = chain_output_size(stages, source.width_px, source.height_px)
     audio, audio_copy = None, False
     if output is not None:
@@ -472,7 +507,8 @@ def _prepare_enhance(job: EnhanceJob, note, claims: List[outputs.OutputClaim]) -
             if info is not None:
                 audio, audio_copy = input_path, info.codec == "aac"
                 noted(f"sound of {input_path} kept ({'copied as it is' if audio_copy else f'{info.codec} encoded to AAC'})")
-    check_outputs(output, frames_dir, stage_inputs(stages), overwrite=True)
+    check_outputs(output, frames_dir, [outputs.JobInput(Path(path), role) for path, role in stage_input_files(job)],
+                  overwrite=True)
     if output is not None:  # after every check that protects an input, as sfr render's
         media.check_mp4_name(output)
     from .engine import check_precision, resolve_device

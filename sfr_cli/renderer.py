@@ -24,14 +24,13 @@ import numbers
 import os
 import threading
 import time
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import CoefficientsError, ConfigError, MediaError
-from .jobs import PreparedJob, RenderJob, RenderReport, SourceImages, prepare_job
+from .jobs import PreparedJob, RenderJob, RenderReport, SourceImages, option_defaults, prepare_job, with_options
 from .streaming import build_engine, load_group, render_prepared, render_prepared_group, stream_frames
 from .options import clip_rows, shared_rows
 from .progress import Reporter, SilentReporter
@@ -154,7 +153,7 @@ class Renderer:
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; Renderer settings are "
                               f"{', '.join(row.api_name for row in rows)} (per-clip options go to frames/render)")
-        defaults = {f.name: f.default for f in fields(RenderJob)}
+        defaults = option_defaults()
         self.settings = {}
         for row in rows:
             value = given.get(row.api_name, defaults[row.name])
@@ -178,7 +177,7 @@ class Renderer:
                 options[name] = _degrees(name, options[name])
         coeffs = _coefficients_argument("coeffs", coeffs, "(N, 70|73) or windows (N, 70|73, 27)")
         source = _source_argument(source)
-        return RenderJob(coeffs=coeffs, source=source, **options, **self.settings)
+        return RenderJob.make(coeffs=coeffs, source=source, **options, **self.settings)
 
     def frames(self, coeffs, source, **options) -> Iterator[np.ndarray]:
         """Yield the clip's frames in order, `(H, W, 3) uint8 RGB`: what `sfr render --frames-dir` writes,
@@ -200,7 +199,7 @@ class Renderer:
     def render_job(self, job: RenderJob, reporter: Optional[Reporter] = None) -> RenderReport:
         """Render a ready `RenderJob` (its shared settings replaced by this renderer's)."""
         reporter = reporter if reporter is not None else SilentReporter()
-        job = replace(job, **self.settings)
+        job = with_options(job, **self.settings)
         prepared = prepare_job(job, reporter.note, claim=True, sources=self.models.source_images)
         return render_prepared(prepared, reporter, self.models)
 
@@ -239,7 +238,7 @@ class Renderer:
                     on_start(index)  # its turn has come: nothing is waiting to render
                 prepared = None
                 try:
-                    prepared = prepare_job(replace(job, **self.settings), reporter.note, claim=True,
+                    prepared = prepare_job(with_options(job, **self.settings), reporter.note, claim=True,
                                            sources=self.models.source_images)
                     error = None
                     job_key = self.models.pack_key(prepared)

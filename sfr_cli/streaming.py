@@ -264,7 +264,7 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
     job = prepared.job
     device = resolve_device(job.device)
     configure_torch(device)
-    reporter.loading(f"loading the {job.enhancer} enhancer")
+    reporter.loading(f"loading the frame stages ({', '.join(stage.name for stage in prepared.stages) or 'none'})")
     for stage in prepared.stages:
         stage.load(device, models)
     reporter.finish()

@@ -70,7 +70,7 @@ def tiny_enhancer_weights(tmp_path_factory) -> Path:
     """The face enhancer at test widths (`--enhancer gfpgan-tiny`): GFPGANv1.4.pth, detection_Resnet50_Final.pth
     and parsing_parsenet.pth of random weights in the real files' layouts; the detector finds 1-3 faces on
     the golden face frames and none on a flat grey frame."""
-    from sfr_cli.checkpoints import write_random_enhancer_weights
+    from sfr_cli.stages.enhance import write_random_weights as write_random_enhancer_weights
 
     out_dir = tmp_path_factory.mktemp("tiny-enhancer")
     with one_torch_thread():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfr_cli import checkpoints
+from sfr_cli.stages import enhance as enhance_stage
 from sfr_cli.errors import CheckpointError, ConfigError
 from sfr_cli.jobs import EnhanceJob, prepare_enhance
 from sfr_cli.nets import face_paste
@@ -30,7 +30,7 @@ def lanczos_2x(frames: np.ndarray) -> np.ndarray:
 
 def enhance(input_dir, weights, out_dir, **options):
     """`sfr enhance --input input_dir --frames-dir out_dir` through the library; (frames, report)."""
-    job = EnhanceJob(input=input_dir, frames_dir=out_dir, enhancer=options.pop("enhancer", "gfpgan-tiny"),
+    job = EnhanceJob.make(input=input_dir, frames_dir=out_dir, enhancer=options.pop("enhancer", "gfpgan-tiny"),
                      enhancer_dir=weights, device="cpu", **options)
     report = render_enhance(prepare_enhance(job), SilentReporter(), ModelCache())
     return read_png_frames(out_dir), report
@@ -94,7 +94,7 @@ def test_renderer_frames_run_the_enhancer_after_paste_back(reference_dir, tiny_c
     clip = dict(coeffs=golden / "coeffs.mat", source=golden / "source.png", source_coeffs=golden / "source_coeffs.mat")
     plain = np.stack(list(renderer.frames(**clip)))
     enhanced = np.stack(list(renderer.frames(**clip, enhancer="gfpgan-tiny", enhancer_dir=tiny_enhancer_weights)))
-    stage = FaceEnhancer("gfpgan-tiny", checkpoints.find_enhancer_weights(tiny_enhancer_weights))
+    stage = FaceEnhancer("gfpgan-tiny", enhance_stage.find_weights("gfpgan", tiny_enhancer_weights))
     stage.load(torch.device("cpu"), ModelCache())
     alone = stage(torch.from_numpy(plain)).numpy()
     assert enhanced.shape == (len(plain), 512, 512, 3)
@@ -106,26 +106,26 @@ def test_renderer_frames_run_the_enhancer_after_paste_back(reference_dir, tiny_c
 
 
 def test_weights_are_found_where_sadtalkers_download_script_puts_them(tiny_enhancer_weights, tmp_path, monkeypatch):
-    monkeypatch.delenv(checkpoints.ENHANCER_DIR_ENV, raising=False)
+    monkeypatch.delenv(enhance_stage.ENHANCER_DIR_ENV, raising=False)
     root = tmp_path / "SadTalker"
     (root / "checkpoints").mkdir(parents=True)
     shutil.copytree(tiny_enhancer_weights, root / "gfpgan" / "weights")
-    assert checkpoints.find_enhancer_weights(None, root / "checkpoints").gfpgan == root / "gfpgan" / "weights" / \
+    assert enhance_stage.find_weights("gfpgan", None, root / "checkpoints").restorer == root / "gfpgan" / "weights" / \
         "GFPGANv1.4.pth"
     shutil.rmtree(root / "gfpgan")
     shutil.copytree(tiny_enhancer_weights, root / "checkpoints", dirs_exist_ok=True)
-    assert checkpoints.find_enhancer_weights(None, root / "checkpoints").parser.parent == root / "checkpoints"
+    assert enhance_stage.find_weights("gfpgan", None, root / "checkpoints").parser.parent == root / "checkpoints"
 
 
 def test_missing_weights_name_the_files_and_the_folders_searched(tmp_path, tiny_enhancer_weights, monkeypatch):
-    monkeypatch.delenv(checkpoints.ENHANCER_DIR_ENV, raising=False)
+    monkeypatch.delenv(enhance_stage.ENHANCER_DIR_ENV, raising=False)
     partial = tmp_path / "partial"
     partial.mkdir()
     shutil.copy(tiny_enhancer_weights / "GFPGANv1.4.pth", partial)
     with pytest.raises(CheckpointError) as caught:
-        checkpoints.find_enhancer_weights(None, partial)
+        enhance_stage.find_weights("gfpgan", None, partial)
     message = str(caught.value)
-    for name in checkpoints.ENHANCER_FILES.values():
+    for name in enhance_stage.weights_files("gfpgan"):
         assert name in message
     assert str(partial) in message and str(tmp_path / "gfpgan" / "weights") in message
     assert "lacks detection_Resnet50_Final.pth, parsing_parsenet.pth" in message
@@ -155,23 +155,23 @@ def test_bad_weights_are_refused_before_any_model_loads(golden_frames, tiny_enha
                                                         name, write, expected):
     folder = broken_copy(tiny_enhancer_weights, tmp_path, name, write)
     with pytest.raises(CheckpointError, match=expected):
-        prepare_enhance(EnhanceJob(input=golden_frames, frames_dir=tmp_path / "out", enhancer="gfpgan-tiny",
+        prepare_enhance(EnhanceJob.make(input=golden_frames, frames_dir=tmp_path / "out", enhancer="gfpgan-tiny",
                                    enhancer_dir=folder, device="cpu"))
     assert "code from a checkpoint ran" not in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 
 
 def test_tiny_weights_for_the_full_enhancer_say_which_enhancer_they_fit(tiny_enhancer_weights):
-    files = checkpoints.find_enhancer_weights(tiny_enhancer_weights)
+    files = enhance_stage.find_weights("gfpgan", tiny_enhancer_weights)
     with pytest.raises(CheckpointError, match="weights of the gfpgan-tiny enhancer: pass --enhancer gfpgan-tiny"):
-        checkpoints.check_enhancer_weights("gfpgan", files)
+        enhance_stage.check_weights("gfpgan", files)
 
 
 def test_unknown_enhancer_options_are_refused(golden_frames, tiny_enhancer_weights, tmp_path):
     for options, expected in ((dict(enhancer="codeformer"), "unknown enhancer"),
                               (dict(enhancer_upscale=3), "--enhancer-upscale 3"),
                               (dict(enhancer_noise="fresh"), "--enhancer-noise 'fresh'")):
-        job = EnhanceJob(input=golden_frames, frames_dir=tmp_path / "out", enhancer_dir=tiny_enhancer_weights,
+        job = EnhanceJob.make(input=golden_frames, frames_dir=tmp_path / "out", enhancer_dir=tiny_enhancer_weights,
                          device="cpu", **{"enhancer": "gfpgan-tiny", **options})
         with pytest.raises(ConfigError, match=expected):
             prepare_enhance(job)
@@ -199,13 +199,13 @@ def test_weights_checked_once_while_unchanged_and_again_once_changed(tiny_enhanc
     """A batch checks each row twice: unchanged files are read once; a file changed since is read again."""
     folder = tmp_path / "weights"
     shutil.copytree(tiny_enhancer_weights, folder)
-    files = checkpoints.find_enhancer_weights(folder)
+    files = enhance_stage.find_weights("gfpgan", folder)
     reads = []
-    original = checkpoints.read_enhancer_state_dicts
-    monkeypatch.setattr(checkpoints, "read_enhancer_state_dicts", lambda f: reads.append(f) or original(f))
+    original = enhance_stage.read_state_dicts
+    monkeypatch.setattr(enhance_stage, "read_state_dicts", lambda e, f: reads.append(f) or original(e, f))
     for _ in range(3):
-        checkpoints.check_enhancer_weights("gfpgan-tiny", files)
+        enhance_stage.check_weights("gfpgan-tiny", files)
     assert len(reads) == 1
-    files.gfpgan.write_bytes(files.gfpgan.read_bytes()[: 4096])
+    files.restorer.write_bytes(files.restorer.read_bytes()[: 4096])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        checkpoints.check_enhancer_weights("gfpgan-tiny", files)
+        enhance_stage.check_weights("gfpgan-tiny", files)

@@ -54,7 +54,8 @@ RULES = {
     # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
     "sfr_cli.stages": rule(),  # the stage registry: imports its stage modules by name, lazily
     # a stage module may declare its option rows (its OPTIONS, read by `options.table()`)
-    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints", "options"},
+    # engine: the one out-of-memory back-off (`attempt`, `halve_after_oom`), shared with the engine
+    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints", "options", "engine"},
                              {"numpy", "torch", "click"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads

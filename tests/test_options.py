@@ -99,22 +99,28 @@ def test_commands_declare_exactly_their_table_rows(command):
                          if command.name in row.commands}
 
 
+def job_option_names():
+    """The RenderJob's fields and, for its `stages`, every stage's `Options` fields."""
+    names = {f.name for f in fields(RenderJob)} - {"stages"}
+    return names | {f.name for options in RenderJob(coeffs=Path("."), source=Path(".")).stages.values()
+                    for f in fields(options)}
+
+
 def test_every_render_job_field_is_one_row():
     names = [row.name for row in options.table()]
     assert len(names) == len(set(names))
-    assert set(names) == {f.name for f in fields(RenderJob)}
+    assert set(names) == job_option_names()
     assert all(row.scope in (options.SHARED, options.CLIP) for row in options.table())
     assert all(row.scope == options.CLIP for row in options.column_rows())  # a shared setting is no cell
 
 
 @pytest.mark.parametrize("row", [row for row in options.table() if not row.required], ids=lambda row: row.name)
 def test_the_command_line_default_is_the_render_jobs(row):
-    defaults = {f.name: f.default for f in fields(RenderJob)}
-    assert row.convert(row.default) == defaults[row.name]
+    assert row.convert(row.default) == RenderJob(coeffs=Path("."), source=Path(".")).option(row.name)
 
 
 def test_required_rows_are_the_render_jobs_required_fields():
-    required = {f.name for f in fields(RenderJob) if f.default is MISSING}
+    required = {f.name for f in fields(RenderJob) if f.default is MISSING and f.default_factory is MISSING}
     assert required == {row.name for row in options.table() if row.required}
 
 
@@ -137,7 +143,7 @@ def test_every_column_is_read_and_paths_are_taken_from_the_manifest(tmp_path):
     assert row.error is None
     job = batching.row_job(row, batching.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
     for column in (row for row in options.CORE_OPTIONS if row.column):
-        value = getattr(job, column.name)
+        value = job.option(column.name)
         if column.path:
             assert value == manifest.parent / cells[column.name]
         else:
@@ -160,15 +166,15 @@ def test_renderer_settings_are_the_shared_rows(tmp_path):
     assert not set(SHARED_FIELDS) & set(PER_CLIP_FIELDS)
     renderer = Renderer()
     assert set(renderer.settings) == set(SHARED_FIELDS)
-    defaults = {f.name: f.default for f in fields(RenderJob)}
-    assert renderer.settings == {name: defaults[name] for name in SHARED_FIELDS}
+    default = RenderJob(coeffs=Path("."), source=Path("."))
+    assert renderer.settings == {name: default.option(name) for name in SHARED_FIELDS}
     # Every shared row is a constructor keyword; the batch's settings build the same Renderer.
     template = RenderJob(coeffs=Path("."), source=Path("."), checkpoint_dir=tmp_path, config="tiny", size_px=512,
                          batch_size=3, device="cpu", precision="bf16", compile=True, checkpoint=tmp_path / "r",
                          mapping=tmp_path / "m")
     settings = batching.renderer_settings(template)
     assert set(settings) == {row.api_name for row in options.shared_rows()}
-    assert Renderer(**settings).settings == {name: getattr(template, name) for name in SHARED_FIELDS}
+    assert Renderer(**settings).settings == {name: template.option(name) for name in SHARED_FIELDS}
     with pytest.raises(ConfigError, match="unknown setting"):
         Renderer(fps=30)  # a clip's option, not a setting
 
@@ -187,12 +193,12 @@ def test_renderer_job_takes_exactly_the_clip_rows(tmp_path):
                   if row.name not in given and row.name not in ("coeffs", "source")})
     job = renderer.job("c.npy", "face.png", **given)
     for row in options.clip_rows():
-        if row.path and getattr(job, row.name) is not None:
-            assert isinstance(getattr(job, row.name), Path), row.name
+        if row.path and job.option(row.name) is not None:
+            assert isinstance(job.option(row.name), Path), row.name
     assert (job.yaw, job.pitch, job.roll) == ((0.0, 20.0), (5.0,), (1.0, 2.0))
     for row in options.shared_rows():
         with pytest.raises(ConfigError, match="unknown option"):
-            renderer.job("c.npy", "face.png", **{row.name: getattr(job, row.name)})
+            renderer.job("c.npy", "face.png", **{row.name: job.option(row.name)})
 
 
 @pytest.fixture

@@ -21,6 +21,12 @@ large tree for a few functions. Every step above is written in torch (exact to O
 output depends on it: the tests hold it against OpenCV's own outputs and the upstream golden), so the
 whole stage runs on the render device, in batches, with the renderer's memory rules.
 
+The module is the stage's one home: its options (`Options`, `OPTIONS`), the files it reads
+(`input_files`), its weights (found, checked before any model loads, loaded, written at random for `sfr
+checkpoints random --enhancer`), `plan`, the stage (`FaceEnhancer`) and its report. Step 3's net is a
+slot: the restorer registry (`stages.restorers`) fills it (gfpgan today). Step 5's background is a slot
+too (`BACKGROUNDS`: Lanczos today; an upsampler such as Real-ESRGAN is one more entry).
+
 What differs from SadTalker, on purpose: no lossy H.264 encode and decode before the enhancer (it gets
 the rendered frames), StyleGAN2 noise from the weights file by default (the same job gives the same
 frames; SadTalker draws fresh noise for every face, so fine texture flickers), and `--enhancer-upscale 1`.
@@ -28,17 +34,20 @@ frames; SadTalker draws fresh noise for every face, so fine texture flickers), a
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import click
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..options import BATCH, CLIP, ENHANCE, RENDER, IntChoice, OptionRow
+from .restorers import ENHANCERS, RESTORERS, restorer_of
 
-ENHANCERS = ("gfpgan", "gfpgan-tiny")  # SadTalker's, and the same nets at test widths
 UPSCALES = (2, 1)  # 2: SadTalker's (twice the input size); 1: the input's size
 NOISES = ("stored", "random")
 # Faces restored per call. On a CPU one at a time, and frames detected one at a time: CPU kernels pick
@@ -68,29 +77,264 @@ OPTIONS = (
 )
 
 
-def plan(job, size_px: int, note: Callable[[str], None]) -> List:
-    """The enhancer stage `job` asks for (`job.enhancer`), its weights found and checked (keys, shapes, no
-    code) before any model loads, or none."""
-    if job.enhancer is None:
-        return []
-    from .. import checkpoints
+@dataclass(frozen=True)
+class Options:
+    """A job's enhancer options (`job.stages["enhance"]`), one field per row of `OPTIONS`."""
 
-    if job.enhancer not in ENHANCERS:
-        raise ConfigError(f"unknown enhancer {job.enhancer!r}; use {' or '.join(ENHANCERS)}")
-    if job.enhancer_upscale not in UPSCALES:
-        raise ConfigError(f"--enhancer-upscale {job.enhancer_upscale}: use 2 (SadTalker's) or 1")
-    if job.enhancer_noise not in NOISES:
-        raise ConfigError(f"--enhancer-noise {job.enhancer_noise!r}: use stored or random")
-    files = checkpoints.find_enhancer_weights(job.enhancer_dir, job.checkpoint_dir)
-    checkpoints.check_enhancer_weights(job.enhancer, files)
+    enhancer: Optional[str] = None  # the face enhancer after paste-back: "gfpgan" (SadTalker's) or None
+    enhancer_dir: Optional[Path] = None  # its weights' folder; None: searched beside the checkpoints
+    enhancer_upscale: int = 2  # 2: twice the size, as SadTalker; 1: the frames' own size
+    enhancer_noise: str = "stored"  # StyleGAN2 noise: "stored" in the weights file, or "random" per face
+    enhancer_seed: Optional[int] = None  # the random noise's seed (None: drawn, and reported)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights: the restorer's file (the registry's) and the face path's two, found in one folder.
+
+FACE_PATH_FILES = {"detector": "detection_Resnet50_Final.pth", "parser": "parsing_parsenet.pth"}
+ENHANCER_DIR_ENV = "SFR_ENHANCER_DIR"
+CHECKPOINT_DIR_ENV = "SFR_CHECKPOINT_DIR"  # checkpoints.CHECKPOINT_DIR_ENV (not imported: it loads torch)
+
+
+@dataclass(frozen=True)
+class FaceFiles:
+    """The three files an enhancer reads: its restorer's, RetinaFace's and ParseNet's."""
+
+    restorer: Path
+    detector: Path
+    parser: Path
+
+    def paths(self) -> List[Path]:
+        return [self.restorer, self.detector, self.parser]
+
+
+@dataclass
+class FaceNets:
+    """The enhancer's modules, in eval mode: the restorer (GFPGANv1Clean, ...), RetinaFace and ParseNet."""
+
+    restorer: object
+    detector: object
+    parser: object
+
+    def to(self, device) -> "FaceNets":
+        return FaceNets(self.restorer.to(device), self.detector.to(device), self.parser.to(device))
+
+
+def weights_files(enhancer: str) -> List[str]:
+    """The file names `enhancer` reads, its restorer's first."""
+    return [restorer_of(enhancer)[0].weights_file, *FACE_PATH_FILES.values()]
+
+
+def search_dirs(enhancer_dir=None, checkpoint_dir=None) -> List[Path]:
+    """Where the enhancer's files are looked for, in order: ``enhancer_dir`` alone when given; else
+    ``$SFR_ENHANCER_DIR``, then where SadTalker's download script puts them (``gfpgan/weights`` beside the
+    checkpoints folder), then the checkpoints folder itself."""
+    if enhancer_dir is not None:
+        return [Path(enhancer_dir)]
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else \
+        Path(os.environ.get(CHECKPOINT_DIR_ENV) or "checkpoints")
+    dirs = [Path(os.environ[ENHANCER_DIR_ENV])] if os.environ.get(ENHANCER_DIR_ENV) else []
+    return dirs + [checkpoints.parent / "gfpgan" / "weights", checkpoints]
+
+
+def find_weights(enhancer: str = "gfpgan", enhancer_dir=None, checkpoint_dir=None) -> FaceFiles:
+    """The first searched folder holding all three files; a CheckpointError naming the files and the
+    folders searched when none does."""
+    names = weights_files(enhancer)
+    searched = search_dirs(enhancer_dir, checkpoint_dir)
+    for folder in searched:
+        files = FaceFiles(*(folder / name for name in names))
+        if all(path.is_file() for path in files.paths()):
+            return files
+    partial = [(folder, [n for n in names if not (folder / n).is_file()]) for folder in searched]
+    partial = [(folder, missing) for folder, missing in partial if len(missing) < len(names)]
+    detail = (f"; {partial[0][0]} lacks {', '.join(partial[0][1])}" if partial else "")
+    raise CheckpointError(
+        f"the face enhancer needs {', '.join(names)} (SadTalker's gfpgan/weights); searched "
+        f"{', '.join(str(folder) for folder in searched)}{detail}. Pass --enhancer-dir DIR, or write random "
+        "ones with `sfr checkpoints random DIR --enhancer`")
+
+
+def build_nets(enhancer: str = "gfpgan") -> FaceNets:
+    """The enhancer's modules for ``enhancer`` (gfpgan, gfpgan-tiny, ...) with untrained weights (no I/O)."""
+    from ..nets.parsenet import FACEXLIB_PARSENET_CONFIG, TINY_PARSENET_CONFIG, ParseNet
+    from ..nets.retinaface import build_retinaface
+
+    if enhancer not in ENHANCERS:
+        raise CheckpointError(f"unknown enhancer {enhancer!r}; use {' or '.join(ENHANCERS)}")
+    restorer, tiny = restorer_of(enhancer)
+    nets = FaceNets(restorer.build(tiny), build_retinaface(tiny=tiny),
+                    ParseNet(**(TINY_PARSENET_CONFIG if tiny else FACEXLIB_PARSENET_CONFIG)))
+    for module in (nets.restorer, nets.detector, nets.parser):
+        module.eval().requires_grad_(False)
+    return nets
+
+
+def read_state_dicts(enhancer: str, files: FaceFiles) -> Dict[str, Dict]:
+    """``{restorer, detector, parser: state_dict}`` as the nets name their keys: the restorer's wrapper
+    (``params_ema``, else ``params``) unwrapped, the detector's DataParallel ``module.`` prefix stripped.
+    No code runs."""
+    import torch
+
+    from ..checkpoints import read_weights_file
+    from ..nets.retinaface import strip_module_prefix
+
+    restorer = restorer_of(enhancer)[0]
+    accepted = "SadTalker's gfpgan/weights files " + ", ".join(weights_files(enhancer))
+    out = {}
+    for part, path in (("restorer", files.restorer), ("detector", files.detector), ("parser", files.parser)):
+        data = read_weights_file(path, accepted)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
+        if part == "restorer":
+            try:
+                data = restorer.unwrap(data)
+            except KeyError as exc:
+                raise CheckpointError(f"{path}: {exc.args[0]}; is this {restorer.weights_file}?") from exc
+        elif part == "detector":
+            data = strip_module_prefix(data)
+        if not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise CheckpointError(f"{path}: not a state dict of tensors")
+        out[part] = data
+    return out
+
+
+def check_weights(enhancer: str, files: FaceFiles) -> None:
+    """Every key, shape and dtype of the three files against ``enhancer``'s modules (built on the meta
+    device: no memory, no init); the files are memory-mapped, not loaded. Raises CheckpointError.
+
+    Files that passed unchanged (same path, size and modification time) are not read again: a batch
+    checks every row twice (its plan, then its render), and a full-size check costs 0.2-0.4 s."""
+    identity = []
+    for path in files.paths():
+        try:
+            info = os.stat(path)
+        except OSError:
+            identity = None  # the read below says what is wrong
+            break
+        identity.append((os.path.abspath(path), info.st_size, info.st_mtime_ns))
+    if identity is None:
+        _check_files(enhancer, files)
+    else:
+        _checked_files(enhancer, files, tuple(identity))
+
+
+@functools.lru_cache(maxsize=8)
+def _checked_files(enhancer: str, files: FaceFiles, identity: Tuple) -> None:
+    """`_check_files`, once per (enhancer, files as they are on disk); a failure is not kept."""
+    _check_files(enhancer, files)
+
+
+def _check_files(enhancer: str, files: FaceFiles) -> None:
+    state_dicts = read_state_dicts(enhancer, files)
+    try:
+        _check_state_dicts(enhancer, state_dicts, files)
+    except CheckpointError as exc:
+        same_file = [other for other in ENHANCERS if other != enhancer and weights_files(other) == weights_files(enhancer)]
+        for other in same_file:
+            try:
+                _check_state_dicts(other, state_dicts, files)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{exc}; these are weights of the {other} enhancer: pass --enhancer {other}") from exc
+        raise
+
+
+def _check_state_dicts(enhancer: str, state_dicts, files: FaceFiles) -> None:
+    import torch
+
+    from ..checkpoints import check_state_dict
+
+    with torch.device("meta"):
+        nets = build_nets(enhancer)
+    for part, sd in state_dicts.items():
+        check_state_dict(getattr(nets, part), sd, str(getattr(files, part)), f"the {enhancer} enhancer")
+
+
+def load_nets(enhancer: str, files: FaceFiles) -> FaceNets:
+    """Build ``enhancer``'s modules and fill them from ``files``, strictly (keys, shapes, finite values)."""
+    import torch
+
+    from ..checkpoints import load_into
+
+    with torch.device("meta"):
+        nets = build_nets(enhancer)
+    for part, sd in read_state_dicts(enhancer, files).items():
+        load_into(getattr(nets, part), sd, str(getattr(files, part)), f"the {enhancer} enhancer")
+    return nets
+
+
+def write_random_weights(out_dir, enhancer: str = "gfpgan", seed: int = 14) -> FaceFiles:
+    """Deterministic random weights in the real files' layouts (the restorer's wrapper, e.g.
+    ``{'params_ema': sd}``, ``module.``-prefixed detector keys, flat ParseNet) under SadTalker's names; at
+    full size and seed 14 they are the reference weights of ``golden-enhance``. The detector is
+    conditioned to find faces."""
+    import torch
+
+    from ..checkpoints import save_atomically
+    from ..nets import parsenet, retinaface
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    restorer, tiny = restorer_of(enhancer)
+    nets = build_nets(enhancer)
+    detector_seed = retinaface.TINY_SEED if tiny and seed == 14 else seed
+    files = FaceFiles(*(out_dir / name for name in weights_files(enhancer)))
+    save_atomically(files.restorer, lambda p: torch.save(restorer.wrap(restorer.random_state_dict(nets.restorer, seed)), p))
+    detector = retinaface.random_state_dict(nets.detector, detector_seed)
+    save_atomically(files.detector, lambda p: torch.save(
+        {retinaface.DATAPARALLEL_PREFIX + k: v for k, v in detector.items()}, p))
+    save_atomically(files.parser, lambda p: torch.save(parsenet.random_state_dict(nets.parser, seed), p))
+    return files
+
+
+def random_weights_names(tiny: bool) -> Dict[str, List[str]]:
+    """`sfr checkpoints random --enhancer`: the enhancer names it writes (each restorer's, at the config's
+    widths) and their files."""
+    return {name: weights_files(name) for name in ENHANCERS if name.endswith("-tiny") == tiny}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage module's hooks
+
+
+def input_files(options: Options, job) -> List[Tuple[Path, str]]:
+    """The files the enhancer of `options` reads, `(path, role)`: its weights as found (none when they
+    are not found: `plan` says so)."""
+    if options.enhancer is None or options.enhancer not in ENHANCERS:
+        return []
+    try:
+        files = find_weights(options.enhancer, options.enhancer_dir, getattr(job, "checkpoint_dir", None))
+    except CheckpointError:
+        return []
+    return [(path, "enhance weights") for path in files.paths()]
+
+
+def plan(options: Options, job, size_px: int, note: Callable[[str], None]) -> List:
+    """The enhancer stage `options` ask for (`options.enhancer`), its weights found and checked (keys,
+    shapes, no code) before any model loads, or none. `job` gives `checkpoint_dir` and `precision`."""
+    if options.enhancer is None:
+        return []
+    if options.enhancer not in ENHANCERS:
+        raise ConfigError(f"unknown enhancer {options.enhancer!r}; use {' or '.join(ENHANCERS)}")
+    if options.enhancer_upscale not in UPSCALES:
+        raise ConfigError(f"--enhancer-upscale {options.enhancer_upscale}: use 2 (SadTalker's) or 1")
+    if options.enhancer_noise not in NOISES:
+        raise ConfigError(f"--enhancer-noise {options.enhancer_noise!r}: use stored or random")
+    files = find_weights(options.enhancer, options.enhancer_dir, job.checkpoint_dir)
+    check_weights(options.enhancer, files)
+    restorer = restorer_of(options.enhancer)[0]
     seed = None
-    if job.enhancer_noise == "random":
-        seed = job.enhancer_seed if job.enhancer_seed is not None else secrets.randbits(SEED_BITS)
-        note(f"enhancer noise: fresh per face from seed {seed} (--enhancer-seed {seed} renders the same frames)")
+    if options.enhancer_noise == "random":
+        if restorer.draw_noise is None:
+            note(f"--enhancer-noise random does not apply: the {restorer.name} enhancer draws no noise")
+        else:
+            seed = options.enhancer_seed if options.enhancer_seed is not None else secrets.randbits(SEED_BITS)
+            note(f"enhancer noise: fresh per face from seed {seed} (--enhancer-seed {seed} renders the same frames)")
     if job.precision != "fp32":
         note(f"the face enhancer runs in fp32 (--precision {job.precision} reaches the renderer only: reduced "
-             "precision is not yet measured to keep GFPGAN within 40 dB of fp32)")
-    return [FaceEnhancer(job.enhancer, files, job.enhancer_upscale, seed)]
+             f"precision is not yet measured to keep {restorer.about} within 40 dB of fp32)")
+    return [FaceEnhancer(options.enhancer, files, options.enhancer_upscale, seed)]
 
 
 def face_seed(seed: int, frame: int, face: int) -> int:
@@ -99,26 +343,36 @@ def face_seed(seed: int, frame: int, face: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def lanczos_background(frames, upscale: int):
+    """`(B, 3, H, W) uint8` -> `(B, 3, H*u, W*u) uint8`: OpenCV's Lanczos-4 resize (u = 2), or the frames."""
+    from ..nets import face_paste
+
+    return face_paste.upsample_background(frames, upscale)
+
+
+# The background the faces are pasted on: name -> `(frames (B, 3, H, W) uint8, upscale) -> (B, 3, H*u,
+# W*u) uint8`. SadTalker's default is Lanczos; `--background-enhancer realesrgan` is one more entry.
+BACKGROUNDS: Dict[str, Callable] = {"lanczos": lanczos_background}
+
+
 @dataclass
 class FaceEnhancer:
     """Stage `enhance`: `(B, H, W, 3) uint8` frames -> `(B, H*u, W*u, 3) uint8` (u = `upscale`).
 
-    `noise_seed` None: the StyleGAN2 noise stored in the weights file (reproducible, no flicker); else
-    fresh N(0, 1) noise per face as SadTalker draws it, from `face_seed(noise_seed, frame, face)`."""
+    `noise_seed` None: the noise stored in the weights file (reproducible, no flicker); else fresh
+    N(0, 1) noise per face as SadTalker draws it, from `face_seed(noise_seed, frame, face)`.
+    `background`: the `BACKGROUNDS` entry the faces are pasted on."""
 
     variant: str
-    files: object  # checkpoints.EnhancerFiles
+    files: FaceFiles
     upscale: int = 2
     noise_seed: Optional[int] = None
+    background: str = "lanczos"
     name: str = "enhance"
     faces: int = 0  # faces enhanced so far (for the report)
     _nets: object = field(default=None, repr=False)
     _frames_seen: int = field(default=0, repr=False)
     _faces_per_call: int = field(default=0, repr=False)
-
-    @property
-    def input_files(self) -> List:
-        return self.files.paths()
 
     def output_size(self, width_px: int, height_px: int) -> Tuple[int, int]:
         return width_px * self.upscale, height_px * self.upscale
@@ -129,10 +383,8 @@ class FaceEnhancer:
 
     def load(self, device, models) -> None:
         """The three nets on `device`, once per process (the model cache keys them by files and device)."""
-        from .. import checkpoints
-
         key = ("enhancer", self.variant, *map(str, self.files.paths()), str(device))
-        self._nets = models.stage_model(key, lambda: checkpoints.load_enhancer_nets(self.variant, self.files).to(device))
+        self._nets = models.stage_model(key, lambda: load_nets(self.variant, self.files).to(device))
         self._device = device
         self._faces_per_call = CUDA_FACES_PER_CALL if device.type == "cuda" else CPU_FACES_PER_CALL
 
@@ -146,7 +398,7 @@ class FaceEnhancer:
         rgb = frames.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W) uint8
         first_frame = self._frames_seen
         self._frames_seen += rgb.shape[0]
-        background = face_paste.upsample_background(rgb, self.upscale)
+        background = BACKGROUNDS[self.background](rgb, self.upscale)
         if self._device.type == "cpu":  # one frame at a time: see CPU_FACES_PER_CALL
             detections = [rows for b in range(rgb.shape[0]) for rows in detect_faces(nets.detector, rgb[b : b + 1])]
         else:
@@ -172,36 +424,32 @@ class FaceEnhancer:
         most `_faces_per_call` faces; a CUDA out-of-memory error halves that and retries (no face lost)."""
         import torch
 
+        from ..engine import OUT_OF_MEMORY, attempt, halve_after_oom
         from ..nets import face_align
-        from ..nets.gfpgan import restore_faces
         from ..nets.parsenet import face_masks
-        from ..nets.stylegan2 import draw_noise
+
+        restorer = restorer_of(self.variant)[0]
+
+        def restore(start: int, stop: int):
+            aligned = face_align.align_faces(rgb, matrices[start:stop].to(rgb.device), frame_index[start:stop])
+            noise = None
+            if self.noise_seed is not None:
+                draws = [restorer.draw_noise(self._nets.restorer, face_seed(self.noise_seed, *face_number[i]),
+                                             rgb.device) for i in range(start, stop)]
+                noise = [torch.cat(layer) for layer in zip(*draws)]
+            faces = restorer.restore(self._nets.restorer, aligned, noise)
+            return faces, face_masks(self._nets.parser, faces)
 
         restored, masks = [], []
         start, count = 0, matrices.shape[0]
         while start < count:
             stop = min(count, start + self._faces_per_call)
-            try:
-                aligned = face_align.align_faces(rgb, matrices[start:stop].to(rgb.device), frame_index[start:stop])
-                noise = None
-                if self.noise_seed is not None:
-                    draws = [draw_noise(self._nets.gfpgan.stylegan_decoder, face_seed(self.noise_seed, *face_number[i]),
-                                        1, rgb.device) for i in range(start, stop)]
-                    noise = [torch.cat(layer) for layer in zip(*draws)]
-                faces = restore_faces(self._nets.gfpgan, aligned, noise=noise)
-                mask = face_masks(self._nets.parser, faces)
-            except torch.cuda.OutOfMemoryError:
-                faces = None
-            if faces is None:
-                if self._faces_per_call == 1:
-                    from ..errors import RenderError
-
-                    raise RenderError(f"out of GPU memory on {self._device} enhancing one face; free the GPU "
-                                      "or use --device cpu")
-                self._faces_per_call = max(1, self._faces_per_call // 2)
-                torch.cuda.empty_cache()
+            result = attempt(restore, start, stop)
+            if result is OUT_OF_MEMORY:
+                self._faces_per_call = halve_after_oom(self._faces_per_call, self._device, "enhancing one face; "
+                                                       "free the GPU or use --device cpu")
                 continue
-            restored.append(faces)
-            masks.append(mask)
+            restored.append(result[0])
+            masks.append(result[1])
             start = stop
         return torch.cat(restored), torch.cat(masks)

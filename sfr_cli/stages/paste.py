@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,6 +38,19 @@ OPTIONS = (
               "search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.",
               type=CropBox(), column=True, commands=(RENDER,)),
 )
+
+
+@dataclass(frozen=True)
+class Options:
+    """A job's paste-back options (`job.stages["paste"]`), one field per row of `OPTIONS`."""
+
+    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
+    crop_box: Optional[Box] = None  # x1,y1,x2,y2 in it; None with paste_into: found
+
+
+def input_files(options: Options, job) -> List[Tuple[Path, str]]:
+    """The files paste-back reads, `(path, role)`: the original picture."""
+    return [(Path(options.paste_into), "--paste-into")] if options.paste_into is not None else []
 
 
 def format_box(box: Box) -> str:
@@ -149,9 +162,10 @@ class PasteBack:
         return paste.paste_frames(paste.resize_linear(frames, x2 - x1, y2 - y1), self._picture_t, self.box)
 
 
-def plan(job, size_px: int, note: Callable[[str], None]) -> List:
-    """Check the paste-back options of `job` (a `jobs.RenderJob`) and return its stages: none (frames stay
-    `size x size`), `aspect` alone (`--crop-box` without a picture) or `aspect` + `paste`.
+def plan(options: Options, job, size_px: int, note: Callable[[str], None]) -> List:
+    """Check the paste-back `options` of `job` (a `jobs.RenderJob`: its source and preprocess mode) and
+    return its stages: none (frames stay `size x size`), `aspect` alone (`--crop-box` without a picture)
+    or `aspect` + `paste`.
 
     Reads the original picture and, without `crop_box`, finds the box (seconds, no model needed).
     """
@@ -159,11 +173,11 @@ def plan(job, size_px: int, note: Callable[[str], None]) -> List:
 
     from .. import media
 
-    if job.paste_into is not None and job.crop_box is None and isinstance(job.source, np.ndarray):
+    if options.paste_into is not None and options.crop_box is None and isinstance(job.source, np.ndarray):
         raise MediaError("paste_into with the source as an array: give crop_box= too (the box is found by "
                          "matching SadTalker's crop file in the picture)")
     mode = get_mode(job.preprocess)
-    paste_into, crop_box = job.paste_into, job.crop_box
+    paste_into, crop_box = options.paste_into, options.crop_box
     if paste_into is None:
         if mode.pastes_back and crop_box is None:
             box_from = "crop alone" if mode.extended_crop else "crop and quad"
