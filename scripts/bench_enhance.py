@@ -127,7 +127,7 @@ def run_stage(stage, frames: np.ndarray, batch: int, device):
 
 
 def bench_speed(args) -> list:
-    from sfr_cli.renderer import ModelCache
+    from sfr_cli.models import ModelCache
     from sfr_cli.stages import enhance as enhance_stage
     from sfr_cli.stages.enhance import FaceEnhancer
     from sfr_cli.streaming import CPU_ENHANCE_BATCH, CUDA_ENHANCE_BATCH
@@ -185,7 +185,7 @@ def memory_child(args) -> dict:
     from sfr_cli import jobs, streaming
     from sfr_cli.engine import peak_rss_mib
     from sfr_cli.progress import SilentReporter
-    from sfr_cli.renderer import ModelCache
+    from sfr_cli.models import ModelCache
 
     count = args.memory_child
     with tempfile.TemporaryDirectory(prefix="sfr-enh-mem-") as tmp:

@@ -214,11 +214,12 @@ def run_plain(nets: Networks, device: torch.device, image: np.ndarray, semantics
 
 def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics, encode: bool = True) -> Dict:
     """sfr as ``sfr render`` runs it: ``streaming.stream_frames`` (the engine, the frame stages' lane, the
-    one copy to the host) into ``streaming.ClipSinks`` (the writer thread and the H.264 encoder).
+    one copy to the host) into ``media.ClipSinks`` (the writer thread and the H.264 encoder).
     One warm-up pass, one timed pass, one pass rendering alone, one pass for the stage split."""
     from .engine import Clip
     from .media import find_ffmpeg
-    from .streaming import ClipSinks, stream_frames
+    from .media import ClipSinks
+    from .streaming import stream_frames
 
     device = resolve_device(options.device)
     _reset_cuda(device)

@@ -277,7 +277,7 @@ def enhance(input_path: Path, quiet: bool, as_json: bool, **given) -> None:
     path (or the frames folder), or with --json one JSON object.
     """
     from .jobs import EnhanceJob, prepare_enhance
-    from .renderer import ModelCache
+    from .models import ModelCache
     from .streaming import render_enhance
 
     job = EnhanceJob.make(input=input_path, **given)

@@ -6,10 +6,7 @@ audio, output location, checkpoint files, each frame stage's options and files) 
 network loads, so a mistake costs seconds, not a model load. `streaming` then renders a `PreparedJob`.
 """
 from __future__ import annotations
-import collections
 import json
-import os
-import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
@@ -229,6 +226,16 @@ class PreparedJob:
     def frame_count(self) -> int:
         return self.semantics.frame_count
 
+    @property
+    def fps(self) -> float:
+        return self.job.fps
+
+    @property
+    def audio(self) -> Optional[Path]:
+        return self.job.audio
+
+    audio_copy = False  # a render's sound is always encoded to AAC
+
 
 def read_driving(value) -> Tuple[np.ndarray, str]:
     """Coefficients from a file path, or an `(N, 70|73)` / `(N, C, 27)` array; (array, name for messages)."""
@@ -246,42 +253,9 @@ def read_source_row(value) -> np.ndarray:
     return np.array(array[0] if array.ndim == 2 else array[0, :, coeffs.SEMANTIC_RADIUS], dtype=np.float32)
 
 
-SOURCE_IMAGES_KEPT = 8  # resized source images kept per cache (a 256 px one is 0.75 MiB)
-
-
-class SourceImages:
-    """A small LRU of resized source images keyed by (path, size, modification time, size_px), thread-safe.
-    A batch checks each row, then renders it, often with one face for many clips: the Renderer's model
-    cache holds one (`ModelCache.source_images`), with its source states."""
-
-    def __init__(self, entries: int = SOURCE_IMAGES_KEPT):
-        self._images: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
-        self._entries = max(0, entries)
-        self._lock = threading.Lock()
-
-    def read(self, path, size_px: int) -> np.ndarray:
-        """`media.read_source_image(path, size_px)`, from the cache when the file is unchanged (a copy)."""
-        try:
-            info = os.stat(path)
-            key = (os.path.abspath(path), info.st_size, info.st_mtime_ns, size_px)
-        except OSError:
-            key = None  # read_source_image says what is wrong
-        with self._lock:
-            if key in self._images:
-                self._images.move_to_end(key)
-                return self._images[key].copy()
-        image = media.read_source_image(path, size_px)
-        if key is not None and self._entries:
-            with self._lock:
-                self._images[key] = image.copy()
-                while len(self._images) > self._entries:
-                    self._images.popitem(last=False)
-        return image
-
-
-def read_source(value, size_px: int, sources: Optional[SourceImages] = None) -> np.ndarray:
-    """The source face from an image path (through `sources` when given), or an `(H, W, 3)` RGB array
-    (uint8, or float in [0, 1])."""
+def read_source(value, size_px: int, sources=None) -> np.ndarray:
+    """The source face from an image path (through `sources`, a `models.SourceImages`, when given), or an
+    `(H, W, 3)` RGB array (uint8, or float in [0, 1])."""
     if isinstance(value, np.ndarray):
         return media.source_from_array(value, size_px)
     if sources is not None:
@@ -325,18 +299,18 @@ def check_mp4_output(output: Path, width_px: int, height_px: int, note: Callable
 
 
 def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, claim: bool = False,
-                sources: Optional[SourceImages] = None) -> PreparedJob:
+                sources=None) -> PreparedJob:
     """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
     `in_memory` the job writes no files (the caller keeps its frames). `note(message)` hears notes.
     A missing MP4 folder is fine when it can be created. With `claim` the job's outputs are claimed first
     (OutputBusy when another live run writes one) and stay claimed until `PreparedJob.release()`, which
     whoever renders it calls; a check failing releases them. A folder refusing access is a MediaError, as
-    any user error. `sources`: a cache of source images (the Renderer's)."""
+    any user error. `sources`: a cache of source images (`models.SourceImages`, the Renderer's)."""
     return _under_claims(lambda claims: _prepare_job(job, note, in_memory, claims if claim else None, sources))
 
 
 def _prepare_job(job: RenderJob, note, in_memory: bool, claims: Optional[List[outputs.OutputClaim]],
-                 sources: Optional[SourceImages]) -> PreparedJob:
+                 sources) -> PreparedJob:
     notes: List[str] = []
 
     def noted(message: str) -> None:

@@ -17,25 +17,21 @@ source face into one stream of batches (what `sfr batch` does in-process).
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import hashlib
 import numbers
 import os
-import threading
-import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import CoefficientsError, ConfigError, MediaError
-from .jobs import PreparedJob, RenderJob, RenderReport, SourceImages, option_defaults, prepare_job, with_options
-from .streaming import build_engine, load_group, render_prepared, render_prepared_group, stream_frames
+from .jobs import PreparedJob, RenderJob, RenderReport, option_defaults, prepare_job, with_options
+from .models import SOURCE_CACHE_ENTRIES, ModelCache, load_group
+from .streaming import render_prepared, render_prepared_group, stream_frames
 from .options import clip_rows, shared_rows
 from .progress import Reporter, SilentReporter
 
-SOURCE_CACHE_ENTRIES = 8  # source states kept (a 256 px source state is a few MiB)
 # Jobs packed into one stream at most: each holds its source image and coefficients until the group is
 # done; one more group boundary per 16 clips costs one short batch.
 PACK_MAX_JOBS = 16
@@ -45,88 +41,6 @@ PER_CLIP_FIELDS = tuple(row.name for row in clip_rows())
 # Per-clip paths (str or Path); coeffs, source and source_coeffs may also be arrays.
 PATH_OPTIONS = tuple(row.name for row in clip_rows()
                      if row.path and row.name not in ("coeffs", "source", "source_coeffs"))
-
-
-class ModelCache:
-    """What a process keeps between jobs: engines keyed by what they were loaded from, frame stages'
-    weights keyed by their stage (`stage_model`), source images (`source_images`, read by the checks) and
-    source work keyed by what it was computed from; the one source cache. Thread-safe for lookups.
-
-    Passed to `streaming.render_prepared` as its `models`."""
-
-    def __init__(self, source_entries: int = SOURCE_CACHE_ENTRIES):
-        self._engines: Dict[Tuple, object] = {}
-        self._stage_models: Dict[Tuple, object] = {}
-        self._sources: "collections.OrderedDict[Tuple, object]" = collections.OrderedDict()
-        self._source_entries = max(0, source_entries)
-        self._lock = threading.RLock()
-        self.source_images = SourceImages()
-        self.loads = 0  # models loaded so far (for tests and the benchmark)
-        self.source_hits = 0
-        self.source_seconds = 0.0  # spent on source work (a render cost, kept apart by the benchmark)
-
-    @property
-    def engines(self) -> List:
-        """The engines loaded so far (their `stats` show the batches of the last clip or packed group)."""
-        return list(self._engines.values())
-
-    @staticmethod
-    def _engine_key(prepared: PreparedJob) -> Tuple:
-        job, files = prepared.job, prepared.files
-        return (str(prepared.config.path), str(files.renderer), str(files.mapping), job.device, job.precision,
-                job.batch_size, job.compile)
-
-    def engine(self, prepared: PreparedJob):
-        key = self._engine_key(prepared)
-        with self._lock:
-            engine = self._engines.get(key)
-            if engine is None:
-                engine = self._engines[key] = build_engine(prepared)
-                self.loads += 1
-        engine.stats.batch_sizes.clear()  # per clip (or packed group): the report gives its batches
-        return engine
-
-    def stage_model(self, key: Tuple, build: Callable[[], object]):
-        """A frame stage's weights (or any model it needs) for `key` (what they were loaded from and where
-        they run): `build()` once per process and key, shared by every clip after."""
-        with self._lock:
-            model = self._stage_models.get(key)
-            if model is None:
-                model = self._stage_models[key] = build()
-                self.loads += 1
-            return model
-
-    @staticmethod
-    def _source_key(prepared: PreparedJob) -> str:
-        """What a source state is computed from: the face image's pixels and the source window."""
-        window = np.ascontiguousarray(prepared.semantics.source_window(), dtype=np.float32)
-        digest = hashlib.blake2b(np.ascontiguousarray(prepared.image).tobytes(), digest_size=16)
-        digest.update(window.tobytes())
-        return digest.hexdigest()
-
-    def pack_key(self, prepared: PreparedJob) -> Tuple:
-        """Jobs with equal keys share one engine and one source state, so they can render as one packed
-        stream (`streaming.render_prepared_group`). Loads nothing."""
-        return self._engine_key(prepared), self._source_key(prepared)
-
-    def source_state(self, engine, prepared: PreparedJob):
-        window = np.ascontiguousarray(prepared.semantics.source_window(), dtype=np.float32)
-        key = (id(engine), self._source_key(prepared))
-        with self._lock:
-            state = self._sources.get(key)
-            if state is not None:
-                self._sources.move_to_end(key)
-                self.source_hits += 1
-                return state
-        started = time.perf_counter()
-        state = engine.prepare_source(prepared.image, window)
-        self.source_seconds += time.perf_counter() - started
-        if self._source_entries:
-            with self._lock:
-                self._sources[key] = state
-                while len(self._sources) > self._source_entries:
-                    self._sources.popitem(last=False)
-        return state
 
 
 class Renderer:

@@ -1,51 +1,40 @@
-"""Frames of checked jobs from the engine through the frame stages into the sinks, threaded and bounded.
+"""The one pipeline: frame source -> stage chain on the device -> one copy to the host -> sinks.
 
-Frames stream from the engine through a small bounded queue to a writer thread that feeds the MP4 and/or
-the PNG frames: rendering the next batch overlaps with encoding, and memory stays flat whatever the clip
-length. On any failure or interrupt a job's sinks are aborted: no partial MP4, no temporary files, no
-ffmpeg left running. Jobs sharing a model and a source face run as one group (`render_prepared_group`):
-one stream of batches spanning the clips, each job with its own sinks, committed or failed alone.
+Every command runs frames this way: `sfr render`, `sfr batch`, the `Renderer` and `sfr bench` with the
+engine as the frame source (`stream_frames`), `sfr enhance` with frames that already exist, decoded from
+a video or read from a folder (`decoded_batches`). A frame source yields batches on the render device
+(`engine.DeviceFrames`); `StageLane` runs each clip's stage chain on them and brings the frames to the
+host once; `_stream` hands each job's frames to its own sinks (`media.ClipSinks`: a bounded queue and a
+writer thread, so producing the next batch overlaps with encoding and memory stays flat whatever the
+clip length) and commits or fails each job alone. On any failure or interrupt a job's sinks are
+aborted: no partial MP4, no temporary files, no ffmpeg left running. Jobs sharing a model and a source
+face run as one group (`render_prepared_group`): one stream of batches spanning the clips.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import queue
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import media
-from .errors import RenderError
 from .jobs import PreparedJob, RenderJob, RenderReport, prepare_job
+from .media import ClipSinks
+from .models import load_group
 from .progress import Reporter
 from .stages import stage_reports
 
-QUEUE_FRAMES = 8  # frames between the renderer and the writer thread
-QUEUE_POLL_SECONDS = 0.1
-STOP_WAIT_SECONDS = 5.0  # how long a stopping writer may take to finish its frame before ffmpeg is killed
 COMMITS_IN_FLIGHT = 2  # clips whose ffmpeg may still be finishing while the next clip renders
-
-def build_engine(prepared: PreparedJob):
-    """Load the networks a checked job names and build its engine (what `ModelCache.engine` keeps)."""
-    from . import checkpoints
-    from .engine import Engine, EngineOptions, configure_torch, resolve_device
-
-    job = prepared.job
-    configure_torch(resolve_device(job.device))
-    nets = checkpoints.load_networks(prepared.config, prepared.files)
-    return Engine(nets, EngineOptions(device=job.device, precision=job.precision, batch_size=job.batch_size,
-                                      compile_scope="decoder" if prepared.compile_decoder else "none"))
+CPU_ENHANCE_BATCH = 4  # frames per stage call of `sfr enhance` on a CPU
+CUDA_ENHANCE_BATCH = 16
 
 
 def render_job(job: RenderJob, reporter: Reporter, models) -> RenderReport:
     """Check everything, load the model, render `job` into its MP4 and/or PNG frames; return a report.
 
-    `models` gives the engine, the source work and the stages' weights (`renderer.ModelCache`). Raises
+    `models` gives the engine, the source work and the stages' weights (`models.ModelCache`). Raises
     SfrError kinds for anything the user can fix; nothing is left at the outputs on failure.
     """
     # 1. Everything checkable, cheapest first; no model loads.
@@ -58,16 +47,6 @@ def render_prepared(prepared: PreparedJob, reporter: Reporter, models) -> Render
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
-
-
-def load_group(group: Sequence[PreparedJob], models):
-    """The engine and source state a group shares, and every job's stages loaded on its device."""
-    engine = models.engine(group[0])
-    state = models.source_state(engine, group[0])
-    for prepared in group:
-        for stage in prepared.stages:
-            stage.load(engine.device, models)
-    return engine, state
 
 
 def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, models
@@ -94,7 +73,7 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
 
 def _render_group(group: Sequence[PreparedJob], reporter: Reporter, models
                   ) -> Iterator[Tuple[int, Union[RenderReport, Exception]]]:
-    from .engine import peak_rss_mib
+    from .engine import Clip, peak_rss_mib
 
     if not group:
         return
@@ -120,7 +99,13 @@ def _render_group(group: Sequence[PreparedJob], reporter: Reporter, models
 
     # 3. Frames: engine -> stages -> host -> bounded queue -> writer thread -> MP4 and/or PNG frames, per job.
     reporter.start(total)
-    with contextlib.closing(_stream(engine, state, group, reporter.advance)) as outcomes:
+    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
+    chains = [p.stages for p in group]
+
+    def frames(skip: set):
+        return stream_frames(engine, state, clips, chains, reporter.advance, skip)
+
+    with contextlib.closing(_stream(group, frames)) as outcomes:
         for index, outcome, seconds in outcomes:
             group[index].release()  # committed or failed: its outputs are free again
             if isinstance(outcome, BaseException):
@@ -219,16 +204,17 @@ def _owner_runs(owners: Sequence[int]) -> List[Tuple[int, int, int]]:
     return runs
 
 
-def stream_frames(engine, state, clips: Sequence, chains: Sequence[Sequence], progress=None, skip=None
-                  ) -> Iterator[Tuple[int, Union[np.ndarray, Exception]]]:
-    """Every frame of `clips` (`engine.Clip`s sharing `state`), each through its clip's stage chain, on
-    the host: `(clip index, (H, W, 3) uint8 frame)` in order, or once `(clip index, error)` when that
-    clip's stages failed (its later frames are dropped). `progress(n)` hears of every batch handed out;
-    `skip` (a set the caller may grow) names clips whose frames are no longer wanted. Engine errors
-    propagate. The one path for frames: `sfr render`, `sfr batch`, `Renderer.frames` and `sfr bench`."""
+def run_chains(batches: Iterator, device, chains: Sequence[Sequence], progress=None, skip=None,
+               after_batch: Optional[Callable[[], None]] = None) -> Iterator[Tuple[int, Union[np.ndarray, Exception]]]:
+    """Every frame of a frame source's `batches` (`engine.DeviceFrames` on `device`, each frame owned by a
+    clip), each through its clip's stage chain (`chains[clip]`), on the host: `(clip index, (H, W, 3)
+    uint8 frame)` in order, or once `(clip index, error)` when that clip's stages failed (its later frames
+    are dropped). `progress(n)` hears of every batch handed out; `skip` (a set the caller may grow) names
+    clips whose frames are no longer wanted; `after_batch()` runs after each batch. The frame source's
+    errors propagate. The one path for frames: every command's."""
     skip = skip if skip is not None else set()
-    lane = StageLane(engine.device)
-    for batch in engine.launch_clips(state, clips):
+    lane = StageLane(device)
+    for batch in batches:
         for index, frames in lane.run(batch, chains, set(skip)):
             if isinstance(frames, Exception):
                 skip.add(index)
@@ -236,9 +222,35 @@ def stream_frames(engine, state, clips: Sequence, chains: Sequence[Sequence], pr
                 continue
             for frame in frames:
                 yield index, frame
-        engine.record_memory()
+        if after_batch is not None:
+            after_batch()
         if progress is not None:
             progress(len(batch.owners))
+
+
+def stream_frames(engine, state, clips: Sequence, chains: Sequence[Sequence], progress=None, skip=None
+                  ) -> Iterator[Tuple[int, Union[np.ndarray, Exception]]]:
+    """`run_chains` with the engine as the frame source: every frame of `clips` (`engine.Clip`s sharing
+    `state`). `sfr render`, `sfr batch`, `Renderer.frames` and `sfr bench`."""
+    return run_chains(engine.launch_clips(state, clips), engine.device, chains, progress, skip, engine.record_memory)
+
+
+def decoded_batches(source, device, batch_size: int) -> Iterator:
+    """Frames that already exist as a frame source: `source` (`media.FrameSource`, a video or a folder of
+    pictures) read `batch_size` frames at a time, each batch on `device` as one clip's (`DeviceFrames`,
+    owner 0). `sfr enhance`."""
+    import torch
+
+    from .engine import DeviceFrames
+
+    pending: List[np.ndarray] = []
+    for frame in source.frames():
+        pending.append(frame)
+        if len(pending) == batch_size:
+            yield DeviceFrames(torch.from_numpy(np.stack(pending)).to(device), [0] * len(pending))
+            pending = []
+    if pending:
+        yield DeviceFrames(torch.from_numpy(np.stack(pending)).to(device), [0] * len(pending))
 
 
 CPU_ENHANCE_BATCH = 4  # frames per stage call of `sfr enhance` on a CPU
@@ -254,12 +266,13 @@ def render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
 
 
 def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
-    """`sfr enhance`: a checked `jobs.PreparedEnhance`'s frames, read in batches, through its stages on the
-    device (the same `StageLane` as a render's), into its sinks. Nothing is left at the outputs on failure
-    or interrupt; memory stays flat (frames are read, enhanced and written a batch at a time)."""
+    """`sfr enhance`: a checked `jobs.PreparedEnhance`'s frames, decoded in batches (the frame source),
+    through its stages on the device and into its sinks: the same lane and sinks as a render's. Nothing
+    is left at the outputs on failure or interrupt; memory stays flat (frames are read, enhanced and
+    written a batch at a time)."""
     import torch
 
-    from .engine import DeviceFrames, configure_torch, peak_rss_mib, resolve_device
+    from .engine import configure_torch, peak_rss_mib, resolve_device
 
     job = prepared.job
     device = resolve_device(job.device)
@@ -271,39 +284,19 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
     batch = job.batch_size or (CUDA_ENHANCE_BATCH if device.type == "cuda" else CPU_ENHANCE_BATCH)
     reporter.note(f"{prepared.frame_count} frames of {prepared.source.width_px}x{prepared.source.height_px} "
                   f"on {device}, batch size {batch}")
-    width_px, height_px = prepared.frame_size
-    lane = StageLane(device)
-    started = time.perf_counter()
     reporter.start(prepared.frame_count)
-    sinks = ClipSinks(output=prepared.output, frames_dir=prepared.frames_dir, width_px=width_px, height_px=height_px,
-                      frame_count=prepared.frame_count, fps=prepared.fps, audio=prepared.audio, ffmpeg=prepared.ffmpeg,
-                      overwrite=job.overwrite, audio_copy=prepared.audio_copy)
+
+    def frames(skip: set):
+        return run_chains(decoded_batches(prepared.source, device, batch), device, [prepared.stages],
+                          reporter.advance, skip)
+
     try:
-        pending: List[np.ndarray] = []
-
-        def flush() -> None:
-            frames = torch.from_numpy(np.stack(pending)).to(device)
-            for _, out in lane.run(DeviceFrames(frames, [0] * len(pending)), [prepared.stages], set()):
-                if isinstance(out, Exception):
-                    raise out
-                for frame in out:
-                    sinks.put(frame)
-            reporter.advance(len(pending))
-            pending.clear()
-
-        for frame in prepared.source.frames():
-            pending.append(frame)
-            if len(pending) == batch:
-                flush()
-        if pending:
-            flush()
-        written = sinks.commit()
-    except BaseException:
-        sinks.abort()
+        with contextlib.closing(_stream([prepared], frames)) as outcomes:
+            (_, written, seconds), = list(outcomes)
+    finally:
         reporter.finish()
-        raise
-    reporter.finish()
-    seconds = time.perf_counter() - started
+    if isinstance(written, BaseException):
+        raise written
     return RenderReport(
         output=prepared.output, frames_dir=prepared.frames_dir, frames=written, seconds=seconds,
         frames_per_second=written / seconds if seconds > 0 else 0.0, peak_rss_mib=round(peak_rss_mib(), 1),
@@ -324,18 +317,18 @@ class _Job:
     ended: float = 0.0  # its last frame, its failure, or its commit's end
 
 
-def _stream(engine, state, group: Sequence[PreparedJob], progress
+def _stream(group: Sequence, frames_of: Callable[[set], Iterator[Tuple[int, Union[np.ndarray, Exception]]]]
             ) -> Iterator[Tuple[int, Union[int, Exception], float]]:
-    """Render the jobs of `group` as one stream into each job's `ClipSinks`; yield `(index, frames
-    written, seconds)` when a job is committed, `(index, error, seconds)` when it fails, in job order
-    (see `render_prepared_group`).
+    """Hand the frames of the jobs of `group` (`frames_of(skip)`: `(job index, frame or its stages'
+    error)`, as `run_chains` yields them; `skip` names jobs whose frames are no longer wanted) to each
+    job's `ClipSinks`; yield `(index, frames written, seconds)` when a job is committed, `(index, error,
+    seconds)` when it fails, in job order (see `render_prepared_group`). A job is a `jobs.PreparedJob`
+    or a `jobs.PreparedEnhance` (what `open_sinks` reads).
 
     A job's sinks open with its first frame. After its last, its commit (the writer draining, ffmpeg
     finishing the file) runs in the background while the next job's frames render and encode, so
     neither the engine nor the GPU waits for the encoder between clips; at most
     `COMMITS_IN_FLIGHT` commits run at once (then the oldest is waited for)."""
-    from .engine import Clip
-
     jobs = [_Job(prepared) for prepared in group]
     jobs[0].begun = time.perf_counter()
     settling: "collections.deque[Tuple[int, Optional[ClipSinks], object]]" = collections.deque()  # job order
@@ -369,15 +362,14 @@ def _stream(engine, state, group: Sequence[PreparedJob], progress
         settling.append((index, job.sinks if error is None else None, error))
         job.sinks = None
 
-    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
-    frames = stream_frames(engine, state, clips, [p.stages for p in group], progress, skip)
+    frames = frames_of(skip)
     try:
         while True:
             try:
                 index, frame = next(frames)
             except StopIteration:
                 break
-            except Exception as exc:  # the engine failed: every job not yet written fails with it
+            except Exception as exc:  # the frame source failed: every job not yet written fails with it
                 for index, job in enumerate(jobs):
                     if not job.settled:
                         settle(index, exc)
@@ -390,7 +382,7 @@ def _stream(engine, state, group: Sequence[PreparedJob], progress
                 continue
             try:
                 if job.sinks is None:
-                    job.sinks = ClipSinks.for_job(job.prepared)
+                    job.sinks = open_sinks(job.prepared)
                 job.sinks.put(frame)
             except Exception as exc:  # this job's sinks (ffmpeg died, a disk filled): it alone fails
                 settle(index, exc)
@@ -403,7 +395,7 @@ def _stream(engine, state, group: Sequence[PreparedJob], progress
             if not job.settled:
                 try:
                     if job.sinks is None:
-                        job.sinks = ClipSinks.for_job(job.prepared)
+                        job.sinks = open_sinks(job.prepared)
                     settle(index)
                 except Exception as exc:
                     settle(index, exc)
@@ -419,166 +411,10 @@ def _stream(engine, state, group: Sequence[PreparedJob], progress
         frames.close()
 
 
-class ClipSinks:
-    """One job's outputs while its frames stream: the MP4 and/or PNG writers fed by a writer thread
-    (rendering and encoding overlap, the queue bounded). `commit` after the last frame checks the count
-    and commits the files (`commit_in_background` does it in a thread of its own); `abort` on any
-    failure or interrupt stops the thread and ffmpeg and leaves nothing behind."""
-
-    def __init__(self, *, output: Optional[Path], frames_dir: Optional[Path], width_px: int, height_px: int,
-                 frame_count: int, fps: float = 25.0, audio: Optional[Path] = None, ffmpeg: Optional[str] = None,
-                 overwrite: bool = False, audio_copy: bool = False):
-        self.frame_count = frame_count
-        self._sinks: list = []
-        self._mp4 = self._png = self._writer = self._committer = None
-        self._outcome: Union[int, Exception, None] = None
-        self.committed_at = 0.0  # perf_counter() when the background commit ended
-        try:
-            if output is not None:
-                self._mp4 = media.Mp4Writer(output, width_px=width_px, height_px=height_px, fps=fps, audio=audio,
-                                            frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True, audio_copy=audio_copy,
-                                            replace_existing=overwrite)
-                self._sinks.append(self._mp4)
-            if frames_dir is not None:
-                self._png = media.PngFrameWriter(frames_dir, replace_existing=overwrite)
-                self._sinks.append(self._png)
-            self._writer = FrameWriterThread(self._sinks)
-        except BaseException:
-            self.abort()
-            raise
-
-    @classmethod
-    def for_job(cls, prepared: PreparedJob) -> "ClipSinks":
-        """The sinks a checked job writes: its MP4 and/or frames folder, at its frames' size."""
-        job = prepared.job
-        width_px, height_px = prepared.frame_size
-        return cls(output=prepared.output, frames_dir=prepared.frames_dir, width_px=width_px, height_px=height_px,
-                   frame_count=prepared.frame_count, fps=job.fps, audio=job.audio, ffmpeg=prepared.ffmpeg,
-                   overwrite=job.overwrite)
-
-    @property
-    def writer_seconds(self) -> float:
-        """Seconds the writer thread spent in the sinks (encoding, PNG compression) so far."""
-        return self._writer.sink_seconds if self._writer is not None else 0.0
-
-    def put(self, frame: np.ndarray) -> None:
-        """Hand on one `(H, W, 3) uint8` frame; raises the writer's error, if any."""
-        self._writer.put(frame)
-
-    def commit(self) -> int:
-        """Wait for the last frame to be written, check the count, commit the files; returns the count."""
-        written = self._writer.finish()
-        if written != self.frame_count:
-            raise RenderError(f"the engine yielded {written} frames for {self.frame_count} coefficient frames")
-        if self._mp4 is not None:
-            self._mp4.close()
-        if self._png is not None:
-            self._png.close()
-        return written
-
-    def commit_in_background(self) -> None:
-        """Start `commit` in its own thread; `result` waits for it. On failure its files are removed."""
-        self._committer = threading.Thread(target=self._run_commit, name="sfr-commit", daemon=True)
-        self._committer.start()
-
-    def _run_commit(self) -> None:
-        try:
-            self._outcome = self.commit()
-        except Exception as exc:  # handed to the caller's thread by result(), never dropped
-            self._release()
-            self._outcome = exc
-        self.committed_at = time.perf_counter()
-
-    @property
-    def committing(self) -> bool:
-        return self._committer is not None and self._committer.is_alive()
-
-    def result(self) -> Union[int, Exception]:
-        """After `commit_in_background`: wait; the frames written, or the error (nothing left behind)."""
-        self._committer.join()
-        return self._outcome
-
-    def abort(self) -> None:
-        """Stop the threads and ffmpeg and remove every file written. A commit under way is waited for
-        (its ffmpeg killed if it hangs past STOP_WAIT_SECONDS): it ends complete or leaves nothing."""
-        if self._committer is not None:
-            self._committer.join(timeout=STOP_WAIT_SECONDS)
-            if self._committer.is_alive() and self._mp4 is not None:
-                self._mp4.abort()
-            self._committer.join()
-            return
-        self._release()
-
-    def _release(self) -> None:
-        if self._writer is not None:
-            self._writer.stop(unblock=self._mp4.abort if self._mp4 is not None else None)
-        for sink in self._sinks:
-            sink.abort()
-
-
-class FrameWriterThread:
-    """Feeds frames from a bounded queue to the sinks in a background thread.
-
-    `put` blocks while the queue is full (so memory stays flat) and re-raises the writer's error, if any,
-    in the caller's thread; `finish` waits for the last frame; `stop` ends the thread whatever happened.
-    """
-
-    _DONE = object()
-
-    def __init__(self, sinks, name: str = "sfr-frame-writer"):
-        self._sinks = sinks
-        self._queue: "queue.Queue" = queue.Queue(maxsize=QUEUE_FRAMES)
-        self._stopping = threading.Event()
-        self.error: Optional[BaseException] = None
-        self.frames_written = 0
-        self.sink_seconds = 0.0  # time spent in the sinks' write (the encoder's share of the work)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                try:
-                    frame = self._queue.get(timeout=QUEUE_POLL_SECONDS)
-                except queue.Empty:
-                    continue
-                if frame is self._DONE:
-                    return
-                started = time.perf_counter()
-                for sink in self._sinks:
-                    sink.write(frame)
-                self.sink_seconds += time.perf_counter() - started
-                self.frames_written += 1
-        except BaseException as exc:  # handed to the caller's thread by put/finish, never dropped
-            self.error = exc
-
-    def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
-        if not self._thread.is_alive():
-            raise RuntimeError("the frame writer thread stopped unexpectedly")
-
-    def put(self, frame) -> None:
-        while True:
-            self._raise_if_failed()
-            try:
-                self._queue.put(frame, timeout=QUEUE_POLL_SECONDS)
-                return
-            except queue.Full:
-                continue
-
-    def finish(self) -> int:
-        self.put(self._DONE)
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.frames_written
-
-    def stop(self, unblock=None) -> None:
-        """End the thread after its current frame; if it is stuck in a sink, call `unblock` (kills ffmpeg)."""
-        self._stopping.set()
-        self._thread.join(timeout=STOP_WAIT_SECONDS)
-        if self._thread.is_alive() and unblock is not None:
-            unblock()
-        self._thread.join()
-
+def open_sinks(prepared) -> ClipSinks:
+    """The sinks a checked job writes (a `PreparedJob` or `PreparedEnhance`): its MP4 and/or frames
+    folder, at its frames' size, with its rate and sound."""
+    width_px, height_px = prepared.frame_size
+    return ClipSinks(output=prepared.output, frames_dir=prepared.frames_dir, width_px=width_px, height_px=height_px,
+                     frame_count=prepared.frame_count, fps=prepared.fps, audio=prepared.audio, ffmpeg=prepared.ffmpeg,
+                     overwrite=prepared.job.overwrite, audio_copy=prepared.audio_copy)

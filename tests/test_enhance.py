@@ -17,7 +17,7 @@ from sfr_cli.errors import CheckpointError, ConfigError
 from sfr_cli.jobs import EnhanceJob, prepare_enhance
 from sfr_cli.nets import face_paste
 from sfr_cli.progress import SilentReporter
-from sfr_cli.renderer import ModelCache
+from sfr_cli.models import ModelCache
 from sfr_cli.streaming import render_enhance
 
 from conftest import read_png_frames  # noqa: F401

@@ -51,6 +51,8 @@ RULES = {
     "sfr_cli.media.source": rule({"errors", "media"}, {"numpy", "PIL", "scipy", "imageio_ffmpeg"}),
     "sfr_cli.media.ffmpeg": rule({"errors"}, {"imageio_ffmpeg"}),
     "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
+    # one clip's sinks fed by a writer thread (what the pipeline's frames go into)
+    "sfr_cli.media.writer": rule({"errors", "media"}, {"numpy"}),
     # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
     "sfr_cli.stages": rule(),  # the stage registry: imports its stage modules by name, lazily
     # a stage module may declare its option rows (its OPTIONS, read by `options.table()`)
@@ -59,13 +61,16 @@ RULES = {
                              {"numpy", "torch", "click"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads
-    "sfr_cli.streaming": rule(LIBRARY | {"jobs"}, {"numpy", "torch"}),  # frames through stages into sinks
+    # models in one home: the cache, engine building, stage models, source images and states
+    "sfr_cli.models": rule(LIBRARY, {"numpy"}),
+    # the one pipeline: frame source (engine, decoded frames) -> stages -> sinks
+    "sfr_cli.streaming": rule(LIBRARY | {"jobs", "models"}, {"numpy", "torch"}),
     "sfr_cli.bench": rule(LIBRARY | {"jobs", "streaming"}, {"numpy", "torch"}),  # `sfr bench`: the engine vs a plain loop
     "sfr_cli.cli": rule(ANY, ANY),
     # The public Python API and `sfr batch`: glue over the library, like jobs and streaming.
     # the one option table (its Click types; the stages' rows, read from the stage registry)
     "sfr_cli.options": rule({"errors", "modes", "coeffs", "stages"}, {"click"}),
-    "sfr_cli.renderer": rule(LIBRARY | {"jobs", "streaming", "options"}, {"numpy"}),
+    "sfr_cli.renderer": rule(LIBRARY | {"jobs", "models", "streaming", "options"}, {"numpy"}),
     "sfr_cli.batch": rule(LIBRARY | {"jobs", "options", "renderer"}, {"click"}),
     # The one dispatcher of the process backends (longest first, retry once, the failed row); the watchdog
     # that ends what a killed driver started (stdlib only: it runs as a small process of its own).

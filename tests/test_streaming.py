@@ -15,7 +15,7 @@ import pytest
 from sfr_cli.jobs import RenderJob, RenderReport
 from sfr_cli.media import count_video_frames, find_ffmpeg
 from sfr_cli.progress import SilentReporter
-from sfr_cli.renderer import ModelCache
+from sfr_cli.models import ModelCache
 from sfr_cli.streaming import render_job
 
 FPS = 25.0

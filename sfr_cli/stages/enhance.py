@@ -46,7 +46,7 @@ import click
 
 from ..errors import CheckpointError, ConfigError
 from ..options import BATCH, CLIP, ENHANCE, RENDER, IntChoice, OptionRow
-from .restorers import ENHANCERS, RESTORERS, restorer_of
+from .restorers import ENHANCERS, restorer_of
 
 UPSCALES = (2, 1)  # 2: SadTalker's (twice the input size); 1: the input's size
 NOISES = ("stored", "random")
