@@ -55,12 +55,20 @@ class ManifestRow:
 
 @dataclass
 class Task:
-    """A checked row, ready for a backend: its job (outputs resolved) and its length in frames."""
+    """A checked row, ready for a backend: its job (outputs resolved), its length in frames and the job as
+    the plan checked it (`jobs.PreparedJob` without pixels, picklable: the render and the workers take it
+    as it is, not checking the row again; None: the backend plans it, as Ray's actors do)."""
 
     row: int
     job: RenderJob
     frames: int
     attempts: int = 0
+    prepared: Optional[object] = None
+
+    @property
+    def planned(self):
+        """What a Renderer renders for this task: the planned job, else the job."""
+        return self.prepared if self.prepared is not None else self.job
 
 
 @dataclass
@@ -462,7 +470,7 @@ def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: 
             plan.reads += [Place.of(0, path, role) for path, role in (
                 (prepared.config.path, "--config input"), (prepared.files.renderer, "renderer checkpoint"),
                 (prepared.files.mapping, "mapping checkpoint")) if path is not None]
-        plan.tasks.append(Task(row.number, job, prepared.frame_count))
+        plan.tasks.append(Task(row.number, job, prepared.frame_count, prepared=prepared.without_pixels()))
     plan.tasks.sort(key=lambda task: (-task.frames, task.row))
     return plan
 
@@ -503,7 +511,7 @@ def run_task(renderer, task: Task, *, reraise: bool = False) -> RowResult:
     `reraise` (in-process with --debug) lets an unexpected error out with its traceback."""
     started = time.perf_counter()
     try:
-        outcome = renderer.render_job(task.job)
+        outcome = renderer.render_job(task.planned)
     except Exception as exc:  # judged by row_result, as a packed row's error is
         outcome = exc
     return row_result(task, outcome, time.perf_counter() - started, reraise=reraise)
@@ -557,7 +565,7 @@ class InProcessBackend:
             started[index] = time.perf_counter()
             on_start(tasks[index])
 
-        outcomes = renderer.render_jobs([task.job for task in tasks], on_start=start)
+        outcomes = renderer.render_jobs([task.planned for task in tasks], on_start=start)
         with contextlib.closing(outcomes):
             for index, outcome in outcomes:
                 seconds = time.perf_counter() - started.pop(index)

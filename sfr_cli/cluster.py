@@ -200,12 +200,14 @@ class _ActorPool:
 
 
 def _absolute(task: Task) -> Task:
-    """The task with absolute paths: an actor's working folder is not the driver's."""
+    """The task with absolute paths: an actor's working folder is not the driver's. The actor plans the
+    job again (the driver's plan names files by the driver's paths)."""
+    from .jobs import with_options
     from .options import table
 
-    changes = {row.name: Path(os.path.abspath(getattr(task.job, row.name))) for row in table()
-               if row.path and isinstance(getattr(task.job, row.name), (str, Path))}
-    return replace(task, job=replace(task.job, **changes))
+    changes = {row.name: Path(os.path.abspath(task.job.option(row.name))) for row in table()
+               if row.path and isinstance(task.job.option(row.name), (str, Path))}
+    return replace(task, job=with_options(task.job, **changes), prepared=None)
 
 
 def _first_sentence(exc: Exception) -> str:

@@ -197,15 +197,19 @@ def _pose(degrees: Optional[Sequence[float]], frame_count: int) -> Optional[np.n
 
 @dataclass
 class PreparedJob:
-    """A job after every check, before any model: what `render_prepared` streams and `Renderer.frames`
-    yields. `image` is the source `(3, S, S) float32 in [0, 1]`; `output`/`frames_dir` are where it will
-    write (both None for frames kept in memory); `files` are the checkpoint files found."""
+    """A job after every check, before any model: the planned job, what `render_prepared` streams and
+    `Renderer.frames` yields. Planned once (`plan_job`: inputs resolved, the crop box found, the weight
+    files checked, the frame count known) and picklable while unclaimed, so `sfr batch`'s plan hands it to
+    the render and to worker processes as it is; `claim_job` claims its outputs where it renders.
+    `image` is the source `(3, S, S) float32 in [0, 1]`, None once `without_pixels` (read again by
+    `source_image`); `output`/`frames_dir` are where it will write (both None for frames kept in memory);
+    `files` are the checkpoint files found; `inputs` every file it reads (outputs must be none of them)."""
 
     job: RenderJob
     config: object  # config.ModelConfig
     files: object  # checkpoints.CheckpointFiles
     semantics: object  # coeffs.Semantics
-    image: np.ndarray
+    image: Optional[np.ndarray]
     yaw: Optional[np.ndarray]
     pitch: Optional[np.ndarray]
     roll: Optional[np.ndarray]
@@ -217,6 +221,7 @@ class PreparedJob:
     stages: List = field(default_factory=list)  # the frame stages, in chain order (`stages` package)
     frame_size: Tuple[int, int] = (0, 0)  # (width, height) of the frames written: after the last stage
     claims: List[outputs.OutputClaim] = field(default_factory=list)  # held until `release()`
+    inputs: List[outputs.JobInput] = field(default_factory=list)  # every file the job reads
 
     def release(self) -> None:
         """Give up this job's claims on its outputs (after its commit or failure); idempotent."""
@@ -225,6 +230,20 @@ class PreparedJob:
     @property
     def frame_count(self) -> int:
         return self.semantics.frame_count
+
+    def source_image(self, sources=None) -> np.ndarray:
+        """The source face `(3, S, S) float32`, read again (through `sources`, a `models.SourceImages`)
+        when the plan dropped it."""
+        if self.image is None:
+            self.image = read_source(self.job.source, self.job.size_px, sources)
+        return self.image
+
+    def without_pixels(self) -> "PreparedJob":
+        """This planned job without the source pixels (a long batch plan keeps thousands; the render reads
+        the face again, checked already). Unclaimed jobs only: claims stay with their process."""
+        if self.claims:
+            raise ValueError("a claimed job stays whole")
+        return replace(self, image=None, notes=list(self.notes))
 
     @property
     def fps(self) -> float:
@@ -298,6 +317,24 @@ def check_mp4_output(output: Path, width_px: int, height_px: int, note: Callable
              "(H.264 yuv420p needs even sizes); PNG frames keep the exact size")
 
 
+def claim_job(prepared: PreparedJob, note=None) -> PreparedJob:
+    """Claim the outputs of a job planned earlier without claims (`sfr batch`'s plan): each output is
+    claimed for the job's life (OutputBusy when another live run holds one), the leftovers of killed runs
+    removed (said through `note` and the job's notes), and "exists" judged again under the claims, as
+    `prepare_job(claim=True)` does. Release with `PreparedJob.release()`."""
+    def noted(message: str) -> None:
+        prepared.notes.append(message)
+        if note is not None:
+            note(message)
+
+    def claim(claims: List[outputs.OutputClaim]) -> PreparedJob:
+        check_outputs(prepared.output, prepared.frames_dir, prepared.inputs, overwrite=prepared.job.overwrite,
+                      note=noted, claims=claims)
+        return prepared
+
+    return _under_claims(claim)
+
+
 def prepare_job(job: RenderJob, note=None, *, in_memory: bool = False, claim: bool = False,
                 sources=None) -> PreparedJob:
     """Every check `sfr render` makes, cheapest first, loading no model; raises SfrError kinds. With
@@ -369,6 +406,7 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, claims: Optional[List[ou
     found = [outputs.JobInput(files.renderer, "renderer checkpoint"),
              outputs.JobInput(files.mapping, "mapping checkpoint")]
     check_outputs(output, frames_dir, found, overwrite=True)  # the files found in --checkpoint-dir
+    inputs = inputs + found
     if output is not None:  # after every check that protects an input: that message matters more
         media.check_mp4_name(output)
     from .engine import check_precision, resolve_device
@@ -381,7 +419,7 @@ def _prepare_job(job: RenderJob, note, in_memory: bool, claims: Optional[List[ou
     return PreparedJob(job=job, config=config, files=files, semantics=semantics, image=image, yaw=yaw,
                        pitch=pitch, roll=roll, output=output, frames_dir=frames_dir, ffmpeg=ffmpeg,
                        compile_decoder=compile_decoder, notes=notes, stages=stages,
-                       frame_size=(frame_width, frame_height))
+                       frame_size=(frame_width, frame_height), inputs=inputs)
 
 
 

@@ -80,7 +80,8 @@ class SourceImages:
 
 class ModelCache:
     """What a process keeps between jobs: engines keyed by what they were loaded from, frame stages'
-    weights keyed by their stage (`stage_model`), source images (`source_images`, read by the checks) and
+    weights keyed by their stage (`stage_model`), source images (`source_images`: the faces of planned jobs,
+    read again at render) and
     source work keyed by what it was computed from; the one source cache. Thread-safe for lookups.
 
     Passed to `streaming.render_prepared` as its `models`."""
@@ -127,11 +128,14 @@ class ModelCache:
                 self.loads += 1
             return model
 
-    @staticmethod
-    def _source_key(prepared) -> str:
+    def source_image(self, prepared):
+        """A planned job's source face, read again through `source_images` when its plan dropped it."""
+        return prepared.source_image(self.source_images)
+
+    def _source_key(self, prepared) -> str:
         """What a source state is computed from: the face image's pixels and the source window."""
         window = np.ascontiguousarray(prepared.semantics.source_window(), dtype=np.float32)
-        digest = hashlib.blake2b(np.ascontiguousarray(prepared.image).tobytes(), digest_size=16)
+        digest = hashlib.blake2b(np.ascontiguousarray(self.source_image(prepared)).tobytes(), digest_size=16)
         digest.update(window.tobytes())
         return digest.hexdigest()
 
@@ -150,7 +154,7 @@ class ModelCache:
                 self.source_hits += 1
                 return state
         started = time.perf_counter()
-        state = engine.prepare_source(prepared.image, window)
+        state = engine.prepare_source(self.source_image(prepared), window)
         self.source_seconds += time.perf_counter() - started
         if self._source_entries:
             with self._lock:

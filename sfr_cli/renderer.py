@@ -26,7 +26,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import CoefficientsError, ConfigError, MediaError
-from .jobs import PreparedJob, RenderJob, RenderReport, option_defaults, prepare_job, with_options
+from .jobs import PreparedJob, RenderJob, RenderReport, claim_job, option_defaults, prepare_job, with_options
 from .models import SOURCE_CACHE_ENTRIES, ModelCache, load_group
 from .streaming import render_prepared, render_prepared_group, stream_frames
 from .options import clip_rows, shared_rows
@@ -110,17 +110,25 @@ class Renderer:
         job = self.job(coeffs, source, output=output, frames_dir=frames_dir, audio=audio, **options)
         return self.render_job(job, reporter)
 
-    def render_job(self, job: RenderJob, reporter: Optional[Reporter] = None) -> RenderReport:
-        """Render a ready `RenderJob` (its shared settings replaced by this renderer's)."""
+    def render_job(self, job: Union[RenderJob, PreparedJob], reporter: Optional[Reporter] = None) -> RenderReport:
+        """Render a ready `RenderJob` (its shared settings replaced by this renderer's), or a job planned
+        already (`jobs.PreparedJob`, unclaimed: `sfr batch`'s plan, made with this renderer's settings):
+        its outputs are claimed and it renders as planned, not checked again."""
         reporter = reporter if reporter is not None else SilentReporter()
-        job = with_options(job, **self.settings)
-        prepared = prepare_job(job, reporter.note, claim=True, sources=self.models.source_images)
-        return render_prepared(prepared, reporter, self.models)
+        return render_prepared(self._ready(job, reporter), reporter, self.models)
 
-    def render_jobs(self, jobs: Sequence[RenderJob], reporter: Optional[Reporter] = None,
+    def _ready(self, job: Union[RenderJob, PreparedJob], reporter: Reporter) -> PreparedJob:
+        """A job checked (once) and its outputs claimed."""
+        if isinstance(job, PreparedJob):
+            return claim_job(job, reporter.note)
+        return prepare_job(with_options(job, **self.settings), reporter.note, claim=True,
+                           sources=self.models.source_images)
+
+    def render_jobs(self, jobs: Sequence[Union[RenderJob, PreparedJob]], reporter: Optional[Reporter] = None,
                     on_start: Optional[Callable[[int], None]] = None
                     ) -> Iterator[Tuple[int, Union[RenderReport, Exception]]]:
-        """Render many ready `RenderJob`s (shared settings replaced by this renderer's); yield
+        """Render many ready `RenderJob`s (shared settings replaced by this renderer's) or planned jobs (as
+        `render_job` takes them); yield
         `(index in jobs, RenderReport)` as each job's outputs are committed, or `(index, error)` when it
         fails (its checks, its sinks, the model or the render), every job exactly once, in order.
 
@@ -152,8 +160,7 @@ class Renderer:
                     on_start(index)  # its turn has come: nothing is waiting to render
                 prepared = None
                 try:
-                    prepared = prepare_job(with_options(job, **self.settings), reporter.note, claim=True,
-                                           sources=self.models.source_images)
+                    prepared = self._ready(job, reporter)
                     error = None
                     job_key = self.models.pack_key(prepared)
                 except Exception as exc:  # SfrError or a bug: this job's outcome (the caller decides how loud)

@@ -203,8 +203,8 @@ def check_weights(enhancer: str, files: FaceFiles) -> None:
     """Every key, shape and dtype of the three files against ``enhancer``'s modules (built on the meta
     device: no memory, no init); the files are memory-mapped, not loaded. Raises CheckpointError.
 
-    Files that passed unchanged (same path, size and modification time) are not read again: a batch
-    checks every row twice (its plan, then its render), and a full-size check costs 0.2-0.4 s."""
+    Files that passed unchanged (same path, size and modification time) are not read again: the rows of
+    a batch usually share one set of weights, and a full-size check costs 0.2-0.4 s per row."""
     identity = []
     for path in files.paths():
         try:

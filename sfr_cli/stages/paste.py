@@ -138,22 +138,31 @@ class AspectResize:
 
 @dataclass
 class PasteBack:
-    """Stage `paste`: aspect-sized frames resized to the box and blended into `picture` (`(H, W, 3) uint8`,
-    the original) as SadTalker's `seamlessClone(NORMAL_CLONE)`; the output is the picture's size."""
+    """Stage `paste`: aspect-sized frames resized to the box and blended into the original picture
+    (`picture_path`, `(H, W, 3) uint8` once read; `size_px` its (width, height)) as SadTalker's
+    `seamlessClone(NORMAL_CLONE)`; the output is the picture's size. The plan reads and checks the
+    picture; the stage reads it again where it renders (a planned job carries no pixels)."""
 
     box: Box
-    picture: np.ndarray
+    picture_path: Path
+    size_px: Tuple[int, int]
     name: str = "paste"
     _picture_t: object = field(default=None, repr=False)
 
     def output_size(self, width_px: int, height_px: int) -> Tuple[int, int]:
-        return self.picture.shape[1], self.picture.shape[0]
+        return self.size_px
 
     def load(self, device, models) -> None:
         """The picture goes to the render device once."""
         import torch
 
-        self._picture_t = torch.from_numpy(self.picture).to(device)
+        from .. import media
+
+        picture = media.read_picture_uint8(self.picture_path, "--paste-into")
+        if (picture.shape[1], picture.shape[0]) != tuple(self.size_px):
+            raise MediaError(f"{self.picture_path}: changed since the job was checked "
+                             f"({picture.shape[1]}x{picture.shape[0]}, was {self.size_px[0]}x{self.size_px[1]})")
+        self._picture_t = torch.from_numpy(picture).to(device)
 
     def __call__(self, frames):
         from ..nets import paste
@@ -204,4 +213,4 @@ def plan(options: Options, job, size_px: int, note: Callable[[str], None]) -> Li
         if x1 < 0 or y1 < 0 or x2 > width_px or y2 > height_px:
             note(f"--crop-box {format_box(crop_box)} runs past the {width_px}x{height_px} picture; "
                  "the part inside is blended (SadTalker would fail here)")
-    return [AspectResize(crop_box), PasteBack(crop_box, picture)]
+    return [AspectResize(crop_box), PasteBack(crop_box, Path(paste_into), (width_px, height_px))]
