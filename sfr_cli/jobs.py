@@ -4,6 +4,11 @@
 The order is the point. Everything a user can get wrong (config, coefficients, source image, ffmpeg,
 audio, output location, checkpoint files, each frame stage's options and files) is checked before any
 network loads, so a mistake costs seconds, not a model load. `streaming` then renders a `PreparedJob`.
+
+A job is planned once: the `PreparedJob` (inputs resolved, crop box found, weights checked, frame count)
+is what the render takes, in this process or, pickled, in a worker (`claim_job` claims its outputs
+there). Frame stages' options ride in `job.stages` by stage name (`RenderJob.make(enhancer=...)`).
+`EnhanceJob` is `sfr enhance`'s: frames that already exist instead of coefficients and a face.
 """
 from __future__ import annotations
 import json

@@ -6,10 +6,12 @@ Each option a user can give a render is one `OptionRow`, declared once. From the
 - `sfr batch`'s manifest columns (`column_rows`): which exist, how a cell converts (`convert_cell`, the row's
   Click type, so a bad cell gets `sfr render`'s message) and which are paths relative to the manifest;
 - the `Renderer`'s keywords (`shared_rows`: its constructor, engine settings loaded once; `clip_rows`:
-  `frames()`/`render()`, one clip's options). Every `RenderJob` field is exactly one row.
+  `frames()`/`render()`, one clip's options). Every `RenderJob` field is exactly one row, and so is every
+  field of a stage's `Options` (what a job carries as `job.stages[stage name]`).
 
 `table()` is the core rows (`CORE_OPTIONS`) followed by the rows each frame stage module brings as its
-module-level `OPTIONS` tuple (modules listed in `stages.STAGE_MODULES`, in chain order). A stage module is
+module-level `OPTIONS` tuple (modules listed in `stages.STAGE_MODULES`, in chain order; their `Options`
+dataclass has one field per row). A stage module is
 imported for its rows whenever the table is read (`sfr --help` included), so its top level stays light:
 stdlib, `..options`, `..errors`, `..modes`; numpy, torch and media are imported inside its functions.
 """
@@ -144,7 +146,8 @@ class TableOption(click.Option):
 class OptionRow:
     """One option, declared once.
 
-    `name` is the `RenderJob` field, the Click parameter, the manifest column and (unless `keyword`) the
+    `name` is the `RenderJob` field (or its stage's `Options` field: `RenderJob.make`, `job.option(name)`),
+    the Click parameter, the manifest column and (unless `keyword`) the
     `Renderer` keyword. `flags` are Click's declarations: `("-o", "--output")`, `("--still/--no-still",)`.
     `type` is a Click type (None: text, or `click.Path` for a `path` row); `click.BOOL` makes an on/off
     flag (`--x/--no-x` in `flags`, or a bare `--x`). `default` is the command line's (converted by `type`
