@@ -157,3 +157,24 @@ def test_enhance_writes_mp4s_only_and_creates_their_folder(runner, tiny_enhancer
     made = runner.invoke(sfr, args + ["-o", str(out / "new" / "clip.mp4")])
     assert made.exit_code == 0, made.output
     assert count_video_frames(out / "new" / "clip.mp4") == 4
+
+
+def test_checkpoints_random_writes_every_restorers_weights_at_the_configs_widths(runner, tiny_enhancer_weights,
+                                                                                 tmp_path):
+    """`sfr checkpoints random --enhancer` reads the one list of enhancers (stages.restorers): for a tiny
+    config the tiny variants' files, the same as the stage's own writer at the reference seed."""
+    import torch
+
+    from sfr_cli.stages import enhance as enhance_stage
+
+    folder = tmp_path / "ck"
+    result = runner.invoke(sfr, ["checkpoints", "random", str(folder), "--config", "tiny", "--enhancer"])
+    assert result.exit_code == 0, result.output
+    files = enhance_stage.find_weights("gfpgan-tiny", folder)
+    enhance_stage.check_weights("gfpgan-tiny", files)
+    for path in files.paths():
+        written = torch.load(path, weights_only=True)
+        expected = torch.load(tiny_enhancer_weights / path.name, weights_only=True)
+        flat = (lambda d: d.get("params_ema", d))
+        assert flat(written).keys() == flat(expected).keys(), path.name
+        assert all(torch.equal(flat(written)[k], flat(expected)[k]) for k in flat(expected)), path.name

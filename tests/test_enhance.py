@@ -209,3 +209,43 @@ def test_weights_checked_once_while_unchanged_and_again_once_changed(tiny_enhanc
     files.restorer.write_bytes(files.restorer.read_bytes()[: 4096])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         enhance_stage.check_weights("gfpgan-tiny", files)
+
+
+def test_out_of_memory_halves_the_faces_per_call_and_loses_no_face(golden_frames, tiny_enhancer_weights, monkeypatch):
+    """The enhancer's back-off is the engine's (`engine.halve_after_oom`): a restorer call over one face
+    running out of memory is retried with half as many, the frames the same; at one face a RenderError."""
+    import dataclasses
+
+    from sfr_cli.errors import RenderError
+    from sfr_cli.models import ModelCache
+    from sfr_cli.stages import restorers
+    from sfr_cli.stages.enhance import FaceEnhancer
+
+    frames = torch.from_numpy(read_png_frames(golden_frames))
+    files = enhance_stage.find_weights("gfpgan-tiny", tiny_enhancer_weights)
+    models = ModelCache()
+
+    def stage(per_call):
+        enhancer = FaceEnhancer("gfpgan-tiny", files)
+        enhancer.load(torch.device("cpu"), models)
+        enhancer._faces_per_call = per_call
+        return enhancer
+
+    expected = stage(1)(frames)
+    gfpgan = restorers.RESTORERS["gfpgan"]
+    calls = []
+
+    def restore_small(net, faces, noise, limit=1):
+        calls.append(faces.shape[0])
+        if faces.shape[0] > limit:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return gfpgan.restore(net, faces, noise)
+
+    monkeypatch.setitem(restorers.RESTORERS, "gfpgan", dataclasses.replace(gfpgan, restore=restore_small))
+    halving = stage(4)
+    np.testing.assert_array_equal(halving(frames).numpy(), expected.numpy())
+    assert max(calls) > 1 and halving._faces_per_call == 1, calls  # ran out, halved down to one face a call
+    monkeypatch.setitem(restorers.RESTORERS, "gfpgan", dataclasses.replace(
+        gfpgan, restore=lambda net, faces, noise: restore_small(net, faces, noise, limit=0)))
+    with pytest.raises(RenderError, match="out of GPU memory on cpu enhancing one face"):
+        stage(1)(frames)
