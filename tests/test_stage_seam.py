@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,6 @@ FLIP_MODULE = '''
 """A frame stage written by a test: frames mirrored left to right, times a gain from its weights file."""
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from sfr_cli.errors import CheckpointError
@@ -99,7 +97,6 @@ class Flip:
 
 RUN = '''
 import json, sys
-from pathlib import Path
 
 sys.path.insert(0, sys.argv[1])
 import sfr_cli.stages
