@@ -343,16 +343,25 @@ def face_seed(seed: int, frame: int, face: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def lanczos_background(frames, upscale: int):
-    """`(B, 3, H, W) uint8` -> `(B, 3, H*u, W*u) uint8`: OpenCV's Lanczos-4 resize (u = 2), or the frames."""
-    from ..nets import face_paste
+class LanczosBackground:
+    """The background SadTalker pastes the faces on by default: `(B, 3, H, W) uint8` -> `(B, 3, H*u, W*u)
+    uint8`, OpenCV's Lanczos-4 resize (u = 2) or the frames themselves (u = 1). No weights.
 
-    return face_paste.upsample_background(frames, upscale)
+    The shape of a background entry: `load(device, models)` binds it (an upsampler loads its net there,
+    through the model cache) and calling it gives the background."""
+
+    def load(self, device, models) -> None:
+        """No weights."""
+
+    def __call__(self, frames, upscale: int):
+        from ..nets import face_paste
+
+        return face_paste.upsample_background(frames, upscale)
 
 
-# The background the faces are pasted on: name -> `(frames (B, 3, H, W) uint8, upscale) -> (B, 3, H*u,
-# W*u) uint8`. SadTalker's default is Lanczos; `--background-enhancer realesrgan` is one more entry.
-BACKGROUNDS: Dict[str, Callable] = {"lanczos": lanczos_background}
+# The background the faces are pasted on: name -> its class (one instance per stage). Lanczos is
+# SadTalker's default; an upsampler (`--background-enhancer realesrgan`) is one more entry.
+BACKGROUNDS: Dict[str, Callable[[], object]] = {"lanczos": LanczosBackground}
 
 
 @dataclass
@@ -361,7 +370,7 @@ class FaceEnhancer:
 
     `noise_seed` None: the noise stored in the weights file (reproducible, no flicker); else fresh
     N(0, 1) noise per face as SadTalker draws it, from `face_seed(noise_seed, frame, face)`.
-    `background`: the `BACKGROUNDS` entry the faces are pasted on."""
+    `background`: the `BACKGROUNDS` entry the faces are pasted on (bound in `load`)."""
 
     variant: str
     files: FaceFiles
@@ -373,6 +382,7 @@ class FaceEnhancer:
     _nets: object = field(default=None, repr=False)
     _frames_seen: int = field(default=0, repr=False)
     _faces_per_call: int = field(default=0, repr=False)
+    _background: object = field(default=None, repr=False)
 
     def output_size(self, width_px: int, height_px: int) -> Tuple[int, int]:
         return width_px * self.upscale, height_px * self.upscale
@@ -387,6 +397,8 @@ class FaceEnhancer:
         self._nets = models.stage_model(key, lambda: load_nets(self.variant, self.files).to(device))
         self._device = device
         self._faces_per_call = CUDA_FACES_PER_CALL if device.type == "cuda" else CPU_FACES_PER_CALL
+        self._background = BACKGROUNDS[self.background]()
+        self._background.load(device, models)
 
     def __call__(self, frames):
         import torch
@@ -398,7 +410,7 @@ class FaceEnhancer:
         rgb = frames.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W) uint8
         first_frame = self._frames_seen
         self._frames_seen += rgb.shape[0]
-        background = BACKGROUNDS[self.background](rgb, self.upscale)
+        background = self._background(rgb, self.upscale)
         if self._device.type == "cpu":  # one frame at a time: see CPU_FACES_PER_CALL
             detections = [rows for b in range(rgb.shape[0]) for rows in detect_faces(nets.detector, rgb[b : b + 1])]
         else:
