@@ -24,6 +24,7 @@ FLIP_MODULE = '''
 """A frame stage written by a test: frames mirrored left to right, times a gain from its weights file."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 from sfr_cli.errors import CheckpointError
