@@ -98,6 +98,7 @@ class Flip:
 
 RUN = '''
 import json, sys
+from pathlib import Path
 
 sys.path.insert(0, sys.argv[1])
 import sfr_cli.stages
