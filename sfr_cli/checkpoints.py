@@ -463,25 +463,30 @@ def build_enhancer_nets(variant: str = "gfpgan") -> EnhancerNets:
 def read_enhancer_state_dicts(files: EnhancerFiles) -> Dict[str, Dict[str, torch.Tensor]]:
     """``{gfpgan, detector, parser: state_dict}`` as the nets name their keys: GFPGAN's ``params_ema``
     (else ``params``) unwrapped, the detector's DataParallel ``module.`` prefix stripped. No code runs."""
+    return {part: read_enhancer_file(part, path)
+            for part, path in (("gfpgan", files.gfpgan), ("detector", files.detector), ("parser", files.parser))}
+
+
+def read_enhancer_file(part: str, path) -> Dict[str, torch.Tensor]:
+    """One enhancer weights file as its net names the keys: the detector's DataParallel ``module.`` prefix
+    stripped, the parser's flat dict as it is, any other part (GFPGAN, and the GFPGANer/RealESRGANer files)
+    unwrapped from ``params_ema`` (else ``params``). Read with ``weights_only=True``: no code runs."""
     from .nets.gfpgan import unwrap_state_dict
     from .nets.retinaface import strip_module_prefix
 
-    out = {}
-    for part, path in (("gfpgan", files.gfpgan), ("detector", files.detector), ("parser", files.parser)):
-        data = _torch_load(path, ENHANCER_ACCEPTED)
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
-        if part == "gfpgan":
-            try:
-                data = unwrap_state_dict(data)
-            except KeyError as exc:
-                raise CheckpointError(f"{path}: {exc.args[0]}; is this GFPGANv1.4.pth?") from exc
-        elif part == "detector":
-            data = strip_module_prefix(data)
-        if not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise CheckpointError(f"{path}: not a state dict of tensors")
-        out[part] = data
-    return out
+    data = _torch_load(Path(path), ENHANCER_ACCEPTED)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
+    if part == "detector":
+        data = strip_module_prefix(data)
+    elif part != "parser":
+        try:
+            data = unwrap_state_dict(data)
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: {exc.args[0]}; is this {Path(path).name}?") from exc
+    if not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return data
 
 
 def check_enhancer_weights(variant: str, files: EnhancerFiles) -> None:

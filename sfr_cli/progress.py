@@ -12,6 +12,7 @@ from typing import Optional, Protocol, runtime_checkable
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
@@ -20,6 +21,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.status import Status
 from rich.text import Text
@@ -213,3 +215,38 @@ class BatchProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class TransferProgress:
+    """What `sfr checkpoints download` shows on stderr: one bar per file (bytes done/total, speed, time
+    left), starting from what a resumed file already holds; notes above it; nothing when `quiet`."""
+
+    def __init__(self, console: Optional[Console] = None, quiet: bool = False):
+        self.console = console if console is not None else Console(stderr=True)
+        self.quiet = quiet
+        self._progress: Optional[Progress] = None
+        self._task_id = None
+
+    def start(self, name: str, total_bytes: Optional[int], done_bytes: int = 0) -> None:
+        self.finish()
+        if self.quiet:
+            return
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                  console=self.console)
+        self._progress.start()
+        self._task_id = self._progress.add_task(name, total=total_bytes, completed=done_bytes)
+
+    def advance(self, count_bytes: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task_id, count_bytes)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._task_id = None

@@ -61,6 +61,8 @@ RULES = {
     "sfr_cli.streaming": rule(LIBRARY | {"jobs"}, {"numpy", "torch"}),  # frames through stages into sinks
     "sfr_cli.bench": rule(LIBRARY | {"jobs", "streaming"}, {"numpy", "torch"}),  # `sfr bench`: the engine vs a plain loop
     "sfr_cli.cli": rule(ANY, ANY),
+    # `sfr checkpoints download`: release URLs, resumable transfers, the loading check before a file is kept
+    "sfr_cli.download": rule({"__init__", "errors", "outputs", "checkpoints", "config"}, {"torch"}),  # __version__: its User-Agent
     # The public Python API and `sfr batch`: glue over the library, like jobs and streaming.
     # the one option table (its Click types; the stages' rows, read from the stage registry)
     "sfr_cli.options": rule({"errors", "modes", "coeffs", "stages"}, {"click"}),
