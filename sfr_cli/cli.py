@@ -444,6 +444,32 @@ def checkpoints_download(out_dir: Path, size_px: str, layout: str, enhancer: boo
     click.echo(str(out_dir))
 
 
+@sfr.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False,
+                               "max_content_width": 100})
+@click.argument("inference_py", type=click.Path(path_type=Path))
+@click.argument("flags", nargs=-1, type=click.UNPROCESSED)
+@options.row_named("precision").click_option(options.RENDER)
+@options.row_named("batch_size").click_option(options.RENDER)
+@click.option("--config", "config", metavar="NAME|PATH",
+              help=CONFIG_HELP + " [default: SadTalker's own src/config YAML]")
+@click.option("--quiet", is_flag=True, help="No render progress on stderr (SadTalker's own output stays).")
+@debug_option
+def sadtalker(inference_py: Path, flags, precision: str, batch_size: Optional[int], config: Optional[str],
+              quiet: bool) -> None:
+    """Run SadTalker's own INFERENCE_PY (from your checkout, with its flags after it) with sfr as its face
+    renderer: SadTalker's preprocessing and audio-to-coefficients, then sfr's render, paste-back and
+    enhancer in one pass; the video lands where SadTalker puts it. sfr's options go before INFERENCE_PY:
+
+    \b
+    python -m sfr_cli.sadtalker --precision fp16 SadTalker/inference.py --driven_audio a.wav
+    --source_image face.png --enhancer gfpgan
+    """
+    from .sadtalker import run_inference
+
+    run_inference(inference_py, list(flags), precision=precision, batch_size=batch_size, config=config,
+                  quiet=quiet)
+
+
 @sfr.command()
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,

@@ -27,3 +27,7 @@ class RenderError(SfrError):
 
 class DownloadError(SfrError):
     """A weights download that failed: no network, a server error, a stalled or cut-off transfer."""
+
+
+class SadTalkerError(SfrError):
+    """A SadTalker checkout that is not there, or whose code (its preprocessing steps) fails to import."""
