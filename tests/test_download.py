@@ -23,18 +23,8 @@ ENHANCER_NAMES = ("GFPGANv1.4.pth", "detection_Resnet50_Final.pth", "parsing_par
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_enhancer_weights):
-    """Tiny random weights in both layouts and the tiny enhancer's, as {name: bytes}."""
-    from sfr_cli.checkpoints import write_random_checkpoints
-    from sfr_cli.config import CONFIG_DIR, load_config
-
-    folder = tmp_path_factory.mktemp("served")
-    for layout in ("safetensors", "pth"):
-        write_random_checkpoints(folder, load_config(CONFIG_DIR / "tiny.yaml"),
-                                 load_config(CONFIG_DIR / "tiny_still.yaml"), layout=layout)
-    files = {path.name: path.read_bytes() for path in folder.iterdir()}
-    files.update({name: (tiny_enhancer_weights / name).read_bytes() for name in ENHANCER_NAMES})
-    return files
+def served(served_tiny_weights):
+    return served_tiny_weights
 
 
 def download(url, out_dir, *args, env=None):
