@@ -5,6 +5,7 @@ SadTalker's crop_info), writes the video SadTalker returns; and `python -m sfr_c
 inference.py with SadTalker's interface, or says clearly why it cannot."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,8 +86,6 @@ def video_info(path: Path):
     result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path), "-map", "0:v",
                              "-f", "null", "-"], capture_output=True, text=True)
     frames = int(result.stderr.rsplit("frame=", 1)[1].split()[0])
-    import re
-
     width, height = map(int, re.search(r"Video: .*?, (\d+)x(\d+)", result.stderr).groups())
     return frames, width, height, "Audio:" in result.stderr
 
