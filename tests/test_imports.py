@@ -64,7 +64,7 @@ RULES = {
     # `sfr checkpoints download`: release URLs, resumable transfers, the loading check before a file is kept
     # SadTalker's inference.py with sfr's AnimateFromCoeff (the Renderer under SadTalker's interface), and
     # `python -m sfr_cli.sadtalker`, which runs the sfr program (runpy; it imports no sfr module)
-    "sfr_cli.sadtalker": rule({"errors", "renderer", "coeffs", "options", "progress"}, {"numpy"}),
+    "sfr_cli.sadtalker": rule({"errors", "renderer", "coeffs", "options", "progress", "engine"}, {"numpy"}),
     "sfr_cli.sadtalker.__main__": rule(),
     "sfr_cli.download": rule({"__init__", "errors", "outputs", "checkpoints", "config"}, {"torch"}),  # __version__: its User-Agent
     # The public Python API and `sfr batch`: glue over the library, like jobs and streaming.

@@ -202,3 +202,13 @@ def test_python_m_sfr_cli_sadtalker_is_the_same_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sfr_cli.sadtalker", str(tmp_path / "missing.py")],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 1 and result.stderr.startswith("Error: ") and "no such file" in result.stderr
+
+
+def test_settings_that_cannot_work_are_refused_before_sadtalker_runs(tmp_path):
+    inference = stand_in_checkout(tmp_path / "SadTalker", "raise RuntimeError('SadTalker ran')\n")
+    line = error_line(CliRunner().invoke(sfr, ["sadtalker", "--precision", "fp16", str(inference), "--cpu"]))
+    assert "fp16 needs a CUDA GPU" in line
+    line = error_line(CliRunner().invoke(sfr, ["sadtalker", str(inference), "--enhancer", "codeformer"]))
+    assert "--enhancer codeformer" in line and "gfpgan" in line
+    with pytest.raises(SadTalkerError, match="sfr checkpoints download"):
+        AnimateFromCoeff(sadtalker_paths(tmp_path), "cpu")

@@ -63,6 +63,10 @@ class AnimateFromCoeff:
                                  "'free_view_checkpoint') or no 'mappingnet_checkpoint'; is this SadTalker's "
                                  "init_path() dict?")
         self.renderer_file, self.mapping_file = Path(renderer), Path(mapping)
+        for path in (self.renderer_file, self.mapping_file):  # built before SadTalker's slow steps: say it now
+            if not path.is_file():
+                raise SadTalkerError(f"{path}: not there; fetch SadTalker's weights with `sfr checkpoints download "
+                                     f"{path.parent}` (or its scripts/download_models.sh)")
         self.config = config if config is not None else sadtalker_path.get("facerender_yaml")
         self.device = str(device)
         self.precision, self.batch_size, self.quiet = precision, batch_size, quiet
@@ -97,7 +101,7 @@ class AnimateFromCoeff:
                 options[axis] = self._sweep(axis, _array(x[f"{axis}_c_seq"]).reshape(-1)[:frame_count])
         options.update(_paste_options(pic_path, crop_info, preprocess))
         if enhancer:
-            options["enhancer"] = self._enhancer(enhancer)
+            options["enhancer"] = sfr_enhancer(enhancer, self.config)
         if background_enhancer:
             options.update(_background_options(background_enhancer))
         return options
@@ -138,18 +142,20 @@ class AnimateFromCoeff:
                              f"{'--input_' + axis + ' ' + ' '.join(f'{d:g}' for d in given) if given else 'one held angle'}; "
                              f"give AnimateFromCoeff {axis}= the degrees SadTalker swept")
 
-    def _enhancer(self, name: str) -> str:
-        """SadTalker's `--enhancer` name as sfr's (gfpgan-tiny when the config is a tiny one)."""
-        from ..options import row_named
 
-        choices = list(getattr(row_named("enhancer").type, "choices", ()))
-        wanted = name.lower()
-        if wanted == "gfpgan" and str(self.config or "").startswith("tiny") and "gfpgan-tiny" in choices:
-            return "gfpgan-tiny"
-        if wanted in choices:
-            return wanted
-        raise SadTalkerError(f"--enhancer {name}: sfr runs {', '.join(c for c in choices if not c.endswith('-tiny'))}"
-                             " as SadTalker's face enhancer; use --enhancer gfpgan or leave it out")
+def sfr_enhancer(name: str, config=None) -> str:
+    """SadTalker's `--enhancer` name as sfr's (gfpgan-tiny when `config` is a tiny one); SadTalkerError for
+    an enhancer sfr does not have."""
+    from ..options import row_named
+
+    choices = list(getattr(row_named("enhancer").type, "choices", ()))
+    wanted = name.lower()
+    if wanted == "gfpgan" and str(config or "").startswith("tiny") and "gfpgan-tiny" in choices:
+        return "gfpgan-tiny"
+    if wanted in choices:
+        return wanted
+    raise SadTalkerError(f"--enhancer {name}: sfr runs {', '.join(c for c in choices if not c.endswith('-tiny'))} "
+                         "as SadTalker's face enhancer; use --enhancer gfpgan or leave it out")
 
 
 def _array(value) -> np.ndarray:
@@ -207,15 +213,32 @@ def find_checkout(inference_py) -> Path:
     return root.resolve()
 
 
-def sadtalker_degrees(flags: Sequence[str]) -> Dict[str, Optional[List[float]]]:
-    """`--input_yaw/--input_pitch/--input_roll` values as SadTalker's argparse reads them (nargs='+', int)."""
+def read_sadtalker_flags(flags: Sequence[str]):
+    """The inference.py flags sfr acts on, read as SadTalker's argparse reads them: `input_yaw`,
+    `input_pitch`, `input_roll` (degrees, nargs='+'), `cpu`, `enhancer`, `background_enhancer`."""
     import argparse
 
     parser = argparse.ArgumentParser(add_help=False)
     for axis in ("yaw", "pitch", "roll"):
         parser.add_argument(f"--input_{axis}", nargs="+", type=float, default=None)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--enhancer", default=None)
+    parser.add_argument("--background_enhancer", default=None)
     known, _ = parser.parse_known_args(list(flags))
-    return {axis: getattr(known, f"input_{axis}") for axis in ("yaw", "pitch", "roll")}
+    return known
+
+
+def check_before_running(flags: Sequence[str], precision: str = "fp32", config=None, **_settings) -> None:
+    """What can be checked before SadTalker's slow steps run: sfr's precision on the device SadTalker will
+    choose (CUDA when there is one, unless --cpu), and the enhancers asked for."""
+    from ..engine import check_precision, resolve_device
+
+    known = read_sadtalker_flags(flags)
+    check_precision(precision, resolve_device("cpu" if known.cpu else "auto"))
+    if known.enhancer:
+        sfr_enhancer(known.enhancer, config)
+    if known.background_enhancer:
+        _background_options(known.background_enhancer)
 
 
 @contextlib.contextmanager
@@ -240,13 +263,17 @@ def _sadtalker_imports(root: Path, argv: List[str], animate: types.ModuleType):
 
 def run_inference(inference_py, flags: Sequence[str], **settings) -> None:
     """Run SadTalker's `inference.py` with `flags`, its face renderer replaced by `AnimateFromCoeff` with
-    sfr's `settings` (precision, batch_size, config, quiet). SadTalker's modules are imported first: a
-    missing package is a SadTalkerError naming it, before anything runs."""
+    sfr's `settings` (precision, batch_size, config, quiet). Checked first: the path, sfr's settings against
+    the flags (`check_before_running`), and SadTalker's modules, imported before anything runs (a missing
+    package is a SadTalkerError naming it)."""
     root = find_checkout(inference_py)
     script = root / Path(inference_py).name
     animate = types.ModuleType(RENDERER_MODULE)
     animate.__doc__ = "sfr's face renderer in place of SadTalker's (sfr_cli.sadtalker)"
-    animate.AnimateFromCoeff = functools.partial(AnimateFromCoeff, **settings, **sadtalker_degrees(flags))
+    check_before_running(flags, **settings)
+    known = read_sadtalker_flags(flags)
+    degrees = {axis: getattr(known, f"input_{axis}") for axis in ("yaw", "pitch", "roll")}
+    animate.AnimateFromCoeff = functools.partial(AnimateFromCoeff, **settings, **degrees)
     with _sadtalker_imports(root, [str(script), *flags], animate):
         for name in SADTALKER_MODULES:
             try:
