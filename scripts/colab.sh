@@ -24,7 +24,7 @@ export SFR_ENHANCER="${SFR_ENHANCER:-gfpgan}"  # gfpgan-tiny: test widths (CI)
 export SFR_COEFFS="${SFR_COEFFS:-$SFR_SRC/demo/coeffs.npy}"  # SadTalker coefficients (.mat or .npy)
 export SFR_FACE="${SFR_FACE:-$SFR_SRC/demo/source.png}"
 export SFR_AUDIO="${SFR_AUDIO:-$SFR_SRC/demo/speech.wav}"
-export SADTALKER_DIR="${SADTALKER_DIR:-}"  # a SadTalker checkout: run its inference.py with sfr rendering
+export SADTALKER_DIR="${SADTALKER_DIR:-}"  # e.g. $SFR_WORK/SadTalker: run SadTalker's inference.py, sfr rendering
 export SFR_PIP_FLAGS="${SFR_PIP_FLAGS:-}"  # extra pip flags (CI: --no-build-isolation --no-index)
 
 # === install: sfr from SFR_REPO; pip keeps Colab's torch (sfr asks for torch>=2.1, which it has) ===
