@@ -165,7 +165,7 @@ def test_a_code_carrying_file_is_refused(tmp_path, served):
             return (print, ("this must never run",))
 
     hostile = dict(served)
-    hostile[MAPPING] = pickle.dumps({"mapping": Payload()})
+    hostile[MAPPING] = pickle.dumps({"mapping": Payload()}, protocol=2)
     with WeightsServer(hostile) as server:
         line = error_line(download(server.url, tmp_path / "ck"))
     assert "never runs code" in line and "this must never run" not in line

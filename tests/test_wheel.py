@@ -59,6 +59,7 @@ def environment_with(wheel: Path, tmp_path: Path) -> Path:
     return venv
 
 
+@pytest.mark.slow  # about 10-20 s on the shared 2-core machine
 def test_wheel_installs_and_renders_from_any_folder(tmp_path):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
