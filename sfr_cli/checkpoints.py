@@ -167,10 +167,17 @@ def _torch_load(path: Path, accepted: Optional[str] = None):
                               + (accepted or f"SadTalker's {renderer_safetensors_name(256)} / _512.safetensors, "
                                  f"{RENDERER_PTH}, {MAPPING_CROP} and {MAPPING_FULL}")
                               + ", or any file holding only tensors (safetensors, or torch.save of state dicts)") from exc
+    except PermissionError as exc:
+        raise CheckpointError(permission_denied(path)) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint, it looks truncated or corrupt "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                               "download it again") from exc
+
+
+def permission_denied(path) -> str:
+    """The message for a weights file this process may not read (not a corrupt one: no download helps)."""
+    return f"{path}: permission denied; give sfr read access to it (chmod a+r), or copy it where sfr can read it"
 
 
 def _read_safetensors(path: Path, parts: Iterable[str]) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -187,6 +194,8 @@ def _read_safetensors(path: Path, parts: Iterable[str]) -> Dict[str, Dict[str, t
             for part in present & set(parts):
                 prefix = SAFETENSORS_PREFIXES[part]
                 out[part] = {k[len(prefix):]: file.get_tensor(k) for k in keys if k.startswith(prefix)}
+    except PermissionError as exc:
+        raise CheckpointError(permission_denied(path)) from exc
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot be read as safetensors, it looks truncated or corrupt "
                               f"({exc}); download it again") from exc
@@ -225,7 +234,10 @@ def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], whe
 def _other_config_hint(module: nn.Module, state_dict: Dict[str, torch.Tensor], config_name: str) -> str:
     """"; these are weights of the tiny config: pass --config tiny" when every shape of `state_dict` fits
     the same part of another built-in config (built on the meta device: no memory, no I/O), else the
-    general question. For a shape mismatch only."""
+    general question. For a shape mismatch only; none for the enhancer's files (no --config reaches them:
+    its own check names the other --enhancer)."""
+    if config_name.endswith(" enhancer"):
+        return ""
     from .config import BUILTIN_CONFIGS, config_path, load_config
 
     for family in BUILTIN_CONFIGS:
@@ -487,6 +499,26 @@ def read_enhancer_file(part: str, path) -> Dict[str, torch.Tensor]:
     if not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return data
+
+
+def inspect_enhancer_file(path: Path) -> List[str]:
+    """`sfr checkpoints inspect` for one of the enhancer's files (named as SadTalker names them): lines
+    saying what it holds and which enhancer it fits; CheckpointError when it fits none."""
+    part = next(part for part, name in ENHANCER_FILES.items() if name == Path(path).name)
+    state_dict = read_enhancer_file(part, path)
+    values = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
+    lines = [f"{path}: the face enhancer's {part} ({len(state_dict)} tensors, {values:,} parameters)"]
+    first_error = None
+    for variant in ENHANCER_VARIANTS:
+        with torch.device("meta"):
+            nets = build_enhancer_nets(variant)
+        try:
+            check_state_dict(getattr(nets, part), state_dict, str(path), f"the {variant} enhancer")
+        except CheckpointError as exc:
+            first_error = first_error or exc
+            continue
+        return lines + [f"fits the {variant} enhancer (--enhancer {variant})"]
+    raise first_error
 
 
 def check_enhancer_weights(variant: str, files: EnhancerFiles) -> None:

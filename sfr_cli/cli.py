@@ -146,6 +146,10 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
 
     manifest = None
     if coeffs_globs:
+        manifests = [str(p) for p in manifest_or_coeffs if p.suffix.lower() in batching.MANIFEST_SUFFIXES]
+        if manifests:
+            raise click.UsageError(f"{manifests[0]}: a manifest, given with --coeffs; give either MANIFEST or "
+                                   "--coeffs GLOB --source FACE, not both")
         patterns = list(coeffs_globs) + [str(p) for p in manifest_or_coeffs]  # the shell expanded the glob
         if not source:
             raise click.UsageError("--coeffs needs --source FACE (the face of every clip)")
@@ -249,7 +253,7 @@ def _batch_backend(settings, workers, devices, ray_address, debug: bool):
 
     return WorkerPoolBackend(settings, workers=count, devices=device_list)
 @sfr.command(context_settings={"max_content_width": 100})
-@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+@click.option("--input", "input_path", required=True, type=click.Path(),  # text: "" is refused, not "."
               help="The frames to enhance: a video (SadTalker's result, another tool's) or a folder of pictures.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="The MP4 to write (default: <input name>_enhanced.mp4 here, unless only --frames-dir is given); "
@@ -365,12 +369,16 @@ def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_
 @debug_option
 def checkpoints_inspect(path: Path, config: Optional[str]) -> None:
     """Say what a checkpoint file holds and whether it fits a config (exit 1 naming the first mismatch)."""
-    from .checkpoints import build_networks, check_state_dict, read_state_dicts
+    from .checkpoints import ENHANCER_FILES, build_networks, check_state_dict, inspect_enhancer_file, read_state_dicts
     from .config import config_path, load_config
     from .modes import describe_coeff_count, modes_taking
 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.name in ENHANCER_FILES.values():
+        for line in inspect_enhancer_file(path):
+            click.echo(line)
+        return
     parts = read_state_dicts(path)
     layout = "safetensors" if path.suffix == ".safetensors" else "pth"
     click.echo(f"{path}: {layout} layout, parts: {', '.join(parts)}")

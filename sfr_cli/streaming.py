@@ -269,15 +269,18 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
         stage.load(device, models)
     reporter.finish()
     batch = job.batch_size or (CUDA_ENHANCE_BATCH if device.type == "cuda" else CPU_ENHANCE_BATCH)
+    from .stages.enhance import CUDA_FACES_PER_CALL
+
+    faces = f"up to {CUDA_FACES_PER_CALL} faces at a time" if device.type == "cuda" else "one face at a time"
     reporter.note(f"{prepared.frame_count} frames of {prepared.source.width_px}x{prepared.source.height_px} "
-                  f"on {device}, batch size {batch}")
+                  f"on {device}: {batch} frames read at a time, {faces}")
     width_px, height_px = prepared.frame_size
     lane = StageLane(device)
     started = time.perf_counter()
-    reporter.start(prepared.frame_count)
+    reporter.start(prepared.frame_count, "enhancing")
     sinks = ClipSinks(output=prepared.output, frames_dir=prepared.frames_dir, width_px=width_px, height_px=height_px,
                       frame_count=prepared.frame_count, fps=prepared.fps, audio=prepared.audio, ffmpeg=prepared.ffmpeg,
-                      overwrite=job.overwrite, audio_copy=prepared.audio_copy)
+                      overwrite=job.overwrite, audio_copy=prepared.audio_copy, exact_count=False)
     try:
         pending: List[np.ndarray] = []
 
@@ -303,6 +306,8 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
         reporter.finish()
         raise
     reporter.finish()
+    if written != prepared.frame_count:
+        reporter.note(f"{written} frames decoded and enhanced ({prepared.frame_count} counted beforehand)")
     seconds = time.perf_counter() - started
     return RenderReport(
         output=prepared.output, frames_dir=prepared.frames_dir, frames=written, seconds=seconds,
@@ -427,8 +432,9 @@ class ClipSinks:
 
     def __init__(self, *, output: Optional[Path], frames_dir: Optional[Path], width_px: int, height_px: int,
                  frame_count: int, fps: float = 25.0, audio: Optional[Path] = None, ffmpeg: Optional[str] = None,
-                 overwrite: bool = False, audio_copy: bool = False):
+                 overwrite: bool = False, audio_copy: bool = False, exact_count: bool = True):
         self.frame_count = frame_count
+        self.exact_count = exact_count  # False: `frame_count` is an estimate (a decoded video's), not checked
         self._sinks: list = []
         self._mp4 = self._png = self._writer = self._committer = None
         self._outcome: Union[int, Exception, None] = None
@@ -436,7 +442,8 @@ class ClipSinks:
         try:
             if output is not None:
                 self._mp4 = media.Mp4Writer(output, width_px=width_px, height_px=height_px, fps=fps, audio=audio,
-                                            frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True, audio_copy=audio_copy,
+                                            frame_count=frame_count if exact_count else None, ffmpeg=ffmpeg,
+                                            pad_odd=True, audio_copy=audio_copy,
                                             replace_existing=overwrite)
                 self._sinks.append(self._mp4)
             if frames_dir is not None:
@@ -468,7 +475,7 @@ class ClipSinks:
     def commit(self) -> int:
         """Wait for the last frame to be written, check the count, commit the files; returns the count."""
         written = self._writer.finish()
-        if written != self.frame_count:
+        if self.exact_count and written != self.frame_count:
             raise RenderError(f"the engine yielded {written} frames for {self.frame_count} coefficient frames")
         if self._mp4 is not None:
             self._mp4.close()
@@ -514,6 +521,8 @@ class ClipSinks:
             self._writer.stop(unblock=self._mp4.abort if self._mp4 is not None else None)
         for sink in self._sinks:
             sink.abort()
+        for sink in reversed(self._sinks):  # a folder the first created may have held the second's
+            sink.remove_created_folders()
 
 
 class FrameWriterThread:

@@ -39,6 +39,9 @@ PNG_COMPRESS_LEVEL = 3
 FRAME_FILE = re.compile(r"\d{6}\.png")  # 000000.png, 000001.png, ...
 DEFAULT_CRF = 18
 MAX_FPS = 1000.0  # beyond any real video; inf overflowed the rate fraction
+MIN_FPS = 0.01  # a frame every 100 s; the rate goes to ffmpeg as a fraction of denominator <= 1001, and
+# below 1/1001 that fraction is 0/1, which ffmpeg refuses after every frame was rendered
+MAX_SIDE_PX = 16384  # libx264's largest width and height (16385 is refused: "invalid width x height")
 MP4_SUFFIX = ".mp4"  # the one container the writer writes (ffmpeg -f mp4)
 
 
@@ -60,6 +63,11 @@ class _Sink:
 
     def abort(self) -> None:
         raise NotImplementedError
+
+    def remove_created_folders(self) -> None:
+        """Remove the folders this writer created, deepest first, while they are empty: after every writer
+        of a job aborted (one writer's folder may hold another's, `-o new/x.mp4 --frames-dir new/f`)."""
+        _remove_empty(getattr(self, "_created_dirs", []))
 
     def __enter__(self):
         return self
@@ -264,10 +272,10 @@ def check_frames_dir(frames_dir: PathLike, overwrite: bool = False) -> None:
 
 
 def check_fps(fps: float) -> float:
-    """Return `fps` as a float, or raise MediaError unless 0 < fps <= MAX_FPS."""
+    """Return `fps` as a float, or raise MediaError unless MIN_FPS <= fps <= MAX_FPS."""
     value = float(fps)
-    if not 0 < value <= MAX_FPS:
-        raise MediaError(f"fps {value:g}: must be above 0 and at most {MAX_FPS:g}")
+    if not MIN_FPS <= value <= MAX_FPS:
+        raise MediaError(f"fps {value:g}: must be above 0 (at least {MIN_FPS:g}) and at most {MAX_FPS:g}")
     return value
 
 

@@ -41,6 +41,13 @@ def plan_stages(job, size_px: int, note: Callable[[str], None], kinds: Optional[
     return stages
 
 
+def stage_input_files(job) -> List[Tuple["Path", str]]:
+    """(path, stage name) of every file the stages `job` asks for read (each module's `input_files(job)`):
+    inputs no output of the job may be."""
+    return [(path, name) for name, module in zip(STAGE_MODULES, stage_modules())
+            for path in getattr(module, "input_files", lambda job: [])(job)]
+
+
 def chain_output_size(stages: Sequence, width_px: int, height_px: int) -> Tuple[int, int]:
     """(width, height) of the frames that leave the chain, given the engine's."""
     for stage in stages:

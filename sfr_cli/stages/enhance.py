@@ -29,14 +29,16 @@ frames; SadTalker draws fresh noise for every face, so fine texture flickers), a
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import click
 
-from ..errors import ConfigError
-from ..options import BATCH, CLIP, ENHANCE, RENDER, IntChoice, OptionRow
+from ..errors import ConfigError, SfrError
+from ..options import BATCH, CLIP, ENHANCE, RENDER, ChoiceOrNone, IntChoice, OptionRow
 
 ENHANCERS = ("gfpgan", "gfpgan-tiny")  # SadTalker's, and the same nets at test widths
 UPSCALES = (2, 1)  # 2: SadTalker's (twice the input size); 1: the input's size
@@ -53,8 +55,9 @@ SEED_BITS = 63
 # them yet; `commands=(RENDER, BATCH)` (and `column=True`, and the README's rows) puts them on the CLI.
 OPTIONS = (
     OptionRow("enhancer", ("--enhancer",), "Restore faces after paste-back, as SadTalker's --enhancer gfpgan "
-              "(gfpgan-tiny: the same nets at test widths).",
-              type=click.Choice(ENHANCERS), scope=CLIP, column=True, batch_help="Default enhancer for every row."),
+              "(gfpgan-tiny: the same nets at test widths; none: off).",
+              type=ChoiceOrNone(ENHANCERS), scope=CLIP, column=True,
+              batch_help="Default enhancer for every row (a row's none turns it off)."),
     OptionRow("enhancer_dir", ("--enhancer-dir",), "The enhancer's weights folder [default: searched beside "
               "the checkpoints].", path=True, scope=CLIP, column=True, commands=(RENDER, BATCH, ENHANCE)),
     OptionRow("enhancer_upscale", ("--enhancer-upscale",), "2: twice the frames' size, as SadTalker; 1: their "
@@ -68,10 +71,35 @@ OPTIONS = (
 )
 
 
+def input_files(job) -> List[Path]:
+    """Every file this stage reads for `job`: the enhancer's three weights files where they are found
+    (none when `job.enhancer` is off or they are missing: `plan` says what is wrong)."""
+    if getattr(job, "enhancer", None) not in ENHANCERS:
+        return []
+    from .. import checkpoints
+
+    try:
+        return checkpoints.find_enhancer_weights(job.enhancer_dir, job.checkpoint_dir).paths()
+    except SfrError:
+        return []
+
+
+def ignored_options(job) -> List[str]:
+    """The enhancer options `job` gives away from their defaults while the enhancer is off, as flags."""
+    given = [("--enhancer-dir", getattr(job, "enhancer_dir", None) is not None),
+             ("--enhancer-upscale", getattr(job, "enhancer_upscale", 2) != 2),
+             ("--enhancer-noise", getattr(job, "enhancer_noise", "stored") != "stored"),
+             ("--enhancer-seed", getattr(job, "enhancer_seed", None) is not None)]
+    return [flag for flag, off_default in given if off_default]
+
+
 def plan(job, size_px: int, note: Callable[[str], None]) -> List:
     """The enhancer stage `job` asks for (`job.enhancer`), its weights found and checked (keys, shapes, no
     code) before any model loads, or none."""
     if job.enhancer is None:
+        ignored = ignored_options(job)
+        if ignored:
+            note(f"{', '.join(ignored)} ignored: the face enhancer is off (add --enhancer gfpgan to run it)")
         return []
     from .. import checkpoints
 
@@ -81,6 +109,12 @@ def plan(job, size_px: int, note: Callable[[str], None]) -> List:
         raise ConfigError(f"--enhancer-upscale {job.enhancer_upscale}: use 2 (SadTalker's) or 1")
     if job.enhancer_noise not in NOISES:
         raise ConfigError(f"--enhancer-noise {job.enhancer_noise!r}: use stored or random")
+    env_dir = os.environ.get(checkpoints.ENHANCER_DIR_ENV)
+    if job.enhancer_dir is None and env_dir and not Path(env_dir).is_dir():
+        note(f"${checkpoints.ENHANCER_DIR_ENV}={env_dir}: no such folder; the enhancer's weights are searched "
+             "in the other folders")
+    if job.enhancer_noise != "random" and job.enhancer_seed is not None:
+        note(f"--enhancer-seed {job.enhancer_seed} ignored: it seeds --enhancer-noise random only")
     files = checkpoints.find_enhancer_weights(job.enhancer_dir, job.checkpoint_dir)
     checkpoints.check_enhancer_weights(job.enhancer, files)
     seed = None
