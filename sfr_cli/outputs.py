@@ -209,13 +209,10 @@ def _judge(path: Path) -> Optional[Tuple[bool, Optional[LockHolder], int]]:
     except FileNotFoundError:
         return None
     try:
-        info = os.fstat(handle)
-        try:
-            holder: Optional[LockHolder] = None
+        info, holder = os.fstat(handle), None
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # empty, or being written right now
             data = json.loads(os.read(handle, 4096))
             holder = LockHolder(str(data["host"]), int(data["pid"]), str(data["start"]), float(data["since"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # empty, or half written by a run taking it right now
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # dropped when closed below
@@ -269,10 +266,6 @@ class OutputClaim:
         self.path = lock_path(self.target)
         self.removed: List[Path] = []
         self._handle: Optional[int] = None
-
-    @property
-    def held(self) -> bool:
-        return self._handle is not None
 
     def acquire(self) -> "OutputClaim":
         for _ in range(LOCK_ATTEMPTS):

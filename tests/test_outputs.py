@@ -26,11 +26,6 @@ def dead_pid() -> int:
     return child.pid
 
 
-def own_start() -> str:
-    with open(f"/proc/{os.getpid()}/stat", "rb") as handle:
-        return handle.read().rpartition(b")")[2].split()[19].decode()
-
-
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc"), reason="process start times come from /proc")
 
 
