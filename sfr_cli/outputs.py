@@ -307,7 +307,11 @@ class OutputClaim:
             if _heartbeat is None or not _heartbeat.is_alive():
                 _heartbeat = threading.Thread(target=_refresh_held_locks, name="sfr-lock-heartbeat", daemon=True)
                 _heartbeat.start()
-        self.removed = _remove_all(_temporaries(self.path.parent, lambda name: name == self.target.name))
+        try:  # held: every temporary of the target is a dead run's
+            self.removed = _remove_all(_temporaries(self.path.parent, lambda name: name == self.target.name))
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         """Remove the lock file (only if it is still ours) and close it."""
