@@ -269,8 +269,9 @@ def test_writers_hold_their_targets_lock_while_they_write(tmp_path):
     code = ("import sys, time\nfrom sfr_cli.outputs import OutputClaim\n"
             f"claims = [OutputClaim(path).acquire() for path in ({str(clip)!r}, {str(folder)!r})]\n"
             "print('held', flush=True)\ntime.sleep(120)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+                              env={**os.environ, "PYTHONPATH": repo})
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(OutputBusy, match=f"pid {holder.pid},"):
