@@ -34,9 +34,9 @@ test-fast: install
 	$(BIN)/pytest -q -m "not slow"
 
 demo: install
-	$(BIN)/sfr checkpoints random $(DEMO_OUT)/checkpoints --config tiny --layout pth >/dev/null
+	$(BIN)/sfr checkpoints random $(DEMO_OUT)/checkpoints --config tiny --layout pth --overwrite >/dev/null
 	$(BIN)/sfr render --coeffs demo/coeffs.npy --source demo/source.png --audio demo/speech.wav \
-		--checkpoint-dir $(DEMO_OUT)/checkpoints --config tiny -o $(DEMO_OUT)/demo.mp4 >/dev/null
+		--checkpoint-dir $(DEMO_OUT)/checkpoints --config tiny -o $(DEMO_OUT)/demo.mp4 --overwrite >/dev/null
 	@echo "Rendered with random weights (SadTalker's file layout, tiny widths), so the frames are abstract."
 	@echo "For real faces, download SadTalker's checkpoints and run:"
 	@echo "  $(BIN)/sfr render --coeffs demo/coeffs.npy --source demo/source.png --audio demo/speech.wav --checkpoint-dir path/to/SadTalker/checkpoints -o out.mp4"

@@ -86,9 +86,11 @@ class RowResult:
     render_seconds: Optional[float] = None  # of `seconds`: rendering and encoding (model load, checks excluded)
     note: Optional[str] = None  # why a row was skipped (when not because its outputs were there at the start),
     # or why it was rendered twice (its first worker died)
+    stages: Dict[str, object] = field(default_factory=dict)  # what its frame stages report (enhancer_noise_seed, ...)
 
     def to_dict(self) -> Dict:
         data = asdict(self)
+        data.update(data.pop("stages"))
         for key in ("seconds", "render_seconds"):
             if data[key] is not None:
                 data[key] = round(data[key], 3)
@@ -422,7 +424,7 @@ def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: 
         plan.writes += places[row.number]
     reads_index = PlaceIndex(plan.reads)
     written = PlaceIndex(plan.writes)
-    shared_found = False
+    shared_found: set = set()
     for checked, row in enumerate(rows):
         if on_checked is not None:
             on_checked(checked, len(rows))
@@ -465,11 +467,13 @@ def plan_batch(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: 
         except OSError as exc:
             failed(describe_os_error(exc))
             continue
-        if not shared_found:  # the files every row reads: the config, the checkpoints found
-            shared_found = True
-            plan.reads += [Place.of(0, path, role) for path, role in (
-                (prepared.config.path, "--config input"), (prepared.files.renderer, "renderer checkpoint"),
-                (prepared.files.mapping, "mapping checkpoint")) if path is not None]
+        # the files rows read that no row named: the config, the checkpoints found (a full-mode row's mapping
+        # file is another); the frame stages' files are each row's own inputs (`jobs.job_inputs`)
+        for path, role in ((prepared.config.path, "--config input"), (prepared.files.renderer, "renderer checkpoint"),
+                           (prepared.files.mapping, "mapping checkpoint")):
+            if path is not None and Path(path) not in shared_found:
+                shared_found.add(Path(path))
+                plan.reads.append(Place.of(0, path, role))
         plan.tasks.append(Task(row.number, job, prepared.frame_count, prepared=prepared.without_pixels()))
     plan.tasks.sort(key=lambda task: (-task.frames, task.row))
     return plan
@@ -536,7 +540,8 @@ def row_result(task: Task, outcome, seconds: float, *, reraise: bool = False) ->
         return RowResult(status=FAILED, **base,
                          error=f"row {task.row}: internal error {type(outcome).__name__}: {outcome} (a bug in sfr; "
                                "rerun with --debug for the traceback)")
-    return RowResult(status=DONE, frames=outcome.frames, render_seconds=outcome.seconds, **base)
+    return RowResult(status=DONE, frames=outcome.frames, render_seconds=outcome.seconds, stages=dict(outcome.stages),
+                     **base)
 
 
 class InProcessBackend:

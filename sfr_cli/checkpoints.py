@@ -166,10 +166,17 @@ def _torch_load(path: Path, accepted: Optional[str] = None):
                               + (accepted or f"SadTalker's {renderer_safetensors_name(256)} / _512.safetensors, "
                                  f"{RENDERER_PTH}, {MAPPING_CROP} and {MAPPING_FULL}")
                               + ", or any file holding only tensors (safetensors, or torch.save of state dicts)") from exc
+    except PermissionError as exc:
+        raise CheckpointError(permission_denied(path)) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint, it looks truncated or corrupt "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                               "download it again") from exc
+
+
+def permission_denied(path) -> str:
+    """The message for a weights file this process may not read (not a corrupt one: no download helps)."""
+    return f"{path}: permission denied; give sfr read access to it (chmod a+r), or copy it where sfr can read it"
 
 
 def _read_safetensors(path: Path, parts: Iterable[str]) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -186,6 +193,8 @@ def _read_safetensors(path: Path, parts: Iterable[str]) -> Dict[str, Dict[str, t
             for part in present & set(parts):
                 prefix = SAFETENSORS_PREFIXES[part]
                 out[part] = {k[len(prefix):]: file.get_tensor(k) for k in keys if k.startswith(prefix)}
+    except PermissionError as exc:
+        raise CheckpointError(permission_denied(path)) from exc
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot be read as safetensors, it looks truncated or corrupt "
                               f"({exc}); download it again") from exc
@@ -224,7 +233,10 @@ def check_state_dict(module: nn.Module, state_dict: Dict[str, torch.Tensor], whe
 def _other_config_hint(module: nn.Module, state_dict: Dict[str, torch.Tensor], config_name: str) -> str:
     """"; these are weights of the tiny config: pass --config tiny" when every shape of `state_dict` fits
     the same part of another built-in config (built on the meta device: no memory, no I/O), else the
-    general question. For a shape mismatch only."""
+    general question. For a shape mismatch only; none for the enhancer's files (no --config reaches them:
+    its own check names the other --enhancer)."""
+    if config_name.endswith(" enhancer"):
+        return ""
     from .config import BUILTIN_CONFIGS, config_path, load_config
 
     for family in BUILTIN_CONFIGS:

@@ -147,6 +147,10 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
 
     manifest = None
     if coeffs_globs:
+        manifests = [str(p) for p in manifest_or_coeffs if p.suffix.lower() in batching.MANIFEST_SUFFIXES]
+        if manifests:
+            raise click.UsageError(f"{manifests[0]}: a manifest, given with --coeffs; give either MANIFEST or "
+                                   "--coeffs GLOB --source FACE, not both")
         patterns = list(coeffs_globs) + [str(p) for p in manifest_or_coeffs]  # the shell expanded the glob
         if not source:
             raise click.UsageError("--coeffs needs --source FACE (the face of every clip)")
@@ -250,7 +254,7 @@ def _batch_backend(settings, workers, devices, ray_address, debug: bool):
 
     return WorkerPoolBackend(settings, workers=count, devices=device_list)
 @sfr.command(context_settings={"max_content_width": 100})
-@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+@click.option("--input", "input_path", required=True, type=click.Path(),  # text: "" is refused, not "."
               help="The frames to enhance: a video (SadTalker's result, another tool's) or a folder of pictures.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="The MP4 to write (default: <input name>_enhanced.mp4 here, unless only --frames-dir is given); "
@@ -316,7 +320,7 @@ def crop_box(source: Path, original: Path, as_json: bool) -> None:
 
 @sfr.group()
 def checkpoints() -> None:
-    """Write random weights in SadTalker's layout, or inspect a checkpoint file."""
+    """Download SadTalker's weights, write random ones in its layout, or inspect a checkpoint file."""
 
 
 @checkpoints.command("random")
@@ -371,9 +375,14 @@ def checkpoints_inspect(path: Path, config: Optional[str]) -> None:
     from .checkpoints import build_networks, check_state_dict, read_state_dicts
     from .config import config_path, load_config
     from .modes import describe_coeff_count, modes_taking
+    from .stages import enhance as enhance_stage
 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if enhance_stage.weights_part(path.name) is not None:
+        for line in enhance_stage.inspect_weights_file(path):
+            click.echo(line)
+        return
     parts = read_state_dicts(path)
     layout = "safetensors" if path.suffix == ".safetensors" else "pth"
     click.echo(f"{path}: {layout} layout, parts: {', '.join(parts)}")
@@ -396,6 +405,81 @@ def checkpoints_inspect(path: Path, config: Optional[str]) -> None:
         if module is not None:
             check_state_dict(module, state_dict, f"{path} [{part}]", model.name)
     click.echo(f"fits {model.name}")
+
+
+@checkpoints.command("download")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
+              help="Which SadTalker_V0.0.2_<size>.safetensors (the safetensors layout).")
+@click.option("--layout", type=click.Choice(["safetensors", "pth"]), default="safetensors", show_default=True,
+              help="safetensors: SadTalker_V0.0.2_<size>.safetensors (what SadTalker's script fetches, and all "
+                   "SadTalker's own steps need); pth: the older facevid2vid_00189-model.pth.tar.")
+@click.option("--enhancer/--no-enhancer", default=False, show_default=True,
+              help="Also the face enhancer's GFPGANv1.4.pth, detection_Resnet50_Final.pth, parsing_parsenet.pth.")
+@click.option("--restoreformer/--no-restoreformer", default=False, show_default=True,
+              help="Also RestoreFormer.pth (SadTalker's --enhancer RestoreFormer), with the detector and parser.")
+@click.option("--background-enhancer/--no-background-enhancer", default=False, show_default=True,
+              help="Also RealESRGAN_x2plus.pth (SadTalker's --background_enhancer realesrgan).")
+@click.option("--enhancer-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the enhancers' files go [default: gfpgan/weights beside OUT_DIR, where SadTalker keeps "
+                   "them and sfr looks].")
+@click.option("--url", "base_url", envvar="SFR_DOWNLOAD_URL", metavar="BASE_URL",
+              help="Fetch every file from BASE_URL/NAME instead of its release URL (a mirror) [env: SFR_DOWNLOAD_URL].")
+@click.option("--timeout", "timeout_seconds", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds without data before a try fails.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Tries after the first, each resuming where the last stopped.")
+@click.option("--config", "config", metavar="NAME|PATH", default="facerender", show_default=True,
+              help="The widths the files are checked against (tiny: test weights).")
+@click.option("--overwrite", is_flag=True, help="Download files that are already there again.")
+@click.option("--quiet", is_flag=True, help="No progress or notes on stderr.")
+@debug_option
+def checkpoints_download(out_dir: Path, size_px: str, layout: str, enhancer: bool, restoreformer: bool,
+                         background_enhancer: bool, enhancer_dir: Optional[Path], base_url: Optional[str],
+                         timeout_seconds: float, retries: int, config: str, overwrite: bool, quiet: bool) -> None:
+    """Download SadTalker's weights into OUT_DIR (SadTalker's checkpoints folder): the files and public
+    release URLs of SadTalker's scripts/download_models.sh. A partial file is resumed on the next run; each
+    file is checked (keys and shapes, no code run) before it gets its name. Prints OUT_DIR."""
+    from .download import WeightCheck, choose_files, download_weights, plan_downloads
+    from .progress import TransferProgress
+
+    files = choose_files(size_px=int(size_px), layout=layout, enhancer=enhancer, restoreformer=restoreformer,
+                         background_enhancer=background_enhancer)
+    downloads = plan_downloads(files, out_dir, enhancer_dir, base_url or None)
+    check = WeightCheck(config)
+    reporter = TransferProgress(quiet=quiet)
+    try:
+        download_weights(downloads, check, reporter, timeout_seconds=timeout_seconds, retries=retries,
+                         overwrite=overwrite)
+    finally:
+        reporter.finish()
+    click.echo(str(out_dir))
+
+
+@sfr.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False,
+                               "max_content_width": 100})
+@click.argument("inference_py", type=click.Path(path_type=Path))
+@click.argument("flags", nargs=-1, type=click.UNPROCESSED)
+@options.row_named("precision").click_option(options.RENDER)
+@options.row_named("batch_size").click_option(options.RENDER)
+@click.option("--config", "config", metavar="NAME|PATH",
+              help=CONFIG_HELP + " [default: SadTalker's own src/config YAML]")
+@click.option("--quiet", is_flag=True, help="No render progress on stderr (SadTalker's own output stays).")
+@debug_option
+def sadtalker(inference_py: Path, flags, precision: str, batch_size: Optional[int], config: Optional[str],
+              quiet: bool) -> None:
+    """Run SadTalker's own INFERENCE_PY (from your checkout, with its flags after it) with sfr as its face
+    renderer: SadTalker's preprocessing and audio-to-coefficients, then sfr's render, paste-back and
+    enhancer in one pass; the video lands where SadTalker puts it. sfr's options go before INFERENCE_PY:
+
+    \b
+    python -m sfr_cli.sadtalker --precision fp16 SadTalker/inference.py --driven_audio a.wav
+    --source_image face.png --enhancer gfpgan
+    """
+    from .sadtalker import run_inference
+
+    run_inference(inference_py, list(flags), precision=precision, batch_size=batch_size, config=config,
+                  quiet=quiet)
 
 
 @sfr.command()

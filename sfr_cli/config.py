@@ -19,7 +19,10 @@ import yaml
 from .errors import ConfigError
 from .modes import CROP_COEFFS, DEFAULT_MODE, FULL_COEFFS, get_mode
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The built-in configs: inside the package in a wheel or any non-editable install (setup.py ships the
+# top-level configs/ there), else the source tree's configs/ (a checkout, an editable install).
+PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = PACKAGED_CONFIG_DIR if PACKAGED_CONFIG_DIR.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 BUILTIN_CONFIGS = ("facerender", "tiny")  # families: NAME.yaml (70 coefficients) and NAME_still.yaml (73)
 DEFAULT_CONFIG = "facerender"
 # Sections of facevid2vid-style training configs that say nothing about the model's shape: accepted so

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Protocol
 
 from .batch import FAILED, RowResult, Task
 from .jobs import output_paths
-from .outputs import remove_dead_lock, remove_leftovers, resolved
+from .outputs import remove_leftovers, resolved
 
 RETRIES = 1  # a dead worker's clip is tried once more
 START_FAILURES = 3  # workers dying without a task before the batch gives up on them
@@ -164,9 +164,9 @@ def _print_note(message: str) -> None:
 
 
 def _remove_dead_temporaries(task: Task) -> None:
-    """What a dead worker left for its task's outputs: its MP4's and frames folder's temporaries and locks."""
+    """What a dead worker left for its task's outputs: its MP4's and frames folder's temporaries and locks
+    (taking a dead run's lock removes its temporaries; giving it back removes the lock file)."""
     output, frames_dir = output_paths(task.job)
     for target in (output, None if frames_dir is None else resolved(frames_dir)):
         if target is not None:
             remove_leftovers(target)
-            remove_dead_lock(target)

@@ -23,3 +23,11 @@ class MediaError(SfrError):
 
 class RenderError(SfrError):
     """A render that cannot go on: no memory left even at batch size 1, an unsupported precision, ..."""
+
+
+class DownloadError(SfrError):
+    """A weights download that failed: no network, a server error, a stalled or cut-off transfer."""
+
+
+class SadTalkerError(SfrError):
+    """A SadTalker checkout that is not there, or whose code (its preprocessing steps) fails to import."""

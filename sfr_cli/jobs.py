@@ -150,9 +150,22 @@ def job_inputs(job: RenderJob, config_file: Optional[Path] = None) -> List[outpu
     files its frame stages read (each stage module's `input_files`)."""
     named = [(job.coeffs, "--coeffs"), (job.source, "--source"), (job.source_coeffs, "--source-coeffs"),
              (job.audio, "--audio"), (job.checkpoint, "--checkpoint"), (job.mapping, "--mapping"),
-             (config_file, "--config")] + stage_input_files(job)
-    return [outputs.JobInput(Path(path), role) for path, role in named
-            if path is not None and not isinstance(path, np.ndarray)]  # the API's arrays are no files
+             (config_file, "--config")]
+    given = [outputs.JobInput(Path(path), role) for path, role in named
+             if path is not None and not isinstance(path, np.ndarray)]  # the API's arrays are no files
+    return given + stage_job_inputs(job, given)
+
+
+def stage_job_inputs(job, known: Sequence[outputs.JobInput] = ()) -> List[outputs.JobInput]:
+    """The files the frame stages of `job` read (`stages.stage_input_files`: the enhancer's weights, the
+    paste-back picture, ...) that `known` does not list yet, as inputs no output may be."""
+    seen = {Path(item.path) for item in known}
+    found = []
+    for path, role in stage_input_files(job):
+        if not isinstance(path, np.ndarray) and Path(path) not in seen:
+            seen.add(Path(path))
+            found.append(outputs.JobInput(Path(path), role))
+    return found
 
 
 def check_outputs(output: Optional[Path], frames_dir: Optional[Path], inputs: Sequence[outputs.JobInput], *,
@@ -259,6 +272,7 @@ class PreparedJob:
         return self.job.audio
 
     audio_copy = False  # a render's sound is always encoded to AAC
+    exact_count = True  # the engine yields exactly `frame_count` frames (the sinks check it)
 
 
 def read_driving(value) -> Tuple[np.ndarray, str]:
@@ -312,9 +326,20 @@ def _under_claims(prepare: Callable[[List[outputs.OutputClaim]], PreparedT]) -> 
     return prepared
 
 
+def check_encodable_size(width_px: int, height_px: int) -> None:
+    """Refuse frames larger than libx264 encodes (`media.MAX_SIDE_PX` a side, after the odd-size padding)
+    before anything renders: ffmpeg would fail "invalid width x height" after the last frame."""
+    padded = (width_px + width_px % 2, height_px + height_px % 2)
+    if max(padded) > media.MAX_SIDE_PX:
+        raise MediaError(f"{width_px}x{height_px} frames: too large for an H.264 MP4 (at most {media.MAX_SIDE_PX} "
+                         "pixels a side); choose a smaller picture or crop box, or write --frames-dir only")
+
+
 def check_mp4_output(output: Path, width_px: int, height_px: int, note: Callable[[str], None]) -> None:
     """An MP4 output's own checks: its folder writable (or creatable: the MP4 writer creates it, as
-    `--frames-dir` and `sfr batch` create theirs) and a note when the frames' size is odd."""
+    `--frames-dir` and `sfr batch` create theirs), a size libx264 takes, and a note when the frames' size is
+    odd."""
+    check_encodable_size(width_px, height_px)
     media.check_output_writable(output, folder_created=True)
     if width_px % 2 or height_px % 2:
         note(f"{width_px}x{height_px} frames: the MP4 repeats the last "
@@ -469,6 +494,7 @@ class PreparedEnhance:
     ffmpeg: Optional[str]
     notes: List[str]
     claims: List[outputs.OutputClaim] = field(default_factory=list)  # held until `release()`
+    exact_count = False  # `frame_count` is counted before decoding (a joined or looped video may differ)
 
     @property
     def frame_count(self) -> int:
@@ -480,6 +506,41 @@ class PreparedEnhance:
 
 
 DEFAULT_ENHANCE_FPS = 25.0
+
+
+def default_enhanced_name(input_path: Path) -> Path:
+    """`<input name>_enhanced.mp4` here; the name of the folder itself for `.` or `..`."""
+    name = input_path.name or outputs.resolved(input_path).name or "frames"
+    return Path(name.rsplit(".", 1)[0] + "_enhanced.mp4")
+
+
+def enhance_inputs(input_path: Path) -> List[outputs.JobInput]:
+    """What `sfr enhance` reads from `--input`: the video, or every frame file of the folder: no output may
+    be one of them."""
+    if input_path.is_dir():
+        try:
+            return [outputs.JobInput(path, "--input frame") for path in media.frame_files(input_path)]
+        except OSError:
+            return []  # FrameSource says what is wrong
+    return [outputs.JobInput(input_path, "--input")]
+
+
+def check_not_the_input_folder(frames_dir: Optional[Path], input_path: Path) -> None:
+    """Refuse a `--frames-dir` that is the `--input` folder under any spelling (a symlink, `f/.`, `../x/f`):
+    the enhanced frames would land among (or, with --overwrite, replace) the frames being read."""
+    if frames_dir is not None and input_path.is_dir() and (
+            outputs.resolved(frames_dir) == outputs.resolved(input_path) or outputs.same_file(frames_dir, input_path)):
+        raise MediaError(f"{frames_dir}: is the --input folder {input_path}; the enhanced frames would replace "
+                         "the frames being read; choose another --frames-dir")
+
+
+def check_fps_keeps_sound(fps: Optional[float], video_fps: Optional[float], input_path: Path) -> None:
+    """`--fps` with the input's sound kept is refused: a new rate changes the video's length, and the sound
+    would no longer match it (it was cut to the new length). The video's own rate is fine."""
+    if fps is not None and (video_fps is None or abs(fps - video_fps) > 1e-6 * video_fps):
+        raise MediaError(f"--fps {fps:g}: {input_path} has sound, kept in the MP4, and its video runs at "
+                         f"{video_fps or 0:g} frames/s; another rate would change the video's length and the sound "
+                         "would no longer match. Drop --fps, or write --frames-dir only and mux the sound yourself")
 
 
 def prepare_enhance(job: EnhanceJob, note=None) -> PreparedEnhance:
@@ -501,15 +562,20 @@ def _prepare_enhance(job: EnhanceJob, note, claims: List[outputs.OutputClaim]) -
         raise RenderError(f"batch size {job.batch_size}: must be at least 1 (or auto)")
     if job.fps is not None:
         media.check_fps(job.fps)
+    if not str(job.input).strip():
+        raise MediaError("--input is empty; give a video or a folder of frames")
     input_path = Path(job.input)
     output = Path(job.output) if job.output is not None else None
     frames_dir = Path(job.frames_dir) if job.frames_dir is not None else None
     if output is None and frames_dir is None:
-        output = Path(input_path.name.rsplit(".", 1)[0] + "_enhanced.mp4")
-    inputs = [outputs.JobInput(input_path, "--input")]
+        output = default_enhanced_name(input_path)
+    inputs = enhance_inputs(input_path) + stage_job_inputs(job)
+    check_not_the_input_folder(frames_dir, input_path)
     check_outputs(output, frames_dir, inputs, overwrite=job.overwrite, note=noted, claims=claims)
     ffmpeg = media.find_ffmpeg() if output is not None or input_path.is_file() else None
     source = media.FrameSource(input_path, ffmpeg)
+    for message in source.notes:
+        noted(message)
     fps = job.fps or source.fps or DEFAULT_ENHANCE_FPS
     stages = plan_stages(job, source.width_px, noted)
     frame_width, frame_height = chain_output_size(stages, source.width_px, source.height_px)
@@ -522,10 +588,9 @@ def _prepare_enhance(job: EnhanceJob, note, claims: List[outputs.OutputClaim]) -
             except MediaError:
                 info = None  # a silent video
             if info is not None:
+                check_fps_keeps_sound(job.fps, source.fps, input_path)
                 audio, audio_copy = input_path, info.codec == "aac"
                 noted(f"sound of {input_path} kept ({'copied as it is' if audio_copy else f'{info.codec} encoded to AAC'})")
-    check_outputs(output, frames_dir, [outputs.JobInput(Path(path), role) for path, role in stage_input_files(job)],
-                  overwrite=True)
     if output is not None:  # after every check that protects an input, as sfr render's
         media.check_mp4_name(output)
     from .engine import check_precision, resolve_device

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import click
 
-from .errors import SfrError
+from .errors import ConfigError, SfrError
 from .modes import DEFAULT_MODE, MODE_NAMES
 
 
@@ -118,6 +118,20 @@ class IntChoice(click.Choice):
 
     def convert(self, value, param, ctx):
         return int(super().convert(str(value), param, ctx))
+
+
+class ChoiceOrNone(click.Choice):
+    """One of `choices`, or `none` (off: the value None), so a manifest row can turn off what the batch's
+    option turns on (an empty cell or JSON null keeps the batch's default)."""
+
+    OFF = "none"
+
+    def __init__(self, choices):
+        super().__init__([*choices, self.OFF])
+
+    def convert(self, value, param, ctx):
+        chosen = super().convert(value, param, ctx)
+        return None if chosen == self.OFF else chosen
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,6 +227,36 @@ class OptionRow:
         return value if self.type is None else self.type.convert(value, None, None)
 
 
+def convert_keyword(row: OptionRow, value):
+    """`value` given to the Python API under `row`'s keyword, checked as the command line checks its text
+    (the row's Click type), without Python's loose coercions: no True for a number, no 1.5 for a whole
+    number, a box or degrees as a tuple checked as their text. Raises ConfigError naming the keyword."""
+    try:
+        return _convert_keyword(row, value)
+    except click.BadParameter as exc:
+        raise ConfigError(f"{row.api_name}: {exc.format_message()}") from None
+
+
+def _convert_keyword(row: OptionRow, value):
+    if value is None or row.path or row.type is None:
+        return value
+    is_bool = isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b"
+    if row.type is click.BOOL:
+        if not is_bool:
+            raise click.BadParameter(f"got {type(value).__name__} {value!r}; give True or False")
+        return bool(value)
+    if is_bool:
+        raise click.BadParameter(f"got {value!r}; give {row.type.name if hasattr(row.type, 'name') else 'a value'}")
+    whole = row.type is click.INT or isinstance(row.type, (IntChoice, BatchSize))
+    if whole and isinstance(value, float):
+        if not value.is_integer():
+            raise click.BadParameter(f"{value!r} is not a whole number")
+        value = int(value)
+    if isinstance(row.type, ParsedText) and not isinstance(value, (str, list, tuple)):
+        raise click.BadParameter(f"got {type(value).__name__} {value!r}; give text like {row.type.name} or a tuple")
+    return row.convert(value)
+
+
 CORE_OPTIONS: Tuple[OptionRow, ...] = (
     OptionRow("coeffs", ("--coeffs",), "SadTalker coefficients: .mat (coeff_3dmm) or .npy, (frames, 70|73).",
               path=True, column=True, required=True, commands=(RENDER,)),
@@ -230,7 +274,7 @@ CORE_OPTIONS: Tuple[OptionRow, ...] = (
               path=True, column=True, commands=(RENDER,)),
     OptionRow("audio", ("--audio",), "Audio to mux into the MP4 (cut to the video).",
               path=True, column=True, commands=(RENDER,)),
-    OptionRow("fps", ("--fps",), "Frames per second of the MP4 (above 0, at most 1000).",
+    OptionRow("fps", ("--fps",), "Frames per second of the MP4 (0.01 to 1000).",
               type=CheckedFloat(".media:check_fps"), default=25.0, column=True,
               batch_help="Default frames per second."),
     OptionRow("checkpoint_dir", ("--checkpoint-dir",),

@@ -1,18 +1,19 @@
 """Output files: where sfr may write, and how it writes so that a user's files are never destroyed.
 
-Every file (and frames folder) sfr writes goes first to a hidden temporary name beside its target,
-``.NAME.sfr-tmp-HOST-PID-START[SUFFIX]`` (host, PID and start time of the writing process), and is renamed
-onto the target only once complete; without ``--overwrite`` that rename never replaces anything that
-appeared meanwhile (`commit_path`). The name lets a later run for the same target tell its dead
-predecessors' leftovers (after ``kill -9`` or the out-of-memory killer) from the temporaries of a
-live sfr: a leftover's process is gone, or its PID now belongs to a process that started at another
-time (PID reuse). A temporary of another host (shared storage: NFS, a Colab drive) cannot be judged from
-here, so it is never removed as a leftover. Only dead leftovers are removed.
+One mechanism, after git's lockfile. Each output has one lock, held for its job's life (`OutputClaim`):
+``.NAME.sfr-lock`` beside it, made with O_EXCL, naming its holder (host, PID, start time, since when),
+flock-ed where the file system has flock and its modification time refreshed while held. A second run for
+the output stops before any long work (OutputBusy, naming the holder). A lock is live while its flock is
+held, or its holder runs on this host (`processes.is_running`: PID and start time), or, another host's,
+while it is refreshed: a live run on shared storage (NFS, a Colab drive) is never taken over, whether or
+not its flock reaches here. A dead run's lock (kill -9, the out-of-memory killer) is taken over.
 
-While a job runs, each of its outputs is claimed (`OutputClaim`): a lock file ``.NAME.sfr-lock`` beside
-it, created exclusively, naming host, PID and start time, flock-ed where the file system supports it and
-refreshed every `LOCK_HEARTBEAT_SECONDS`. A second run for the same output sees it busy; a dead holder's
-lock (its process gone on this host, or not refreshed for `LOCK_STALE_SECONDS` on another) is taken over.
+Every file (and frames folder) goes first to a hidden temporary named from its target,
+``.NAME.sfr-tmp[SUFFIX]`` beside it, and is renamed onto the target only once complete; without
+``--overwrite`` that rename never replaces anything that appeared meanwhile (`commit_path`). Only the
+lock's holder writes there, so whatever temporary is there when the lock is taken is a dead run's, and
+taking the lock removes it (`remove_leftovers` says what). A writer whose caller holds no lock on its
+target takes one for its own life (`claim_unless_held`).
 
 The rules for an output (checked before any long work): it is never an input of the same job
 (compared by device and inode, so symlinks, ``..`` and hard links count), never something other than a
@@ -35,9 +36,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import MediaError
+from .processes import is_running, own_start
 
 try:
     import fcntl
@@ -46,12 +48,11 @@ except ImportError:  # not POSIX: lock files without flock
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-TEMP_MARKER = ".sfr-tmp-"
+TEMP_MARKER = ".sfr-tmp"
 LOCK_SUFFIX = ".sfr-lock"
-# After ".NAME.sfr-tmp-": the host (a letter first; absent in the names of sfr before hosts were named,
-# which were written on this host), the PID, the process start time, a suffix.
-_TEMP_TAIL = re.compile(r"(?:(?P<host>[A-Za-z_][A-Za-z0-9_]*)-)?(?P<pid>\d+)-(?P<start>\d+)(?P<suffix>\.[A-Za-z0-9]+)?")
-_PROC_STAT_START_FIELD = 19  # starttime: field 22 of /proc/PID/stat, counted after the ")" closing comm
+# A temporary's name after ".TARGET.sfr-tmp": a suffix like ".mp4" or none, after "-[HOST-]PID-START" in
+# the names of sfr before temporaries were named from their target alone.
+_TEMP_TAIL = re.compile(r"(?:-(?:[A-Za-z_][A-Za-z0-9_]*-)?\d+-\d+)?(?:\.[A-Za-z0-9]+)?")
 HOST_NAME_CHARS = 40
 LOCK_HEARTBEAT_SECONDS = 30.0  # a held lock's modification time is refreshed this often
 LOCK_WRITE_GRACE_SECONDS = 5.0  # a lock file still without its holder this long: its run was killed taking it
@@ -64,7 +65,7 @@ class OutputExists(MediaError):
 
 
 class OutputBusy(MediaError):
-    """Another live sfr run has claimed the output (`OutputClaim`); `holder` says which."""
+    """Another live sfr run holds the output's lock (`OutputClaim`); `holder` says which."""
 
     def __init__(self, message: str, holder: Optional["LockHolder"] = None):
         super().__init__(message)
@@ -72,42 +73,14 @@ class OutputBusy(MediaError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Temporary names and atomic replacement
-
-
-def _process_stat(pid: int) -> Optional[Tuple[str, str]]:
-    """(state letter, start time in clock ticks after boot) of process `pid` from /proc, or None where
-    that cannot be read (no /proc, no such process, or hidden from this user)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rpartition(b")")[2].split()
-        return fields[0].decode(), fields[_PROC_STAT_START_FIELD].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def host_name() -> str:
-    """This host as temporaries and locks name it: the host name with every character other than a
-    letter or a digit made "_", a letter first, at most HOST_NAME_CHARS characters."""
-    name = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname() or "host")[:HOST_NAME_CHARS]
-    return name if name[:1].isalpha() or name[:1] == "_" else f"h{name}"[:HOST_NAME_CHARS]
-
-
-def _own_start() -> str:
-    """This process's start time from /proc ("0" where there is no /proc: then the PID alone is judged)."""
-    stat_fields = _process_stat(os.getpid())
-    return stat_fields[1] if stat_fields is not None else "0"
-
-
-def _own_token() -> str:
-    return f"{host_name()}-{os.getpid()}-{_own_start()}"
+# Temporaries and atomic replacement
 
 
 def temporary_path(target: PathLike, suffix: str = "") -> Path:
-    """The hidden temporary name of this process for `target`, in the same folder (so the final rename
-    never crosses file systems): `.NAME.sfr-tmp-HOST-PID-START{suffix}`; `suffix` like ".mp4" or ""."""
+    """The hidden temporary of `target`, in its folder (so the final rename never crosses file systems):
+    `.NAME.sfr-tmp{suffix}`, `suffix` like ".mp4" or "". Only the holder of the target's lock writes it."""
     path = Path(target)
-    return path.with_name(f".{path.name}{TEMP_MARKER}{_own_token()}{suffix}")
+    return path.with_name(f".{path.name}{TEMP_MARKER}{suffix}")
 
 
 def remove_quietly(path: PathLike) -> None:
@@ -120,15 +93,19 @@ def remove_quietly(path: PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield this process's temporary path for `target`; write the file there inside the block. On a clean
-    exit it is renamed onto `target` (replacing it); on any exception, Ctrl-C included, it is removed."""
+    """Yield the temporary path of `target`, its lock held for the block (this process's, or taken here);
+    write the file there inside the block. On a clean exit it is renamed onto `target` (replacing it); on
+    any exception, Ctrl-C included, it is removed."""
     target = Path(target)
+    claim = claim_unless_held(target)
     temporary = temporary_path(target, suffix)
     try:
         yield temporary
         os.replace(temporary, target)
     finally:
         remove_quietly(temporary)
+        if claim is not None:
+            claim.release()
 
 
 _AT_FDCWD = -100
@@ -191,85 +168,7 @@ def commit_path(temporary: PathLike, target: PathLike, *, overwrite: bool) -> No
 
 
 # ---------------------------------------------------------------------------------------------------
-# Leftovers of dead runs
-
-
-def _writer_alive(pid: int, start: Optional[str], host: Optional[str] = None) -> bool:
-    """Whether the process that named a temporary [`host`-]`pid`-`start` may still be writing it. Another
-    host's writer cannot be judged from here: alive. A zombie (exited, not yet reaped) is dead; a live
-    process that started at another time holds a reused PID (a start of "0": written without /proc)."""
-    if host is not None and host != host_name():
-        return True
-    stat_fields = _process_stat(pid)
-    if stat_fields is not None:
-        state, current_start = stat_fields
-        if state in ("Z", "X"):
-            return False
-        return start in (None, "0") or current_start == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def dead_temporaries(folder: PathLike, target_name: Callable[[str], bool]) -> List[Path]:
-    """Temporaries (files, or folders of frames) in `folder` whose target name passes `target_name` and
-    whose writer is dead; another host's are never dead (`_writer_alive`)."""
-    folder = Path(folder)
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    dead = []
-    for entry in entries:
-        name, marker, tail = entry.name.rpartition(TEMP_MARKER)
-        if not marker or not name.startswith(".") or not target_name(name[1:]):
-            continue
-        match = _TEMP_TAIL.fullmatch(tail)
-        if match is None or entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
-            continue
-        if not _writer_alive(int(match["pid"]), match["start"], match["host"]):
-            dead.append(folder / entry.name)
-    return sorted(dead)
-
-
-def remove_leftovers(target: PathLike) -> List[Path]:
-    """Remove the temporaries that dead sfr processes left for `target`; return what was removed."""
-    target = Path(target)
-    return _remove_all(dead_temporaries(target.absolute().parent, lambda name: name == target.name))
-
-
-def remove_leftovers_in(folder: PathLike, target_name: Callable[[str], bool]) -> List[Path]:
-    """As `remove_leftovers`, for every target in `folder` whose name passes `target_name` (PNG frames)."""
-    return _remove_all(dead_temporaries(folder, target_name))
-
-
-def _remove_all(paths: List[Path]) -> List[Path]:
-    removed = []
-    for path in paths:
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        except FileNotFoundError:  # another run cleaned it first
-            continue
-        removed.append(path)
-    return removed
-
-
-def describe_leftovers(target: PathLike, removed: Sequence[Path]) -> str:
-    """The one line a command shows after `remove_leftovers`: what was removed and why."""
-    names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
-    return (f"{target}: removed {len(removed)} temporary file(s) left by an earlier sfr run that was killed "
-            f"({names})")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Claims: one live run per output
+# Locks: one live run per output
 
 
 @dataclass(frozen=True)
@@ -286,6 +185,13 @@ class LockHolder:
         return f"host {self.host}, pid {self.pid}, since {when}"
 
 
+def host_name() -> str:
+    """This host as locks name it: the host name with every character other than a letter or a digit
+    made "_", a letter first, at most HOST_NAME_CHARS characters."""
+    name = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname() or "host")[:HOST_NAME_CHARS]
+    return name if name[:1].isalpha() or name[:1] == "_" else f"h{name}"[:HOST_NAME_CHARS]
+
+
 def lock_path(target: PathLike) -> Path:
     """The lock file of `target`: `.NAME.sfr-lock` in the target's folder (symlinked folders resolved,
     so every path to one output shares one lock)."""
@@ -293,136 +199,88 @@ def lock_path(target: PathLike) -> Path:
     return resolved(target.absolute().parent) / f".{target.name}{LOCK_SUFFIX}"
 
 
-def _read_holder(path: Path) -> Optional[LockHolder]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return LockHolder(str(data["host"]), int(data["pid"]), str(data["start"]), float(data["since"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # gone, or half written by a run taking it right now
-
-
-def _flock_refused(path: Path) -> bool:
-    """Whether a live process holds the flock of `path` (False where flock is missing or unsupported)."""
-    if fcntl is None:
-        return False
+def _judge(path: Path) -> Optional[Tuple[bool, Optional[LockHolder], int]]:
+    """(live, holder, inode) of the lock file at `path`, or None where there is none. It is live while its
+    flock is held, or its holder runs on this host, or, another host's (whose process and flock may not
+    be seen from here), while refreshed within LOCK_STALE_SECONDS; without a holder (a run killed while
+    making it leaves it empty), for LOCK_WRITE_GRACE_SECONDS."""
     try:
         handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(handle)  # closing drops the shared lock taken to test
-    return False
-
-
-def _lock_live(path: Path, holder: Optional[LockHolder]) -> bool:
-    """Whether the lock file at `path` belongs to a live run: its flock is held, or its process lives on
-    this host, or (another host) it was refreshed lately, or (no holder written yet) it was created a
-    moment ago: a run killed between creating it and writing its holder leaves an empty file behind."""
-    if _flock_refused(path):
-        return True
-    if holder is not None and holder.host == host_name():
-        return _writer_alive(holder.pid, holder.start)
-    try:
-        age = time.time() - os.stat(path).st_mtime
     except FileNotFoundError:
-        return False
-    if holder is None:  # no holder written: a run taking it writes one at once; after a while it died doing so
-        return age < LOCK_WRITE_GRACE_SECONDS
-    return age < LOCK_STALE_SECONDS
+        return None
+    try:
+        info, holder = os.fstat(handle), None
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # empty, or being written right now
+            data = json.loads(os.read(handle, 4096))
+            holder = LockHolder(str(data["host"]), int(data["pid"]), str(data["start"]), float(data["since"]))
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # dropped when closed below
+            except BlockingIOError:
+                return True, holder, info.st_ino
+            except OSError:
+                pass  # no flock on this file system
+        if holder is not None and holder.host == host_name():
+            return is_running(holder.pid, holder.start), holder, info.st_ino
+        age_limit = LOCK_STALE_SECONDS if holder is not None else LOCK_WRITE_GRACE_SECONDS
+        return time.time() - info.st_mtime < age_limit, holder, info.st_ino
+    finally:
+        os.close(handle)
 
 
 def live_holder(target: PathLike) -> Optional[LockHolder]:
-    """The live run holding `target`'s lock (a half-written lock gives a holder with pid 0), or None."""
-    path = lock_path(target)
-    if not os.path.lexists(path):
-        return None
-    holder = _read_holder(path)
-    if not _lock_live(path, holder):
-        return None
-    return holder if holder is not None else LockHolder("?", 0, "0", time.time())
-
-
-def remove_dead_lock(target: PathLike) -> bool:
-    """Remove `target`'s lock file if the run holding it is dead (as a new claim would take it over); say
-    whether one was removed. For a batch driver tidying up after workers that were stopped mid-clip."""
-    path = lock_path(target)
+    """The live run holding `target`'s lock (one still writing its holder: pid 0), or None."""
     try:
-        judged = os.stat(path).st_ino
-    except FileNotFoundError:
-        return False
-    if _lock_live(path, _read_holder(path)):
-        return False
-    _break_lock(path, judged)
-    return True
+        judged = _judge(lock_path(target))
+    except OSError:  # a folder refusing access: its row fails on its own checks
+        return None
+    if judged is None or not judged[0]:
+        return None
+    return judged[1] or LockHolder("?", 0, "0", time.time())
 
 
-class _Heartbeat:
-    """One thread per process refreshing the modification time of every lock this process holds."""
-
-    def __init__(self):
-        self._handles: set = set()
-        self._guard = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
-
-    def add(self, handle: int) -> None:
-        with self._guard:
-            self._handles.add(handle)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="sfr-lock-heartbeat", daemon=True)
-                self._thread.start()
-
-    def discard(self, handle: int) -> None:
-        with self._guard:
-            self._handles.discard(handle)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(LOCK_HEARTBEAT_SECONDS)
-            with self._guard:
-                for handle in list(self._handles):
-                    with contextlib.suppress(OSError):
-                        os.utime(handle)
+_held: Dict[Path, "OutputClaim"] = {}  # the locks this process holds, by lock path
+_held_guard = threading.Lock()
+_heartbeat: Optional[threading.Thread] = None
 
 
-_heartbeat = _Heartbeat()
+def _refresh_held_locks() -> None:
+    """The heartbeat: every LOCK_HEARTBEAT_SECONDS the modification time of each lock held is refreshed."""
+    while True:
+        time.sleep(LOCK_HEARTBEAT_SECONDS)
+        with _held_guard:
+            for claim in _held.values():
+                with contextlib.suppress(OSError):
+                    os.utime(claim._handle)
 
 
 class OutputClaim:
-    """This run's claim on one output for the life of its job: `acquire()` creates the lock file
-    `.NAME.sfr-lock` beside `target` (O_CREAT | O_EXCL, holding host, PID, start time and time; flock-ed
-    where supported; refreshed every LOCK_HEARTBEAT_SECONDS) or raises OutputBusy naming the live
-    holder; a dead holder's lock is taken over. `release()` removes it (idempotent). A context manager."""
+    """This run's lock on one output for the life of its job. `acquire()` makes `.NAME.sfr-lock` beside
+    `target` (O_CREAT | O_EXCL, holding host, PID, start time and time; flock-ed where supported; refreshed
+    every LOCK_HEARTBEAT_SECONDS), a dead run's lock moved aside first, or raises OutputBusy naming the live
+    holder; holding it, it removes the dead runs' temporaries of `target` (`removed`). `release()` removes
+    the lock (idempotent). A context manager."""
 
     def __init__(self, target: PathLike):
         self.target = Path(target)
         self.path = lock_path(self.target)
+        self.removed: List[Path] = []
         self._handle: Optional[int] = None
-
-    @property
-    def held(self) -> bool:
-        return self._handle is not None
 
     def acquire(self) -> "OutputClaim":
         for _ in range(LOCK_ATTEMPTS):
             try:
                 handle = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                holder = _read_holder(self.path)
-                try:
-                    judged = os.stat(self.path).st_ino
-                except FileNotFoundError:
+                judged = _judge(self.path)
+                if judged is None:
                     continue  # released meanwhile
-                if _lock_live(self.path, holder):
+                live, holder, inode = judged
+                if live:
                     who = holder.describe() if holder is not None else "starting now"
                     raise OutputBusy(f"{self.target}: another sfr run is writing it ({who}); wait for it to "
                                      f"finish, or remove {self.path} if no such run is alive", holder) from None
-                _break_lock(self.path, judged)
+                _break_lock(self.path, inode)
                 continue
             except OSError as exc:
                 raise MediaError(f"{self.target}: output folder {self.path.parent} is not writable (its lock file "
@@ -432,25 +290,36 @@ class OutputClaim:
         raise OutputBusy(f"{self.target}: other sfr runs keep taking its lock {self.path}; try again")
 
     def _take(self, handle: int) -> None:
-        info = {"host": host_name(), "pid": os.getpid(), "start": _own_start(), "since": time.time()}
+        global _heartbeat
+        info = {"host": host_name(), "pid": os.getpid(), "start": own_start(), "since": time.time()}
         try:
             os.write(handle, json.dumps(info).encode())
             if fcntl is not None:
-                with contextlib.suppress(OSError):  # no flock on this file system: the file alone
+                with contextlib.suppress(OSError):  # no flock here, or a run judging it right now: the file alone
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(handle)
             remove_quietly(self.path)
             raise
         self._handle = handle
-        _heartbeat.add(handle)
+        with _held_guard:
+            _held[self.path] = self
+            if _heartbeat is None or not _heartbeat.is_alive():
+                _heartbeat = threading.Thread(target=_refresh_held_locks, name="sfr-lock-heartbeat", daemon=True)
+                _heartbeat.start()
+        try:  # held: every temporary of the target is a dead run's
+            self.removed = _remove_all(_temporaries(self.path.parent, lambda name: name == self.target.name))
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         """Remove the lock file (only if it is still ours) and close it."""
-        handle, self._handle = self._handle, None
-        if handle is None:
-            return
-        _heartbeat.discard(handle)
+        with _held_guard:
+            handle, self._handle = self._handle, None
+            if handle is None:
+                return
+            _held.pop(self.path, None)
         try:
             if os.stat(self.path).st_ino == os.fstat(handle).st_ino:
                 os.remove(self.path)
@@ -468,17 +337,101 @@ class OutputClaim:
 
 def _break_lock(path: Path, judged_inode: int) -> None:
     """Remove a dead run's lock file, unless another run took it over since it was judged (then it stays)."""
-    aside = path.with_name(f"{path.name}.stale-{_own_token()}")
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
         return
     try:
         if os.stat(aside).st_ino != judged_inode:  # a fresh lock: put it back
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, path)
+            rename_noreplace(aside, path)
     finally:
         remove_quietly(aside)
+
+
+def _held_claim(target: PathLike) -> Optional[OutputClaim]:
+    """This process's claim on `target`, if it holds one."""
+    path = lock_path(target)
+    with _held_guard:
+        return _held.get(path)
+
+
+def claim_unless_held(target: PathLike) -> Optional[OutputClaim]:
+    """A claim on `target` for a writer's life (release it when done), or None when this process holds
+    one already (its job's, taken before the checks)."""
+    return None if _held_claim(target) is not None else OutputClaim(target).acquire()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Leftovers of killed runs, removed by the lock's holder
+
+
+def _temporaries(folder: Path, target_name: Callable[[str], bool]) -> List[Path]:
+    """The temporaries (files, or folders of frames) in `folder` of the targets whose names pass `target_name`."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        target, marker, tail = name.rpartition(TEMP_MARKER)
+        if marker and target.startswith(".") and target_name(target[1:]) and _TEMP_TAIL.fullmatch(tail):
+            found.append(folder / name)
+    return sorted(found)
+
+
+def _remove_all(paths: List[Path]) -> List[Path]:
+    removed = []
+    for path in paths:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def remove_leftovers(target: PathLike) -> List[Path]:
+    """Remove the temporaries killed runs left for `target`; return what was removed. Whoever holds the
+    target's lock removes them: this process when it holds it (what taking it removed, returned once),
+    else the lock is taken for a moment; nothing while another live run holds it or the folder is missing."""
+    target = Path(target)
+    held = _held_claim(target)
+    if held is not None:
+        removed, held.removed = held.removed, []
+        return removed
+    if not target.absolute().parent.is_dir():
+        return []
+    try:
+        with OutputClaim(target) as claim:
+            return claim.removed
+    except OutputBusy:
+        return []
+
+
+def remove_leftovers_in(folder: PathLike, target_name: Callable[[str], bool]) -> List[Path]:
+    """As `remove_leftovers`, for the files a job writes inside `folder` whose names pass `target_name`
+    (PNG frames, which sfr once wrote one temporary at a time), under the folder's lock."""
+    folder = resolved(folder)
+    if not folder.is_dir():
+        return []
+    try:
+        with contextlib.ExitStack() as stack:
+            if _held_claim(folder) is None:
+                stack.enter_context(OutputClaim(folder))
+            return _remove_all(_temporaries(folder, target_name))
+    except OutputBusy:
+        return []
+
+
+def describe_leftovers(target: PathLike, removed: Sequence[Path]) -> str:
+    """The one line a command shows after `remove_leftovers`: what was removed and why."""
+    names = ", ".join(p.name for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
+    return (f"{target}: removed {len(removed)} temporary file(s) left by an earlier sfr run that was killed "
+            f"({names})")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Optional, Protocol, runtime_checkable
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
@@ -20,6 +21,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.status import Status
 from rich.text import Text
@@ -32,8 +34,8 @@ class Reporter(Protocol):
     def loading(self, message: str) -> None:
         """Show `message` with a spinner while something without a frame count runs (checkpoints load)."""
 
-    def start(self, total_frames: int) -> None:
-        """Begin counting: `total_frames` frames will be rendered."""
+    def start(self, total_frames: int, description: str = "rendering") -> None:
+        """Begin counting: `total_frames` frames will be rendered (`description`: what is done to them)."""
 
     def advance(self, frames: int) -> None:
         """`frames` more frames are done (a whole batch at once is fine)."""
@@ -51,7 +53,7 @@ class SilentReporter:
     def loading(self, message: str) -> None:
         pass
 
-    def start(self, total_frames: int) -> None:
+    def start(self, total_frames: int, description: str = "rendering") -> None:
         pass
 
     def advance(self, frames: int) -> None:
@@ -92,6 +94,7 @@ class RichReporter:
         self._status: Optional[Status] = None
         self._progress: Optional[Progress] = None
         self._task_id = None
+        self._lines: Optional[ProgressLines] = None
 
     def loading(self, message: str) -> None:
         if self._status is None:
@@ -100,9 +103,12 @@ class RichReporter:
         else:
             self._status.update(message)
 
-    def start(self, total_frames: int) -> None:
+    def start(self, total_frames: int, description: str = "rendering") -> None:
         self._stop_status()
         self._stop_progress()
+        if not self.console.is_terminal:  # a log file, nohup, CI: no live bar, a line every few seconds
+            self._lines = ProgressLines(total_frames, description, self.console)
+            return
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -116,11 +122,13 @@ class RichReporter:
             console=self.console,
         )
         self._progress.start()
-        self._task_id = self._progress.add_task("rendering", total=total_frames)
+        self._task_id = self._progress.add_task(description, total=total_frames)
 
     def advance(self, frames: int) -> None:
         if self._progress is not None:
             self._progress.advance(self._task_id, frames)
+        if self._lines is not None:
+            self._lines.advance(frames)
 
     def note(self, message: str) -> None:
         # While a live display runs, Rich prints this above it.
@@ -136,6 +144,9 @@ class RichReporter:
             self._status = None
 
     def _stop_progress(self) -> None:
+        if self._lines is not None:
+            self._lines.finish()
+        self._lines = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -147,6 +158,67 @@ class RichReporter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.finish()
         return False
+
+
+PROGRESS_SECONDS_ENV = "SFR_PROGRESS_SECONDS"
+PROGRESS_SECONDS = 10.0  # between two progress lines when stderr is no terminal
+
+
+def progress_interval_seconds() -> float:
+    """Seconds between progress lines in a log: `$SFR_PROGRESS_SECONDS` (0: a line per batch), else 10."""
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_SECONDS_ENV, PROGRESS_SECONDS)))
+    except ValueError:
+        return PROGRESS_SECONDS
+
+
+class ProgressLines:
+    """Progress for a stderr that is no terminal: one plain line every `progress_interval_seconds()` (and at
+    the last frame), e.g. `rendering: 120/750 frames, 3.1 frames/s, ETA 3 min 23 s`."""
+
+    def __init__(self, total_frames: int, description: str, console: Console):
+        import time
+
+        self._clock = time.monotonic
+        self.total = total_frames
+        self.done = 0
+        self.description = description
+        self.console = console
+        self.interval = progress_interval_seconds()
+        self._started = self._last = self._clock()
+        self._shown = 0  # frames done at the last line
+
+    def advance(self, frames: int) -> None:
+        self.done += frames
+        now = self._clock()
+        if now - self._last < self.interval and self.done < self.total:
+            return
+        self._last = now
+        self._print(now)
+
+    def finish(self) -> None:
+        """The last count, unless a line already showed it (a failed or interrupted run included)."""
+        if self.done != self._shown:
+            self._print(self._clock())
+
+    def _print(self, now: float) -> None:
+        self._shown = self.done
+        elapsed = now - self._started
+        speed = self.done / elapsed if elapsed > 0 else 0.0
+        left = f"{_duration((self.total - self.done) / speed)}" if speed > 0 else "?"
+        self.console.print(f"{self.description}: {self.done}/{self.total} frames, {speed:.1f} frames/s, ETA {left}",
+                           markup=False, highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 class BatchProgress:
@@ -200,7 +272,9 @@ class BatchProgress:
             self.console.print(f"[{self._settled}/{self._total}] failed: {result.error}", markup=False,
                                highlight=False, soft_wrap=True)
         elif not self.live or result.status == "done":
-            detail = f" ({result.frames} frames, {result.seconds:.1f} s)" if result.status == "done" else ""
+            # a packed row's `seconds` run from the group's start; its own are `render_seconds`
+            seconds = result.render_seconds if result.render_seconds is not None else result.seconds
+            detail = f" ({result.frames} frames, {seconds:.1f} s)" if result.status == "done" else ""
             self.console.print(f"[{self._settled}/{self._total}] {result.status} {where}{detail}", markup=False,
                                highlight=False, soft_wrap=True)
 
@@ -213,3 +287,38 @@ class BatchProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class TransferProgress:
+    """What `sfr checkpoints download` shows on stderr: one bar per file (bytes done/total, speed, time
+    left), starting from what a resumed file already holds; notes above it; nothing when `quiet`."""
+
+    def __init__(self, console: Optional[Console] = None, quiet: bool = False):
+        self.console = console if console is not None else Console(stderr=True)
+        self.quiet = quiet
+        self._progress: Optional[Progress] = None
+        self._task_id = None
+
+    def start(self, name: str, total_bytes: Optional[int], done_bytes: int = 0) -> None:
+        self.finish()
+        if self.quiet:
+            return
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                  console=self.console)
+        self._progress.start()
+        self._task_id = self._progress.add_task(name, total=total_bytes, completed=done_bytes)
+
+    def advance(self, count_bytes: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task_id, count_bytes)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._task_id = None

@@ -21,7 +21,7 @@ import contextlib
 import numbers
 import os
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .errors import CoefficientsError, ConfigError, MediaError
 from .jobs import PreparedJob, RenderJob, RenderReport, claim_job, option_defaults, prepare_job, with_options
 from .models import SOURCE_CACHE_ENTRIES, ModelCache, load_group
 from .streaming import render_prepared, render_prepared_group, stream_frames
-from .options import clip_rows, shared_rows
+from .options import clip_rows, convert_keyword, row_named, shared_rows
 from .progress import Reporter, SilentReporter
 
 # Jobs packed into one stream at most: each holds its source image and coefficients until the group is
@@ -71,7 +71,7 @@ class Renderer:
         self.settings = {}
         for row in rows:
             value = given.get(row.api_name, defaults[row.name])
-            self.settings[row.name] = _path(value, row.api_name) if row.path else value
+            self.settings[row.name] = _path(value, row.api_name) if row.path else convert_keyword(row, value)
         self.models = ModelCache(source_cache_entries)
 
     def job(self, coeffs, source, **options) -> RenderJob:
@@ -89,6 +89,8 @@ class Renderer:
         for name in ("yaw", "pitch", "roll"):
             if options.get(name) is not None:
                 options[name] = _degrees(name, options[name])
+        for name in set(options) - {"yaw", "pitch", "roll", "source_coeffs", *PATH_OPTIONS}:
+            options[name] = convert_keyword(row_named(name), options[name])
         coeffs = _coefficients_argument("coeffs", coeffs, "(N, 70|73) or windows (N, 70|73, 27)")
         source = _source_argument(source)
         return RenderJob.make(coeffs=coeffs, source=source, **options, **self.settings)
@@ -102,7 +104,7 @@ class Renderer:
         prepared = prepare_job(self.job(coeffs, source, **options), in_memory=True, sources=self.models.source_images)
         engine, state = load_group([prepared], self.models)
         clip = Clip(prepared.semantics, prepared.yaw, prepared.pitch, prepared.roll)
-        return _frames_only(stream_frames(engine, state, [clip], [prepared.stages]))
+        return ClipFrames(_frames_only(stream_frames(engine, state, [clip], [prepared.stages])), prepared)
 
     def render(self, coeffs, source, output=None, frames_dir=None, audio=None, *,
                reporter: Optional[Reporter] = None, **options) -> RenderReport:
@@ -181,6 +183,31 @@ class Renderer:
         finally:  # closed early: jobs checked but never rendered give up their outputs' claims
             for _, prepared in group:
                 prepared.release()
+
+
+class ClipFrames:
+    """What `Renderer.frames` returns: an iterator of the clip's frames, with `stages` (what its frame stages
+    report, as `--json`: `enhancer_noise_seed`, the drawn seed that replays the frames, ...) and `notes`."""
+
+    def __init__(self, frames: Iterator[np.ndarray], prepared: PreparedJob):
+        self._frames = frames
+        self._prepared = prepared
+        self.notes: List[str] = prepared.notes
+
+    @property
+    def stages(self) -> Dict[str, object]:
+        from .stages import stage_reports
+
+        return stage_reports(self._prepared.stages)
+
+    def __iter__(self) -> "ClipFrames":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._frames)
+
+    def close(self) -> None:
+        self._frames.close()
 
 
 def _frames_only(tagged: Iterator[Tuple[int, object]]) -> Iterator[np.ndarray]:

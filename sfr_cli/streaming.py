@@ -253,10 +253,6 @@ def decoded_batches(source, device, batch_size: int) -> Iterator:
         yield DeviceFrames(torch.from_numpy(np.stack(pending)).to(device), [0] * len(pending))
 
 
-CPU_ENHANCE_BATCH = 4  # frames per stage call of `sfr enhance` on a CPU
-CUDA_ENHANCE_BATCH = 16
-
-
 def render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
     """`sfr enhance`: see `_render_enhance`; the outputs' claims end with it, however it ends."""
     try:
@@ -282,9 +278,12 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
         stage.load(device, models)
     reporter.finish()
     batch = job.batch_size or (CUDA_ENHANCE_BATCH if device.type == "cuda" else CPU_ENHANCE_BATCH)
+    from .stages.enhance import CUDA_FACES_PER_CALL
+
+    faces = f"up to {CUDA_FACES_PER_CALL} faces at a time" if device.type == "cuda" else "one face at a time"
     reporter.note(f"{prepared.frame_count} frames of {prepared.source.width_px}x{prepared.source.height_px} "
-                  f"on {device}, batch size {batch}")
-    reporter.start(prepared.frame_count)
+                  f"on {device}: {batch} frames read at a time, {faces}")
+    reporter.start(prepared.frame_count, "enhancing")
 
     def frames(skip: set):
         return run_chains(decoded_batches(prepared.source, device, batch), device, [prepared.stages],
@@ -297,6 +296,8 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
         reporter.finish()
     if isinstance(written, BaseException):
         raise written
+    if written != prepared.frame_count:  # a decoded video's count is an estimate (joined, looped streams)
+        reporter.note(f"{written} frames decoded and enhanced ({prepared.frame_count} counted beforehand)")
     return RenderReport(
         output=prepared.output, frames_dir=prepared.frames_dir, frames=written, seconds=seconds,
         frames_per_second=written / seconds if seconds > 0 else 0.0, peak_rss_mib=round(peak_rss_mib(), 1),
@@ -388,8 +389,8 @@ def _stream(group: Sequence, frames_of: Callable[[set], Iterator[Tuple[int, Unio
                 settle(index, exc)
             else:
                 job.written += 1
-                if job.written == job.prepared.frame_count:
-                    settle(index)
+                if job.written == job.prepared.frame_count and job.prepared.exact_count:
+                    settle(index)  # (an estimated count: the job ends with the frame source)
             yield from ready(COMMITS_IN_FLIGHT)
         for index, job in enumerate(jobs):  # a job the engine gave too few frames (or none): commit says so
             if not job.settled:
@@ -413,8 +414,10 @@ def _stream(group: Sequence, frames_of: Callable[[set], Iterator[Tuple[int, Unio
 
 def open_sinks(prepared) -> ClipSinks:
     """The sinks a checked job writes (a `PreparedJob` or `PreparedEnhance`): its MP4 and/or frames
-    folder, at its frames' size, with its rate and sound."""
+    folder, at its frames' size, with its rate and sound; a count checked at the commit only where the
+    job's count is exact (`exact_count`: a render's, not a decoded video's estimate)."""
     width_px, height_px = prepared.frame_size
     return ClipSinks(output=prepared.output, frames_dir=prepared.frames_dir, width_px=width_px, height_px=height_px,
                      frame_count=prepared.frame_count, fps=prepared.fps, audio=prepared.audio, ffmpeg=prepared.ffmpeg,
-                     overwrite=prepared.job.overwrite, audio_copy=prepared.audio_copy)
+                     overwrite=prepared.job.overwrite, audio_copy=prepared.audio_copy,
+                     exact_count=prepared.exact_count)

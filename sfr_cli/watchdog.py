@@ -3,8 +3,9 @@
 `DriverWatchdog` starts a small process of its own, tells it the PIDs of what this process started (a
 local Ray instance: its GCS, raylet, agents and actors) and keeps the write end of a pipe to it, which
 nothing else holds. When this process ends cleanly it says "done"; when the pipe closes without that,
-the driver is dead and the watchdog kills those processes, each checked by PID and start time (from
-/proc), so a PID reused meanwhile is left alone. Linux only (/proc); elsewhere it does nothing.
+the driver is dead and the watchdog kills those processes, each checked by PID and start time
+(`processes.is_running`), so a PID reused meanwhile is left alone. Linux only (/proc); elsewhere it does
+nothing.
 (Worker processes need no watchdog: each watches its own pipe to the driver, see `workers.py`.)
 """
 
@@ -20,39 +21,19 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-_PROC_STAT_START_FIELD = 19  # starttime: field 22 of /proc/PID/stat, counted after the ")" closing comm
-_PROC_STAT_PPID_FIELD = 1  # ppid: field 4 of /proc/PID/stat
-
-
-def process_table() -> Dict[int, Tuple[int, str]]:
-    """pid -> (parent pid, start time in clock ticks) of every process /proc shows (empty without /proc)."""
-    table = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return table
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                fields = handle.read().rpartition(b")")[2].split()
-            table[int(name)] = (int(fields[_PROC_STAT_PPID_FIELD]), fields[_PROC_STAT_START_FIELD].decode())
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-    return table
+from .processes import is_running, process_table
 
 
 def descendants(pid: int) -> List[Tuple[int, str]]:
     """(pid, start time) of every process below `pid` (children, their children, ...), from /proc."""
     table = process_table()
     children: Dict[int, List[int]] = collections.defaultdict(list)
-    for child, (parent, _) in table.items():
-        children[parent].append(child)
+    for child, stat in table.items():
+        children[stat.parent_pid].append(child)
     found, stack = [], list(children[pid])
     while stack:
         child = stack.pop()
-        found.append((child, table[child][1]))
+        found.append((child, table[child].start))
         stack.extend(children[child])
     return found
 
@@ -129,9 +110,8 @@ def watchdog_main() -> None:
             return
         if len(words) == 2:
             watched.append((int(words[0]), words[1].decode()))
-    table = process_table()
     for pid, start in watched:
-        if table.get(pid, (None, None))[1] == start:
+        if is_running(pid, start):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:

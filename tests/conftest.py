@@ -78,6 +78,25 @@ def tiny_enhancer_weights(tmp_path_factory) -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="session")
+def served_tiny_weights(tmp_path_factory, tiny_enhancer_weights) -> dict:
+    """What tests/weights_server.py serves for `sfr checkpoints download`: {SadTalker's file name: bytes} of
+    tiny random weights in both renderer layouts (SadTalker_V0.0.2_256.safetensors and
+    facevid2vid_00189-model.pth.tar), both mapping files, and the tiny enhancer's three files."""
+    from sfr_cli.checkpoints import write_random_checkpoints
+    from sfr_cli.config import CONFIG_DIR, load_config
+    from sfr_cli.stages.enhance import weights_files
+
+    folder = tmp_path_factory.mktemp("served")
+    with one_torch_thread():
+        for layout in ("safetensors", "pth"):
+            write_random_checkpoints(folder, load_config(CONFIG_DIR / "tiny.yaml"),
+                                     load_config(CONFIG_DIR / "tiny_still.yaml"), layout=layout)
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    files.update({name: (tiny_enhancer_weights / name).read_bytes() for name in weights_files("gfpgan-tiny")})
+    return files
+
+
 # How far two renders of the same frames may differ when only the order of float arithmetic differs
 # (batching, folded weights, another CPU's SIMD width or thread count), taken from what SadTalker itself
 # shows: its own frames at batch size 1 and 2 differ by at most 1 uint8 level, on 0.12 % of values

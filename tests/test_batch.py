@@ -433,13 +433,13 @@ def test_the_report_may_name_no_input_and_no_output(clips, tiny_checkpoints, tmp
 def test_a_frames_only_row_resumes_after_kill_9(clips, tiny_checkpoints, reference_frames, tmp_path):
     """Issue 17.5: a batch killed mid-row leaves its frames in a temporary folder (and its claim); the
     rerun removes them as a dead run's, renders the row and reports its frames_dir."""
-    from sfr_cli.outputs import host_name
+    from sfr_cli.outputs import host_name, temporary_path
 
     out = tmp_path / "out"
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    leftover = out / f".0.sfr-tmp-{host_name()}-{dead.pid}-123"
+    leftover = temporary_path(out / "0")
     leftover.mkdir()
     for index in range(2):
         (leftover / f"{index:06d}.png").write_bytes(b"partial")

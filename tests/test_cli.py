@@ -412,7 +412,7 @@ def test_sigterm_mid_render_leaves_nothing(tmp_path, out_dir, tiny_checkpoints):
     process = subprocess.Popen(SFR + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # frames go into a temporary folder beside the target until the set is complete: wait for the first
-        while not any(out_dir.glob(f".{frames.name}.sfr-tmp-*/*.png")):
+        while not any(out_dir.glob(f".{frames.name}.sfr-tmp/*.png")):
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
         ffmpeg = [p for p in psutil.Process(process.pid).children(recursive=True) if "ffmpeg" in p.name()]

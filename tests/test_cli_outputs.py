@@ -2,6 +2,7 @@
 error. Outputs that are inputs, not regular files, or already there; leftovers of a `kill -9`; numeric
 options checked at parse time; --compile on the CPU."""
 
+import json
 import os
 import shutil
 import signal
@@ -305,7 +306,7 @@ def test_kill_9_mid_render_then_the_same_command_leaves_only_complete_files(tmp_
     try:
         wait_until_held(hold, process)
         ffmpeg = psutil.Process(process.pid).children(recursive=True)  # the holder and the real ffmpeg
-        assert any("ffmpeg" in p.name() for p in ffmpeg) and list(out.glob(".clip.mp4.sfr-tmp-*"))
+        assert any("ffmpeg" in p.name() for p in ffmpeg) and list(out.glob(".clip.mp4.sfr-tmp*"))
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
     finally:
@@ -314,9 +315,10 @@ def test_kill_9_mid_render_then_the_same_command_leaves_only_complete_files(tmp_
             process.wait()
     assert process.returncode == -signal.SIGKILL
     psutil.wait_procs(ffmpeg, timeout=30)  # the orphaned ffmpeg ends at the end of its input
-    leftovers = [p.name for p in out.iterdir()]
-    leftovers = [name for name in leftovers if name != ".clip.mp4.sfr-lock"]  # the killed run's claim
-    assert len(leftovers) == 1 and leftovers[0].startswith(f".clip.mp4.sfr-tmp-{host_name()}-{process.pid}-"), leftovers
+    assert sorted(p.name for p in out.iterdir()) == [".clip.mp4.sfr-lock", ".clip.mp4.sfr-tmp.mp4"]
+    lock = json.loads((out / ".clip.mp4.sfr-lock").read_text())  # the killed run's: it names that run
+    assert (lock["host"], lock["pid"]) == (host_name(), process.pid)
+    leftovers = [".clip.mp4.sfr-tmp.mp4"]
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr

@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from sfr_cli import batch as batching
-from sfr_cli.outputs import TEMP_MARKER
+from sfr_cli.outputs import LOCK_SUFFIX, TEMP_MARKER
 from sfr_cli.watchdog import DriverWatchdog
 
 psutil = pytest.importorskip("psutil")
@@ -50,9 +51,14 @@ def temporaries(folder: Path):
     return [p for p in folder.iterdir() if TEMP_MARKER in p.name] if folder.is_dir() else []
 
 
-def writer_pid(temporary: Path) -> int:
-    """The PID in a temporary's name: `.NAME.sfr-tmp-HOST-PID-START.mp4`."""
-    return int(temporary.name.split(TEMP_MARKER)[1].split(".")[0].rsplit("-", 2)[1])
+def writer_pid(temporary: Path) -> Optional[int]:
+    """The PID of the process writing a temporary `.NAME.sfr-tmp.mp4`, as its target's lock `.NAME.sfr-lock`
+    names it (None when the clip was finished meanwhile: lock and temporary gone)."""
+    target = temporary.name[1:].rpartition(TEMP_MARKER)[0]
+    try:
+        return json.loads((temporary.parent / f".{target}{LOCK_SUFFIX}").read_text())["pid"]
+    except FileNotFoundError:
+        return None
 
 
 def tiny(checkpoints):
@@ -190,7 +196,7 @@ def test_killing_the_driver_ends_its_worker_processes(long_clips, tiny_checkpoin
 @pytest.mark.parametrize("backend", ["workers", "ray"])
 def test_a_worker_killed_mid_clip_has_its_row_retried_and_the_user_told(backend, short_clips, tiny_checkpoints,
                                                                         tmp_path):
-    """The worker writing a clip (its PID is in the temporary's name) is stopped; if its temporary is still
+    """The worker writing a clip (its PID is in the clip's lock) is stopped; if its temporary is still
     there it is mid-clip, and it is killed. The row is rendered again on another worker, stderr says so, the
     report line says why, and the batch ends with every row done. (--json or --quiet would hide the line,
     as they hide the progress lines; the report keeps it.)"""
@@ -204,11 +210,13 @@ def test_a_worker_killed_mid_clip_has_its_row_retried_and_the_user_told(backend,
             first = wait_for(lambda: temporaries(out) or process.poll() is not None, "a clip to start")
             assert process.poll() is None, "the batch ended before a worker could be caught mid-clip"
             pid = writer_pid(first[0])
+            if pid is None:  # that clip is done: wait for the next
+                continue
             os.kill(pid, signal.SIGSTOP)
             if first[0].exists():  # stopped before its clip was renamed into place: it holds the row
                 break
             os.kill(pid, signal.SIGCONT)
-        row = int(first[0].name[1:].split(".")[0]) + 1  # ".<n>.mp4.sfr-tmp-...": row n + 1
+        row = int(first[0].name[1:].split(".")[0]) + 1  # ".<n>.mp4.sfr-tmp.mp4": row n + 1
         os.kill(pid, signal.SIGKILL)
         stdout, _ = process.communicate(timeout=600)
     finally:

@@ -38,7 +38,8 @@ RULES = {
     "sfr_cli": rule({"renderer"}),  # __version__, and the Renderer lazily (module __getattr__): no torch at import
     "sfr_cli.errors": rule(),
     "sfr_cli.modes": rule({"errors"}),
-    "sfr_cli.outputs": rule({"errors"}),  # temporary names beside a target, atomic replace
+    "sfr_cli.outputs": rule({"errors", "processes"}),  # one lock per output, temporaries beside it, no-replace commits
+    "sfr_cli.processes": rule(),  # /proc: a process's state, parent and start time (outputs' locks, the watchdog)
     "sfr_cli.config": rule({"errors", "modes"}, {"yaml"}),
     "sfr_cli.nets": rule({"nets"}, {"torch"}),
     # numpy: the enhancer nets' seeded test weights (PCG64 streams, as the reference scripts draw them)
@@ -67,6 +68,13 @@ RULES = {
     "sfr_cli.streaming": rule(LIBRARY | {"jobs", "models"}, {"numpy", "torch"}),
     "sfr_cli.bench": rule(LIBRARY | {"jobs", "streaming"}, {"numpy", "torch"}),  # `sfr bench`: the engine vs a plain loop
     "sfr_cli.cli": rule(ANY, ANY),
+    # `sfr checkpoints download`: release URLs, resumable transfers, the loading check before a file is kept
+    # SadTalker's inference.py with sfr's AnimateFromCoeff (the Renderer under SadTalker's interface), and
+    # `python -m sfr_cli.sadtalker`, which runs the sfr program (runpy; it imports no sfr module)
+    "sfr_cli.sadtalker": rule({"errors", "renderer", "coeffs", "options", "progress", "engine", "stages"},
+                              {"numpy"}),
+    "sfr_cli.sadtalker.__main__": rule(),
+    "sfr_cli.download": rule({"__init__", "errors", "outputs", "checkpoints", "config", "stages"}, {"torch"}),  # __version__: its User-Agent
     # The public Python API and `sfr batch`: glue over the library, like jobs and streaming.
     # the one option table (its Click types; the stages' rows, read from the stage registry)
     "sfr_cli.options": rule({"errors", "modes", "coeffs", "stages"}, {"click"}),
@@ -75,7 +83,7 @@ RULES = {
     # The one dispatcher of the process backends (longest first, retry once, the failed row); the watchdog
     # that ends what a killed driver started (stdlib only: it runs as a small process of its own).
     "sfr_cli.dispatch": rule({"batch", "jobs", "outputs"}),
-    "sfr_cli.watchdog": rule(),
+    "sfr_cli.watchdog": rule({"processes"}),
     "sfr_cli.workers": rule({"batch", "dispatch", "renderer"}, {"torch"}),  # a backend: worker processes
     "sfr_cli.cluster": rule({"batch", "dispatch", "watchdog", "jobs", "renderer", "errors", "workers", "options"},
                             {"ray", "torch"}),  # Ray actors

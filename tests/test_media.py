@@ -6,6 +6,7 @@ import re
 import stat
 import struct
 import subprocess
+import sys
 import wave
 
 import numpy as np
@@ -250,6 +251,38 @@ def test_png_frame_writer_rejects_bad_folder_and_frames(tmp_path):
         writer.write(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError):
         writer.write(np.zeros((8, 8), np.uint8))
+
+
+def test_writers_hold_their_targets_lock_while_they_write(tmp_path):
+    """A temporary is named from its target alone, so a writer must be its target's only writer: it holds
+    the target's lock while it writes (its job's, else its own); another live run's lock refuses it before
+    anything is written."""
+    from sfr_cli.outputs import OutputBusy, lock_path
+
+    clip, folder = tmp_path / "clip.mp4", tmp_path / "frames"
+    writers = [media.Mp4Writer(clip, width_px=WIDTH_PX, height_px=HEIGHT_PX), media.PngFrameWriter(folder)]
+    assert lock_path(clip).exists() and lock_path(folder).exists()
+    for writer in writers:
+        with writer:
+            writer.write(next(frames(1)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "frames"]
+    code = ("import sys, time\nfrom sfr_cli.outputs import OutputClaim\n"
+            f"claims = [OutputClaim(path).acquire() for path in ({str(clip)!r}, {str(folder)!r})]\n"
+            "print('held', flush=True)\ntime.sleep(120)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": repo})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(OutputBusy, match=f"pid {holder.pid},"):
+            media.Mp4Writer(clip, width_px=WIDTH_PX, height_px=HEIGHT_PX)
+        with pytest.raises(OutputBusy, match=f"pid {holder.pid},"):
+            media.PngFrameWriter(folder)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".clip.mp4.sfr-lock", ".frames.sfr-lock", "clip.mp4",
+                                                               "frames"]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ---------------------------------------------------------------------------------------------

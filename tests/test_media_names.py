@@ -48,4 +48,4 @@ def test_sfr_render_writes_every_colon_name_it_is_given(tmp_path, monkeypatch, t
     assert media.count_video_frames(tmp_path / "2025-01-01T10:30.mp4") == 3
     assert audio_seconds(tmp_path / "2025-01-01T10:30.mp4", 24000) == pytest.approx(3 / 25, abs=0.03)
     assert len(media.existing_frames(tmp_path / "frames:1")) == 3
-    assert not [p.name for p in tmp_path.iterdir() if ".sfr-tmp-" in p.name]
+    assert not [p.name for p in tmp_path.iterdir() if ".sfr-" in p.name]  # no temporary, no lock

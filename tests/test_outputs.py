@@ -1,5 +1,6 @@
-"""sfr_cli/outputs.py: temporaries beside their targets, leftovers of killed runs, and which paths may
-be outputs (never an input, never a non-regular file, an existing one only with overwrite)."""
+"""sfr_cli/outputs.py: one lock per output, temporaries named from their targets and removed by whoever
+takes the lock, and which paths may be outputs (never an input, never a non-regular file, an existing one
+only with overwrite)."""
 
 import json
 import os
@@ -12,8 +13,10 @@ import pytest
 from sfr_cli.errors import MediaError
 from sfr_cli import outputs
 from sfr_cli.outputs import (JobInput, OutputBusy, OutputClaim, OutputExists, atomic_path, check_folder_holds_no_input,
-                             check_output, commit_path, dead_temporaries, host_name, lock_path, remove_leftovers,
-                             remove_leftovers_in, rename_noreplace, temporary_path)
+                             check_output, commit_path, host_name, lock_path, remove_leftovers, remove_leftovers_in,
+                             rename_noreplace, temporary_path)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def dead_pid() -> int:
@@ -23,20 +26,14 @@ def dead_pid() -> int:
     return child.pid
 
 
-def own_start() -> str:
-    with open(f"/proc/{os.getpid()}/stat", "rb") as handle:
-        return handle.read().rpartition(b")")[2].split()[19].decode()
-
-
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc"), reason="process start times come from /proc")
 
 
-@needs_proc
-def test_temporary_names_carry_host_pid_and_start_time_beside_the_target(tmp_path):
-    path = temporary_path(tmp_path / "out.mp4", ".mp4")
-    assert path.parent == tmp_path
-    assert path.name == f".out.mp4.sfr-tmp-{host_name()}-{os.getpid()}-{own_start()}.mp4"
-    assert host_name()[0].isalpha() or host_name()[0] == "_"
+def test_temporary_names_come_from_the_target_beside_it(tmp_path):
+    """Hidden, in the target's folder (the final rename never crosses file systems), and the same for every
+    run: only the holder of the target's lock writes it."""
+    assert temporary_path(tmp_path / "out.mp4", ".mp4") == tmp_path / ".out.mp4.sfr-tmp.mp4"
+    assert temporary_path(tmp_path / "frames") == tmp_path / ".frames.sfr-tmp"
 
 
 def test_atomic_path_commits_on_success_and_removes_on_failure(tmp_path):
@@ -52,68 +49,134 @@ def test_atomic_path_commits_on_success_and_removes_on_failure(tmp_path):
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.pth"]
 
 
-@needs_proc
-def test_only_dead_writers_leftovers_for_this_target_are_removed(tmp_path):
+def hold_lock(target, temporary=None):
+    """Another live sfr run holding `target`'s lock (and writing `temporary`): a process, stopped by the caller."""
+    code = ("import sys, time\nfrom sfr_cli.outputs import OutputClaim\n"
+            f"claim = OutputClaim({str(target)!r}).acquire()\n"
+            + (f"open({str(temporary)!r}, 'wb').write(b'being written')\n" if temporary else "")
+            + "print('held', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": REPO})
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_atomic_path_holds_the_targets_lock(tmp_path):
+    """A writer takes its target's lock unless this process holds it (its job's): another live run's lock
+    stops it before anything is written."""
+    target = tmp_path / "weights.pth"
+    holder = hold_lock(target)
+    try:
+        with pytest.raises(OutputBusy, match=f"pid {holder.pid},"):
+            with atomic_path(target) as temporary:
+                temporary.write_text("never")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not target.exists()
+    with OutputClaim(target):  # the job's lock, held here: the writer writes under it
+        with atomic_path(target) as temporary:
+            temporary.write_text("ours")
+        assert lock_path(target).exists()
+    assert target.read_text() == "ours" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.pth"]
+
+
+def test_taking_the_lock_removes_the_targets_leftovers_and_nothing_else(tmp_path):
+    """Whoever takes an output's lock is its only writer, so every temporary of that target is a killed
+    run's: taking the lock removes them (files, a frames folder, the names older sfr gave them) and
+    `remove_leftovers` says which; other targets' temporaries and names sfr never wrote stay."""
     target = tmp_path / "clip.mp4"
-    dead = dead_pid()
-    here = host_name()
     names = {
-        "dead": f".clip.mp4.sfr-tmp-{here}-{dead}-123.mp4",
-        "dead_without_host": f".clip.mp4.sfr-tmp-{dead}-123.mp4",  # sfr before hosts were named: this host
-        "reused_pid": f".clip.mp4.sfr-tmp-{here}-{os.getpid()}-1.mp4",  # our PID, another start: a dead writer
-        "dead_folder": f".clip.mp4.sfr-tmp-{here}-{dead}-123",  # a frames folder's temporary
-        "live": f".clip.mp4.sfr-tmp-{here}-{os.getpid()}-{own_start()}.mp4",  # this process, still writing
-        "pid_only": f".clip.mp4.sfr-tmp-{dead}.mp4",  # never shipped: not an sfr name, never removed
-        "other_target": f".other.mp4.sfr-tmp-{here}-{dead}-123.mp4",
+        "file": ".clip.mp4.sfr-tmp.mp4",
+        "folder": ".clip.mp4.sfr-tmp",  # a frames folder's temporary
+        "aside": ".clip.mp4.sfr-tmp.old",  # old frames set aside while a new set is swapped in
+        "older_sfr": ".clip.mp4.sfr-tmp-somehost-4242-123.mp4",  # sfr before temporaries were named from targets
+        "older_sfr_without_host": ".clip.mp4.sfr-tmp-4242-123.mp4",
+        "pid_only": ".clip.mp4.sfr-tmp-4242.mp4",  # never an sfr name: never removed
         "not_ours": ".clip.mp4.sfr-tmp-notapid.mp4",
+        "other_target": ".other.mp4.sfr-tmp.mp4",
+        "download_part": "clip.mp4.part",  # a download's resumable part is not a temporary
     }
     for key, name in names.items():
-        if key == "dead_folder":
+        if key == "folder":
             (tmp_path / name).mkdir()
             (tmp_path / name / "000000.png").write_bytes(b"partial")
         else:
             (tmp_path / name).write_bytes(b"partial")
     removed = remove_leftovers(target)
-    gone = ("dead", "dead_without_host", "reused_pid", "dead_folder")
+    gone = ("file", "folder", "aside", "older_sfr", "older_sfr_without_host")
     assert sorted(p.name for p in removed) == sorted(names[k] for k in gone)
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(names[k] for k in names if k not in gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in names if k not in gone)
     assert remove_leftovers(target) == []
+    (tmp_path / names["file"]).write_bytes(b"partial")
+    with OutputClaim(target) as claim:  # a job's claim: what taking it removed is said once, by remove_leftovers
+        assert claim.removed == [tmp_path / names["file"]]
+        assert remove_leftovers(target) == [tmp_path / names["file"]] and remove_leftovers(target) == []
+
+
+def test_a_live_runs_temporary_is_never_removed(tmp_path):
+    """A run writing `clip.mp4` holds its lock: another run's `remove_leftovers` removes nothing, and its
+    claim is refused. Once that run is killed (kill -9), the next one removes its temporary."""
+    target = tmp_path / "clip.mp4"
+    temporary = temporary_path(target, ".mp4")
+    holder = hold_lock(target, temporary)
+    try:
+        assert remove_leftovers(target) == [] and temporary.read_bytes() == b"being written"
+        with pytest.raises(OutputBusy):
+            OutputClaim(target).acquire()
+        assert temporary.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_leftovers(target) == [temporary]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the killed run's lock went with it
 
 
 @needs_proc
-def test_another_hosts_temporary_is_never_a_leftover(tmp_path, monkeypatch):
-    """Shared storage: a live writer on host B names its temporary with B; on host A its PID means nothing
-    (dead, or another process), so A must keep it. Simulated by a name with another host's token, whose
-    PID is dead here and whose start matches nothing."""
+def test_another_hosts_live_run_is_never_taken_over(tmp_path, monkeypatch):
+    """Shared storage: a live run on host B holds the lock of clip.mp4 and of a frames folder, and writes
+    their temporaries; on host A its PID means nothing (dead, or another process), and its flock may not
+    reach A. A neither takes its locks nor removes its temporaries while B refreshes them; once they are
+    stale (B died long ago), or once A judges as host B would (B's PID is dead), they are taken over."""
     dead = dead_pid()
-    other = tmp_path / f".clip.mp4.sfr-tmp-otherhost_b-{dead}-123.mp4"
-    other.write_bytes(b"being written on host B")
-    folder = tmp_path / f".frames.sfr-tmp-otherhost_b-{os.getpid()}-1"
-    folder.mkdir()
-    assert remove_leftovers(tmp_path / "clip.mp4") == [] and remove_leftovers(tmp_path / "frames") == []
-    assert other.exists() and folder.exists()
-    # the same names are judged dead once this host is host B (its writer's PID is gone there)
+    clip, frames = tmp_path / "clip.mp4", tmp_path / "frames"
+    for target in (clip, frames):
+        write_lock(target, "otherhost_b", dead, "123", age_seconds=5)
+    clip_temporary = temporary_path(clip, ".mp4")
+    clip_temporary.write_bytes(b"being written on host B")
+    frames_temporary = temporary_path(frames)
+    frames_temporary.mkdir()
+    assert remove_leftovers(clip) == [] and remove_leftovers(frames) == []
+    assert clip_temporary.exists() and frames_temporary.exists()
+    with pytest.raises(OutputBusy, match="host otherhost_b"):
+        OutputClaim(clip).acquire()
+    write_lock(clip, "otherhost_b", dead, "123", age_seconds=outputs.LOCK_STALE_SECONDS + 5)
+    assert remove_leftovers(clip) == [clip_temporary]
     monkeypatch.setattr(outputs, "host_name", lambda: "otherhost_b")
-    assert remove_leftovers(tmp_path / "clip.mp4") == [other]
-    assert remove_leftovers(tmp_path / "frames") == [folder]
+    assert remove_leftovers(frames) == [frames_temporary]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @needs_proc
-def test_a_zombie_writer_counts_as_dead(tmp_path):
+def test_a_zombie_holder_counts_as_dead(tmp_path):
+    """A lock whose holder has exited but is not reaped yet is a dead run's: taken over, and what it left
+    in its frames folder (the per-frame temporaries of older sfr too) removed."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
-        child_stat = f"/proc/{child.pid}/stat"
         for _ in range(200):  # wait until it has exited but is not reaped
-            with open(child_stat, "rb") as handle:
+            with open(f"/proc/{child.pid}/stat", "rb") as handle:
                 fields = handle.read().rpartition(b")")[2].split()
             if fields[0] == b"Z":
                 break
             time.sleep(0.01)
-        leftover = tmp_path / f".000001.png.sfr-tmp-{child.pid}-{fields[19].decode()}"
+        frames = tmp_path / "frames"
+        frames.mkdir()
+        write_lock(frames, host_name(), child.pid, fields[19].decode())
+        leftover = frames / f".000001.png.sfr-tmp-{child.pid}-{fields[19].decode()}"
         leftover.write_bytes(b"")
-        assert dead_temporaries(tmp_path, lambda name: name == "000001.png") == [leftover]
-        assert remove_leftovers_in(tmp_path, lambda name: name.endswith(".png")) == [leftover]
+        assert outputs.live_holder(frames) is None
+        assert remove_leftovers_in(frames, lambda name: name.endswith(".png")) == [leftover]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"] and list(frames.iterdir()) == []
     finally:
         child.wait()
 
@@ -241,6 +304,9 @@ def test_a_dead_runs_lock_is_taken_over_and_another_hosts_live_lock_is_not(tmp_p
     write_lock(target, host_name(), dead_pid(), "123")  # kill -9 on this host
     with OutputClaim(target) as claim:
         assert json.loads(claim.path.read_text())["pid"] == os.getpid()
+    write_lock(target, host_name(), os.getpid(), "1")  # its PID given to another process (this one) since
+    with OutputClaim(target) as claim:
+        assert json.loads(claim.path.read_text())["start"] != "1"
     write_lock(target, "otherhost_b", dead_pid(), "123", age_seconds=5)  # alive on host B, refreshed lately
     with pytest.raises(OutputBusy, match="host otherhost_b"):
         OutputClaim(target).acquire()
@@ -283,3 +349,18 @@ def test_a_lock_left_empty_by_a_run_killed_taking_it_is_taken_over(tmp_path):
         assert outputs.live_holder(target).pid == os.getpid()
     finally:
         claim.release()
+
+
+@needs_proc
+def test_without_flock_the_lock_file_alone_keeps_one_run_per_output(tmp_path, monkeypatch):
+    """A file system without flock: the O_EXCL lock file and its holder still refuse a second run, and a
+    dead run's lock is moved aside and made anew."""
+    monkeypatch.setattr(outputs, "fcntl", None)
+    target = tmp_path / "clip.mp4"
+    with OutputClaim(target):
+        with pytest.raises(OutputBusy, match=f"pid {os.getpid()},"):
+            OutputClaim(target).acquire()
+    write_lock(target, host_name(), dead_pid(), "123")
+    with OutputClaim(target) as claim:
+        assert json.loads(claim.path.read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

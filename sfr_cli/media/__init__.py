@@ -5,17 +5,17 @@ package's public surface (`from sfr_cli import media; media.Mp4Writer(...)`); ea
 """
 
 from .ffmpeg import AudioInfo, count_video_frames, find_ffmpeg, probe_audio
-from .sinks import (MAX_FPS, Mp4Writer, PngFrameWriter, check_fps, check_frames_dir, check_mp4_name,
+from .sinks import (MAX_FPS, MAX_SIDE_PX, MIN_FPS, Mp4Writer, PngFrameWriter, check_fps, check_frames_dir, check_mp4_name,
                     check_output_writable, existing_frames, is_frame_name)
-from .source import FrameSource, read_picture_uint8, read_source_image, resize_image, source_from_array
+from .source import FrameSource, frame_files, read_picture_uint8, read_source_image, resize_image, source_from_array
 from .writer import ClipSinks, FrameWriterThread
 
 __all__ = [
     "AudioInfo", "count_video_frames", "find_ffmpeg", "probe_audio",
-    "MAX_FPS", "Mp4Writer", "PngFrameWriter", "check_fps", "check_frames_dir", "check_mp4_name",
+    "MAX_FPS", "MAX_SIDE_PX", "MIN_FPS", "Mp4Writer", "PngFrameWriter", "check_fps", "check_frames_dir", "check_mp4_name",
     "check_output_writable",
     "existing_frames", "is_frame_name",
     "read_source_image", "resize_image", "source_from_array",
-    "read_picture_uint8", "FrameSource",
+    "read_picture_uint8", "FrameSource", "frame_files",
     "ClipSinks", "FrameWriterThread",
 ]

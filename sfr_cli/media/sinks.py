@@ -2,7 +2,8 @@
 
 Frames at this boundary are `(H, W, 3) uint8 RGB`. Every output is written under a temporary name
 beside its target (sfr_cli/outputs.py) and renamed only once it is complete, so a failure or Ctrl-C
-never leaves a partial file where the user expects a result.
+never leaves a partial file where the user expects a result. A writer holds its target's lock while it
+writes: its job's, or, where the caller holds none, its own.
 
 PNG frames go through imageio (its Pillow plugin: the same bytes as Pillow at the same compression, in
 the same time). The MP4 writer runs ffmpeg itself rather than through `imageio_ffmpeg.write_frames`,
@@ -27,8 +28,8 @@ import imageio.v3 as iio
 import numpy as np
 
 from sfr_cli.errors import MediaError
-from sfr_cli.outputs import (OutputExists, check_regular_target, commit_path, probe_writable,
-                             remove_quietly, rename_noreplace, resolved, temporary_path)
+from sfr_cli.outputs import (OutputClaim, OutputExists, check_regular_target, claim_unless_held, commit_path,
+                             probe_writable, remove_quietly, rename_noreplace, resolved, temporary_path)
 
 from .ffmpeg import StderrDrain, count_video_frames, file_argument, find_ffmpeg, start_ffmpeg, stderr_tail
 
@@ -39,6 +40,9 @@ PNG_COMPRESS_LEVEL = 3
 FRAME_FILE = re.compile(r"\d{6}\.png")  # 000000.png, 000001.png, ...
 DEFAULT_CRF = 18
 MAX_FPS = 1000.0  # beyond any real video; inf overflowed the rate fraction
+MIN_FPS = 0.01  # a frame every 100 s; the rate goes to ffmpeg as a fraction of denominator <= 1001, and
+# below 1/1001 that fraction is 0/1, which ffmpeg refuses after every frame was rendered
+MAX_SIDE_PX = 16384  # libx264's largest width and height (16385 is refused: "invalid width x height")
 MP4_SUFFIX = ".mp4"  # the one container the writer writes (ffmpeg -f mp4)
 
 
@@ -61,6 +65,18 @@ class _Sink:
     def abort(self) -> None:
         raise NotImplementedError
 
+    _claim: Optional[OutputClaim] = None  # the target's lock, when the writer took it itself
+
+    def _release_claim(self) -> None:
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
+
+    def remove_created_folders(self) -> None:
+        """Remove the folders this writer created, deepest first, while they are empty: after every writer
+        of a job aborted (one writer's folder may hold another's, `-o new/x.mp4 --frames-dir new/f`)."""
+        _remove_empty(getattr(self, "_created_dirs", []))
+
     def __enter__(self):
         return self
 
@@ -75,7 +91,7 @@ class _Sink:
 class PngFrameWriter(_Sink):
     """Writes frames as `000000.png`, `000001.png`, ... into one folder, the whole set atomically.
 
-    The frames go to a hidden temporary folder beside the target, `.NAME.sfr-tmp-HOST-PID-START`
+    The frames go to a hidden temporary folder beside the target, `.NAME.sfr-tmp`
     (symlinks in the target's path resolved), and `close()` moves the complete set into place: the
     temporary folder is renamed onto the target when the target is missing or empty; with
     `replace_existing` a target holding only frames is swapped for it (old frames removed only once the
@@ -98,10 +114,14 @@ class PngFrameWriter(_Sink):
         self._temporary = temporary_path(self._target)
         try:
             self._target.parent.mkdir(parents=True, exist_ok=True)
+            self._claim = claim_unless_held(self._target)
             self._temporary.mkdir()
-        except OSError as exc:
+        except BaseException as exc:
+            self._release_claim()
             _remove_empty(self._created_dirs)
-            raise MediaError(f"{self.directory}: cannot create the frames folder ({exc.strerror or exc})") from exc
+            if isinstance(exc, OSError):
+                raise MediaError(f"{self.directory}: cannot create the frames folder ({exc.strerror or exc})") from exc
+            raise
 
     @property
     def frames_written(self) -> int:
@@ -134,6 +154,7 @@ class PngFrameWriter(_Sink):
             self.abort()
             raise
         self._done = True
+        self._release_claim()
         return list(self.paths)
 
     def _commit(self) -> None:
@@ -175,6 +196,7 @@ class PngFrameWriter(_Sink):
         self._done = True
         shutil.rmtree(self._temporary, ignore_errors=True)
         self.paths.clear()
+        self._release_claim()
         _remove_empty(self._created_dirs)
 
 
@@ -264,10 +286,10 @@ def check_frames_dir(frames_dir: PathLike, overwrite: bool = False) -> None:
 
 
 def check_fps(fps: float) -> float:
-    """Return `fps` as a float, or raise MediaError unless 0 < fps <= MAX_FPS."""
+    """Return `fps` as a float, or raise MediaError unless MIN_FPS <= fps <= MAX_FPS."""
     value = float(fps)
-    if not 0 < value <= MAX_FPS:
-        raise MediaError(f"fps {value:g}: must be above 0 and at most {MAX_FPS:g}")
+    if not MIN_FPS <= value <= MAX_FPS:
+        raise MediaError(f"fps {value:g}: must be above 0 (at least {MIN_FPS:g}) and at most {MAX_FPS:g}")
     return value
 
 
@@ -278,7 +300,7 @@ class Mp4Writer(_Sink):
     libx264 yuv420p at `crf`, with `+faststart`. With `audio`, its first audio stream is encoded
     as AAC at its own sample rate and channel count; when `frame_count` is given the audio is cut
     to `frame_count / fps` seconds (audio shorter than the video is kept as it is; without
-    `frame_count` a longer audio is not cut). Everything is written to `.NAME.sfr-tmp-HOST-PID-START.mp4`
+    `frame_count` a longer audio is not cut). Everything is written to `.NAME.sfr-tmp.mp4`
     beside `path`; `close()` renames it to `path` only when ffmpeg succeeded and the file holds exactly
     the frames written, and, unless `replace_existing`, only if nothing appeared at `path` meanwhile
     (else OutputExists, a MediaError, and the file is removed). On any failure, `abort()`, or an exception inside the `with` block, ffmpeg
@@ -341,8 +363,10 @@ class Mp4Writer(_Sink):
         self._shape = (self.height_px, self.width_px, 3)
         self._closed = False
         try:
+            self._claim = claim_unless_held(self.path)
             self._proc = self._start(crf)
-        except MediaError:
+        except BaseException:
+            self._release_claim()
             _remove_empty(self._created_dirs)
             raise
         self._stderr = StderrDrain(self._proc.stderr)
@@ -418,6 +442,7 @@ class Mp4Writer(_Sink):
         except OSError as exc:
             self._fail(f"cannot move the finished video into place ({exc})", stderr)
         self._closed = True
+        self._release_claim()
         return self.path
 
     def abort(self) -> None:
@@ -434,6 +459,7 @@ class Mp4Writer(_Sink):
         self._proc.wait()
         self._stderr.finish()
         remove_quietly(self._temporary)
+        self._release_claim()
         _remove_empty(self._created_dirs)
 
     def _fail(self, reason: str, stderr: Optional[str] = None) -> None:

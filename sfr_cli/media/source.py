@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, List, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -86,6 +87,8 @@ def _opened_image(path: Path, not_found: str, folder_hint: str, where: str, noun
             yield image
     except UnidentifiedImageError as exc:
         raise MediaError(f"{path}: {where}not an image Pillow can read (PNG, JPEG, ...)") from exc
+    except PermissionError as exc:
+        raise MediaError(f"{path}: {where}permission denied; give sfr read access to the {noun}") from exc
     except Image.DecompressionBombError as exc:
         raise MediaError(f"{path}: {where}image is too large to read safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -135,6 +138,18 @@ def resize_image(image: np.ndarray, height_px: int, width_px: int) -> np.ndarray
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def natural_key(path: Path) -> tuple:
+    """Sort key of a frame file: its name's digit runs compared as numbers (`frame2` before `frame10`),
+    then the name itself, so unpadded numbering keeps its order."""
+    parts = re.split(r"(\d+)", path.name.lower())
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts), path.name
+
+
+def frame_files(folder: Path) -> List[Path]:
+    """The picture files of a frames folder, in their numbers' order (`natural_key`)."""
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file()), key=natural_key)
+
+
 class FrameSource:
     """Frames that already exist, for `sfr enhance`: a video (decoded by the bundled ffmpeg, streamed) or a
     folder of pictures (sorted by name). `width_px`, `height_px`, `frame_count`, `fps` (the video's; None
@@ -143,9 +158,12 @@ class FrameSource:
     def __init__(self, path: PathLike, ffmpeg: Optional[str] = None):
         self.path = Path(path)
         self.fps: Optional[float] = None
+        self.notes: List[str] = []  # what the caller should tell the user once (a rotated video)
         self._ffmpeg = ffmpeg
+        if not str(path):
+            raise MediaError("--input is empty; give a video or a folder of frames")
         if self.path.is_dir():
-            self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
+            self.files = frame_files(self.path)
             if not self.files:
                 raise MediaError(f"{self.path}: holds no frames ({', '.join(FRAME_SUFFIXES)} files)")
             first = read_picture_uint8(self.files[0], "--input")
@@ -158,22 +176,36 @@ class FrameSource:
             raise MediaError(f"{self.path}: --input not found; give a video or a folder of frames")
 
     def _probe_video(self) -> None:
-        import imageio_ffmpeg
-
-        from .ffmpeg import count_video_frames, find_ffmpeg
-
-        self._ffmpeg = self._ffmpeg or find_ffmpeg()
+        self._ffmpeg = self._ffmpeg or _find_ffmpeg()
         try:
-            reader = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
-            meta = next(reader)
-            reader.close()
+            with _quiet_imageio():
+                reader = self._reader()
+                meta = next(reader)
+                reader.close()
         except (RuntimeError, OSError, StopIteration) as exc:
-            raise MediaError(f"{self.path}: ffmpeg cannot read this video ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})") from exc
+            raise MediaError(describe_unreadable_video(self.path, exc)) from exc
         self.width_px, self.height_px = (int(v) for v in meta["size"])
         self.fps = float(meta["fps"]) if meta.get("fps") else None
+        if meta.get("source_size") and tuple(meta["source_size"]) != tuple(meta["size"]):
+            self.notes.append(f"{self.path}: its frames are turned upright as players show them "
+                              f"({meta['source_size'][0]}x{meta['source_size'][1]} stored, "
+                              f"{self.width_px}x{self.height_px} enhanced)")
+        from .ffmpeg import count_video_frames
+
         self.frame_count = count_video_frames(self.path, self._ffmpeg)
         if self.frame_count == 0:
             raise MediaError(f"{self.path}: holds no video frames")
+
+    def _reader(self):
+        """imageio-ffmpeg's frame generator on this video: the path as a `file:` argument (a name like
+        `concat:a.mp4` is the file), every decoded frame once (`-fps_mode passthrough`: a joined or looped
+        video's timestamp gaps are not filled with repeated frames, so the count is the packets')."""
+        import imageio_ffmpeg
+
+        from .ffmpeg import file_argument
+
+        return imageio_ffmpeg.read_frames(file_argument(self.path), pix_fmt="rgb24", output_params=DECODE_AS_STORED,
+                                          input_params=["-nostdin"])
 
     def frames(self) -> Iterator[np.ndarray]:
         if self.files is not None:
@@ -184,12 +216,43 @@ class FrameSource:
                                      f"{self.width_px}x{self.height_px}; every frame must have one size")
                 yield frame
             return
-        import imageio_ffmpeg
-
-        reader = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
-        try:
+        with _quiet_imageio():
+            reader = self._reader()
             next(reader)
+        try:
             for data in reader:
                 yield np.frombuffer(data, dtype=np.uint8).reshape(self.height_px, self.width_px, 3)
         finally:
             reader.close()
+
+
+DECODE_AS_STORED = ["-fps_mode", "passthrough"]
+
+
+def _find_ffmpeg() -> str:
+    from .ffmpeg import find_ffmpeg
+
+    return find_ffmpeg()
+
+
+def describe_unreadable_video(path: Path, exc: BaseException) -> str:
+    """The message for a file ffmpeg cannot decode as a video (`exc` from imageio-ffmpeg's reader)."""
+    text = str(exc).strip()
+    if "does not contain any stream" in text or "matches no streams" in text:
+        return f"{path}: has no video stream; --input takes a video or a folder of frames"
+    return f"{path}: ffmpeg cannot read this video ({text.splitlines()[-1] if text else exc})"
+
+
+@contextlib.contextmanager
+def _quiet_imageio() -> Iterator[None]:
+    """imageio-ffmpeg's own log warnings (a rotated video's size) silenced: `FrameSource.notes` says it once,
+    through the reporter (so `--quiet` silences it)."""
+    import logging
+
+    logger = logging.getLogger("imageio_ffmpeg")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -32,8 +32,9 @@ class ClipSinks:
 
     def __init__(self, *, output: Optional[Path], frames_dir: Optional[Path], width_px: int, height_px: int,
                  frame_count: int, fps: float = 25.0, audio: Optional[Path] = None, ffmpeg: Optional[str] = None,
-                 overwrite: bool = False, audio_copy: bool = False):
+                 overwrite: bool = False, audio_copy: bool = False, exact_count: bool = True):
         self.frame_count = frame_count
+        self.exact_count = exact_count  # False: `frame_count` is an estimate (a decoded video's), not checked
         self._sinks: list = []
         self._mp4 = self._png = self._writer = self._committer = None
         self._outcome: Union[int, Exception, None] = None
@@ -41,8 +42,8 @@ class ClipSinks:
         try:
             if output is not None:
                 self._mp4 = Mp4Writer(output, width_px=width_px, height_px=height_px, fps=fps, audio=audio,
-                                            frame_count=frame_count, ffmpeg=ffmpeg, pad_odd=True, audio_copy=audio_copy,
-                                            replace_existing=overwrite)
+                                      frame_count=frame_count if exact_count else None, ffmpeg=ffmpeg, pad_odd=True,
+                                      audio_copy=audio_copy, replace_existing=overwrite)
                 self._sinks.append(self._mp4)
             if frames_dir is not None:
                 self._png = PngFrameWriter(frames_dir, replace_existing=overwrite)
@@ -64,7 +65,7 @@ class ClipSinks:
     def commit(self) -> int:
         """Wait for the last frame to be written, check the count, commit the files; returns the count."""
         written = self._writer.finish()
-        if written != self.frame_count:
+        if self.exact_count and written != self.frame_count:
             raise RenderError(f"the engine yielded {written} frames for {self.frame_count} coefficient frames")
         if self._mp4 is not None:
             self._mp4.close()
@@ -110,6 +111,8 @@ class ClipSinks:
             self._writer.stop(unblock=self._mp4.abort if self._mp4 is not None else None)
         for sink in self._sinks:
             sink.abort()
+        for sink in reversed(self._sinks):  # a folder the first created may have held the second's
+            sink.remove_created_folders()
 
 
 class FrameWriterThread:

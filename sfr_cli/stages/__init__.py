@@ -75,7 +75,8 @@ def plan_stages(job, size_px: int, note: Callable[[str], None]) -> List:
 
 
 def stage_input_files(job) -> List[Tuple[object, str]]:
-    """`(path, role)` of every file the stages of `job` read (`input_files` of each)."""
+    """`(path, role)` of every file the stages of `job` read (`input_files` of each): inputs no output of
+    the job may be."""
     return [item for name, module in _planned_modules(job) for item in module.input_files(job.stages[name], job)]
 
 

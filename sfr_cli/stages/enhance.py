@@ -45,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import click
 
 from ..errors import CheckpointError, ConfigError
-from ..options import BATCH, CLIP, ENHANCE, RENDER, IntChoice, OptionRow
+from ..options import BATCH, CLIP, ENHANCE, RENDER, ChoiceOrNone, IntChoice, OptionRow
 from .restorers import ENHANCERS, restorer_of
 
 UPSCALES = (2, 1)  # 2: SadTalker's (twice the input size); 1: the input's size
@@ -62,8 +62,9 @@ SEED_BITS = 63
 # them yet; `commands=(RENDER, BATCH)` (and `column=True`, and the README's rows) puts them on the CLI.
 OPTIONS = (
     OptionRow("enhancer", ("--enhancer",), "Restore faces after paste-back, as SadTalker's --enhancer gfpgan "
-              "(gfpgan-tiny: the same nets at test widths).",
-              type=click.Choice(ENHANCERS), scope=CLIP, column=True, batch_help="Default enhancer for every row."),
+              "(gfpgan-tiny: the same nets at test widths; none: off).",
+              type=ChoiceOrNone(ENHANCERS), scope=CLIP, column=True,
+              batch_help="Default enhancer for every row (a row's none turns it off)."),
     OptionRow("enhancer_dir", ("--enhancer-dir",), "The enhancer's weights folder [default: searched beside "
               "the checkpoints].", path=True, scope=CLIP, column=True, commands=(RENDER, BATCH, ENHANCE)),
     OptionRow("enhancer_upscale", ("--enhancer-upscale",), "2: twice the frames' size, as SadTalker; 1: their "
@@ -171,32 +172,75 @@ def build_nets(enhancer: str = "gfpgan") -> FaceNets:
 
 
 def read_state_dicts(enhancer: str, files: FaceFiles) -> Dict[str, Dict]:
-    """``{restorer, detector, parser: state_dict}`` as the nets name their keys: the restorer's wrapper
-    (``params_ema``, else ``params``) unwrapped, the detector's DataParallel ``module.`` prefix stripped.
-    No code runs."""
+    """``{restorer, detector, parser: state_dict}`` as the nets name their keys (`read_weights`). No code runs."""
+    return {part: read_weights(part, getattr(files, part), enhancer) for part in ("restorer", "detector", "parser")}
+
+
+def read_weights(part: str, path, enhancer: str = "gfpgan", wrappers: Optional[Tuple[str, ...]] = None) -> Dict:
+    """One of the enhancer's files as its net names the keys: the restorer's unwrapped as `enhancer`'s
+    registry entry says (``params_ema``, else ``params``, for GFPGAN), the detector's DataParallel
+    ``module.`` prefix stripped, the parser's flat dict as it is. Any other part (a file of a net sfr does
+    not run yet, e.g. RestoreFormer's or Real-ESRGAN's for `sfr checkpoints download`) is unwrapped from
+    `wrappers` (default: GFPGAN's, basicsr's layout). Memory-mapped, tensors only: no code runs."""
     import torch
 
     from ..checkpoints import read_weights_file
     from ..nets.retinaface import strip_module_prefix
+    from .restorers import unwrap_state_dict
 
+    path = Path(path)
     restorer = restorer_of(enhancer)[0]
-    accepted = "SadTalker's gfpgan/weights files " + ", ".join(weights_files(enhancer))
-    out = {}
-    for part, path in (("restorer", files.restorer), ("detector", files.detector), ("parser", files.parser)):
-        data = read_weights_file(path, accepted)
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
-        if part == "restorer":
-            try:
-                data = restorer.unwrap(data)
-            except KeyError as exc:
-                raise CheckpointError(f"{path}: {exc.args[0]}; is this {restorer.weights_file}?") from exc
-        elif part == "detector":
-            data = strip_module_prefix(data)
-        if not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise CheckpointError(f"{path}: not a state dict of tensors")
-        out[part] = data
-    return out
+    data = read_weights_file(path, "SadTalker's gfpgan/weights files " + ", ".join(weights_files(enhancer)))
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
+    if part == "detector":
+        data = strip_module_prefix(data)
+    elif part != "parser":
+        try:
+            data = (restorer.unwrap(data) if part == "restorer"
+                    else unwrap_state_dict(data, wrappers or restorer.wrappers, path.name))
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: {exc.args[0]}; is this "
+                                  f"{restorer.weights_file if part == 'restorer' else path.name}?") from exc
+    if not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return data
+
+
+def weights_part(name: str) -> Optional[Tuple[str, Tuple[str, ...]]]:
+    """For a file name of the enhancers' (SadTalker's): (its part, the enhancers that read it); None for
+    any other name."""
+    parts = {name: part for part, name in FACE_PATH_FILES.items()}
+    enhancers = tuple(enhancer for enhancer in ENHANCERS
+                      if parts.get(name) is not None or restorer_of(enhancer)[0].weights_file == name)
+    if not enhancers:
+        return None
+    return parts.get(name, "restorer"), enhancers
+
+
+def inspect_weights_file(path) -> List[str]:
+    """`sfr checkpoints inspect` for one of the enhancers' files (named as SadTalker names them,
+    `weights_part`): lines saying what it holds and which enhancer it fits; CheckpointError naming the
+    first mismatch when it fits none."""
+    import torch
+
+    from ..checkpoints import check_state_dict
+
+    part, enhancers = weights_part(Path(path).name)
+    state_dict = read_weights(part, path, enhancers[0])
+    values = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
+    lines = [f"{path}: the face enhancer's {part} ({len(state_dict)} tensors, {values:,} parameters)"]
+    first_error = None
+    for enhancer in enhancers:
+        with torch.device("meta"):
+            nets = build_nets(enhancer)
+        try:
+            check_state_dict(getattr(nets, part), state_dict, str(path), f"the {enhancer} enhancer")
+        except CheckpointError as exc:
+            first_error = first_error or exc
+            continue
+        return lines + [f"fits the {enhancer} enhancer (--enhancer {enhancer})"]
+    raise first_error
 
 
 def check_weights(enhancer: str, files: FaceFiles) -> None:
@@ -310,27 +354,57 @@ def input_files(options: Options, job) -> List[Tuple[Path, str]]:
     return [(path, "enhance weights") for path in files.paths()]
 
 
+def ignored_options(options: Options) -> List[Tuple[List[str], str]]:
+    """The options `options` give (away from their defaults) that do nothing for the job, as
+    `([flag and value, ...], why)`: every enhancer option while the enhancer is off, the seed without
+    random noise, random noise (and its seed) for a restorer that draws none. `plan` notes each."""
+    defaults = Options()
+    flags = {row.name: row.flags[0] for row in OPTIONS}
+
+    def given(*names: str) -> List[str]:
+        return [f"{flags[name]} {getattr(options, name)}" for name in names
+                if getattr(options, name) != getattr(defaults, name)]
+
+    if options.enhancer is None:
+        off = given("enhancer_dir", "enhancer_upscale", "enhancer_noise", "enhancer_seed")
+        return [(off, f"the face enhancer is off (add --enhancer {ENHANCERS[0]} to run it)")] if off else []
+    if options.enhancer not in ENHANCERS:
+        return []
+    restorer = restorer_of(options.enhancer)[0]
+    if options.enhancer_noise != "random":
+        seed = given("enhancer_seed")
+        return [(seed, "it seeds --enhancer-noise random only")] if seed else []
+    if restorer.draw_noise is None:
+        return [(given("enhancer_noise", "enhancer_seed"), f"the {restorer.name} enhancer draws no noise")]
+    return []
+
+
 def plan(options: Options, job, size_px: int, note: Callable[[str], None]) -> List:
     """The enhancer stage `options` ask for (`options.enhancer`), its weights found and checked (keys,
-    shapes, no code) before any model loads, or none. `job` gives `checkpoint_dir` and `precision`."""
+    shapes, no code) before any model loads, or none; a note for each option that does nothing here
+    (`ignored_options`). `job` gives `checkpoint_dir` and `precision`."""
+    if options.enhancer is not None:
+        if options.enhancer not in ENHANCERS:
+            raise ConfigError(f"unknown enhancer {options.enhancer!r}; use {' or '.join(ENHANCERS)}")
+        if options.enhancer_upscale not in UPSCALES:
+            raise ConfigError(f"--enhancer-upscale {options.enhancer_upscale}: use 2 (SadTalker's) or 1")
+        if options.enhancer_noise not in NOISES:
+            raise ConfigError(f"--enhancer-noise {options.enhancer_noise!r}: use stored or random")
+    for flags, why in ignored_options(options):
+        note(f"{', '.join(flags)} ignored: {why}")
     if options.enhancer is None:
         return []
-    if options.enhancer not in ENHANCERS:
-        raise ConfigError(f"unknown enhancer {options.enhancer!r}; use {' or '.join(ENHANCERS)}")
-    if options.enhancer_upscale not in UPSCALES:
-        raise ConfigError(f"--enhancer-upscale {options.enhancer_upscale}: use 2 (SadTalker's) or 1")
-    if options.enhancer_noise not in NOISES:
-        raise ConfigError(f"--enhancer-noise {options.enhancer_noise!r}: use stored or random")
+    env_dir = os.environ.get(ENHANCER_DIR_ENV)
+    if options.enhancer_dir is None and env_dir and not Path(env_dir).is_dir():
+        note(f"${ENHANCER_DIR_ENV}={env_dir}: no such folder; the enhancer's weights are searched in the other "
+             "folders")
     files = find_weights(options.enhancer, options.enhancer_dir, job.checkpoint_dir)
     check_weights(options.enhancer, files)
     restorer = restorer_of(options.enhancer)[0]
     seed = None
-    if options.enhancer_noise == "random":
-        if restorer.draw_noise is None:
-            note(f"--enhancer-noise random does not apply: the {restorer.name} enhancer draws no noise")
-        else:
-            seed = options.enhancer_seed if options.enhancer_seed is not None else secrets.randbits(SEED_BITS)
-            note(f"enhancer noise: fresh per face from seed {seed} (--enhancer-seed {seed} renders the same frames)")
+    if options.enhancer_noise == "random" and restorer.draw_noise is not None:
+        seed = options.enhancer_seed if options.enhancer_seed is not None else secrets.randbits(SEED_BITS)
+        note(f"enhancer noise: fresh per face from seed {seed} (--enhancer-seed {seed} renders the same frames)")
     if job.precision != "fp32":
         note(f"the face enhancer runs in fp32 (--precision {job.precision} reaches the renderer only: reduced "
              f"precision is not yet measured to keep {restorer.about} within 40 dB of fp32)")

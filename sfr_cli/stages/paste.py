@@ -9,6 +9,7 @@ by `media`; `plan` decides and checks, before any model loads, which box and whi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
@@ -25,6 +26,9 @@ Box = Tuple[int, int, int, int]
 # another library than OpenCV's may differ by a level or two. Beyond this mean difference (levels),
 # the picture does not hold the crop.
 CROP_MATCH_MAX_MEAN_LEVELS = 2.0
+# The aspect frames are (size, int(size * h / w)): within 1/32..32 they stay between 8 and 16384 px high
+# (libx264's largest side) at 256 and 512 px; SadTalker's boxes are near square.
+MAX_BOX_ASPECT = 32
 BOX_HINT = "pass the box as --crop-box x1,y1,x2,y2 (SadTalker's ox1,oy1,ox2,oy2 from crop_info)"
 
 
@@ -49,8 +53,14 @@ class Options:
 
 
 def input_files(options: Options, job) -> List[Tuple[Path, str]]:
-    """The files paste-back reads, `(path, role)`: the original picture."""
-    return [(Path(options.paste_into), "--paste-into")] if options.paste_into is not None else []
+    """The files paste-back reads, `(path, role)`: the original picture, and SadTalker's crop (`job.source`)
+    when the box is searched for."""
+    if not isinstance(options.paste_into, (str, os.PathLike)):
+        return []
+    files = [(Path(options.paste_into), "--paste-into")]
+    if options.crop_box is None and isinstance(getattr(job, "source", None), (str, os.PathLike)):
+        files.append((Path(job.source), "--source"))
+    return files
 
 
 def format_box(box: Box) -> str:
@@ -68,6 +78,11 @@ def parse_box(text: str) -> Box:
         raise ValueError(f"{text!r}: a box is four integers x1,y1,x2,y2") from None
     if x2 - x1 < 3 or y2 - y1 < 3:
         raise ValueError(f"{text!r}: x2 must exceed x1 and y2 exceed y1 by at least 3 pixels")
+    height, width = y2 - y1, x2 - x1
+    if height > MAX_BOX_ASPECT * width or width > MAX_BOX_ASPECT * height:
+        raise ValueError(f"{text!r}: a {width}x{height} box; its sides may differ at most {MAX_BOX_ASPECT}-fold "
+                         "(the frames take its aspect: a 512 px face would be "
+                         f"{max(1, int(512 * height / width))} px high)")
     return x1, y1, x2, y2
 
 

@@ -43,14 +43,20 @@ class Restorer:
 
     def unwrap(self, checkpoint: Dict) -> Dict:
         """The state dict inside the file (its first wrapper key present); KeyError naming what was found."""
-        if not self.wrappers:
-            return dict(checkpoint)
-        for wrapper in self.wrappers:
-            if wrapper in checkpoint:
-                return dict(checkpoint[wrapper])
-        found = ", ".join(sorted(map(str, checkpoint))[:5])
-        raise KeyError(f"a {self.about} checkpoint holds its weights under "
-                       f"{' or '.join(repr(w) for w in self.wrappers)}; found: {found}")
+        return unwrap_state_dict(checkpoint, self.wrappers, self.about)
+
+
+def unwrap_state_dict(checkpoint: Dict, wrappers: Optional[Tuple[str, ...]], about: str) -> Dict:
+    """The state dict inside a weights file: under the first of `wrappers` present (all of it when None);
+    KeyError naming what was found. `about` names the net for the message."""
+    if not wrappers:
+        return dict(checkpoint)
+    for wrapper in wrappers:
+        if wrapper in checkpoint:
+            return dict(checkpoint[wrapper])
+    found = ", ".join(sorted(map(str, checkpoint))[:5])
+    raise KeyError(f"a {about} checkpoint holds its weights under "
+                   f"{' or '.join(repr(w) for w in wrappers)}; found: {found}")
 
 
 def _build_gfpgan(tiny: bool):
