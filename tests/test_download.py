@@ -216,3 +216,19 @@ def test_optional_file_specs_match_the_reference_manifest(reference_dir):
         state_dict["renamed." + first] = state_dict.pop(first)
         with pytest.raises(CheckpointError, match="other keys or shapes"):
             check_against_spec(kind, state_dict, Path(name))
+
+
+def test_an_optional_enhancers_file_is_read_as_the_enhancer_files_are(tmp_path):
+    """RestoreFormer.pth and RealESRGAN_x2plus.pth go through the enhancer's one file reader: unwrapped from
+    params_ema (else params), then held against their spec; a file without the wrapper is named."""
+    from sfr_cli.download import WeightCheck
+
+    check = WeightCheck("tiny")
+    for name in ("RestoreFormer.pth", "RealESRGAN_x2plus.pth"):
+        path = tmp_path / name
+        torch.save({"params": {"conv_first.weight": torch.zeros(2, 3, 3, 3)}}, path)
+        with pytest.raises(CheckpointError, match="1 tensors, 54 values"):  # unwrapped: its one tensor counted
+            check(RELEASES[name], path)
+        torch.save({"conv_first.weight": torch.zeros(2, 3, 3, 3)}, path)
+        with pytest.raises(CheckpointError, match=f"'params_ema' or 'params'.*is this {name}"):
+            check(RELEASES[name], path)

@@ -216,6 +216,26 @@ def test_case11_enhancer_options_without_the_enhancer_are_noted(tiny_enhancer_we
     assert any("--enhancer-seed 5 ignored" in note for note in notes), notes
 
 
+def test_case11_one_mechanism_notes_every_enhancer_option_that_does_nothing(monkeypatch):
+    """`ignored_options`: the options off while the enhancer is off, the seed without random noise, and random
+    noise (with its seed) for a restorer that draws none, each with why."""
+    import dataclasses
+
+    from sfr_cli.stages import restorers
+
+    Options = enhance_stage.Options
+    assert enhance_stage.ignored_options(Options()) == []
+    assert enhance_stage.ignored_options(Options(enhancer="gfpgan", enhancer_noise="random", enhancer_seed=3)) == []
+    (flags, why), = enhance_stage.ignored_options(Options(enhancer_upscale=1, enhancer_seed=3))
+    assert flags == ["--enhancer-upscale 1", "--enhancer-seed 3"] and "off" in why
+    (flags, why), = enhance_stage.ignored_options(Options(enhancer="gfpgan", enhancer_seed=3))
+    assert flags == ["--enhancer-seed 3"] and "random only" in why
+    quiet = dataclasses.replace(restorers.RESTORERS["gfpgan"], draw_noise=None)
+    monkeypatch.setattr(enhance_stage, "restorer_of", lambda name: (quiet, name.endswith("-tiny")))
+    (flags, why), = enhance_stage.ignored_options(Options(enhancer="gfpgan", enhancer_noise="random", enhancer_seed=3))
+    assert flags == ["--enhancer-noise random", "--enhancer-seed 3"] and why == "the gfpgan enhancer draws no noise"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Case 12: progress in logs
 

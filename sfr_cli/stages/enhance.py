@@ -176,12 +176,12 @@ def read_state_dicts(enhancer: str, files: FaceFiles) -> Dict[str, Dict]:
     return {part: read_weights(part, getattr(files, part), enhancer) for part in ("restorer", "detector", "parser")}
 
 
-def read_weights(part: str, path, enhancer: str = "gfpgan", wrappers: Optional[Tuple[str, ...]] = None) -> Dict:
+def read_weights(part: str, path, enhancer: str = "gfpgan") -> Dict:
     """One of the enhancer's files as its net names the keys: the restorer's unwrapped as `enhancer`'s
     registry entry says (``params_ema``, else ``params``, for GFPGAN), the detector's DataParallel
     ``module.`` prefix stripped, the parser's flat dict as it is. Any other part (a file of a net sfr does
-    not run yet, e.g. RestoreFormer's or Real-ESRGAN's for `sfr checkpoints download`) is unwrapped from
-    `wrappers` (default: GFPGAN's, basicsr's layout). Memory-mapped, tensors only: no code runs."""
+    not run yet, e.g. RestoreFormer's or Real-ESRGAN's for `sfr checkpoints download`) is unwrapped as
+    `enhancer`'s restorer file is (basicsr's layout). Memory-mapped, tensors only: no code runs."""
     import torch
 
     from ..checkpoints import read_weights_file
@@ -198,7 +198,7 @@ def read_weights(part: str, path, enhancer: str = "gfpgan", wrappers: Optional[T
     elif part != "parser":
         try:
             data = (restorer.unwrap(data) if part == "restorer"
-                    else unwrap_state_dict(data, wrappers or restorer.wrappers, path.name))
+                    else unwrap_state_dict(data, restorer.wrappers, path.name))
         except KeyError as exc:
             raise CheckpointError(f"{path}: {exc.args[0]}; is this "
                                   f"{restorer.weights_file if part == 'restorer' else path.name}?") from exc
