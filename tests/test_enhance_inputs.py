@@ -106,7 +106,7 @@ def test_case3_joined_and_looped_videos_enhance(runner, tiny_enhancer_weights, t
 
 def test_case3_a_count_that_differs_at_the_end_keeps_the_work(tmp_path):
     """`sfr enhance`'s sinks take the frames the decoder gave, whatever was counted beforehand."""
-    from sfr_cli.streaming import ClipSinks
+    from sfr_cli.media import ClipSinks
 
     sinks = ClipSinks(output=tmp_path / "o.mp4", frames_dir=tmp_path / "f", width_px=16, height_px=16, frame_count=5,
                       exact_count=False)

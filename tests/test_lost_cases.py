@@ -343,7 +343,7 @@ def test_case16_a_manifest_with_coeffs_globs_is_a_usage_error(runner, golden, tm
 
 
 def test_case16_a_failed_job_leaves_no_folder_it_created(tmp_path):
-    from sfr_cli.streaming import ClipSinks
+    from sfr_cli.media import ClipSinks
 
     sinks = ClipSinks(output=tmp_path / "nd1" / "x.mp4", frames_dir=tmp_path / "nd1" / "fr", width_px=16, height_px=16,
                       frame_count=4)
