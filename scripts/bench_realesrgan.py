@@ -12,7 +12,8 @@ on the CPU, one case after the other in one run:
 Cases: `paste` (paste-back frames of a larger picture, 1200 x 800, whose changing face box lies inside its
 top-left 400-px tile: with reuse sfr computes that tile per frame and the other five once) and `golden`
 (golden-bg's four 640 x 1024 frames: three paste-back frames whose box crosses four of six tiles, and a grey
-one). Each row: the process's wall seconds (start to exit, model load and PNG I/O included), the seconds
+one). Each row: the process's wall and CPU seconds (start to exit, model load and PNG I/O included; with
+1 thread the CPU seconds are the steadier figure on a shared machine), the seconds
 spent in the upsampler per frame, the tiles computed / reused, and sfr's frames against upstream's
 (largest difference in uint8 levels, share of values that differ); on `golden` also each side against
 golden-bg's `bg/` (whose noise floor is 0 levels).
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -154,13 +156,15 @@ def run_worker(python: str, kind: str, frames: Path, out: Path, args, reuse: boo
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     if kind == "sfr":
         env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    start = time.perf_counter()
+    start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"{kind} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    row.update(process_seconds=wall, frames=len(list(frames.glob("*.png"))))
+    row.update(process_seconds=wall, process_cpu_seconds=cpu, frames=len(list(frames.glob("*.png"))))
     return row
 
 
@@ -215,7 +219,9 @@ def main(argv=None) -> None:
                 row["vs_golden_bg"] = compare(out, Path(args.reference) / "golden-bg" / "bg")
             if kind == "sfr":
                 row.update(compare(out, work / case / "upstream"))
-                row["time_ratio_vs_upstream"] = row["process_seconds"] / rows_by(rows, case, "upstream")["process_seconds"]
+                upstream = rows_by(rows, case, "upstream")
+                row["time_ratio_vs_upstream"] = row["process_seconds"] / upstream["process_seconds"]
+                row["cpu_ratio_vs_upstream"] = row["process_cpu_seconds"] / upstream["process_cpu_seconds"]
             rows.append(row)
             if not args.json:
                 print(format_row(row), flush=True)
@@ -228,14 +234,16 @@ def rows_by(rows, case, run):
 
 
 def format_row(row) -> str:
-    text = (f"{row['case']:7s} {row['run']:15s} {row['frames']} frames: process {row['process_seconds']:7.1f} s, "
+    text = (f"{row['case']:7s} {row['run']:15s} {row['frames']} frames: process {row['process_seconds']:7.1f} s "
+            f"({row['process_cpu_seconds']:.1f} s CPU), "
             f"upsampler {row['upsampler_seconds'] / row['frames']:6.1f} s/frame, tiles computed "
             f"{row['tiles_computed']} reused {row['tiles_reused']}")
     if "vs_golden_bg" in row:
         text += (f"; vs golden-bg/bg: max {row['vs_golden_bg']['max_levels']} levels, "
                  f"{100 * row['vs_golden_bg']['share_differing']:.4f} %")
     if "max_levels" in row:
-        text += (f"; x{row['time_ratio_vs_upstream']:.2f} of upstream's time; frames vs upstream: max "
+        text += (f"; x{row['time_ratio_vs_upstream']:.2f} of upstream's time (CPU x{row['cpu_ratio_vs_upstream']:.2f}); "
+                 f"frames vs upstream: max "
                  f"{row['max_levels']} levels, {100 * row['share_differing']:.4f} % of values differ")
     return text
 
