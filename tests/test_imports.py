@@ -45,6 +45,11 @@ RULES = {
     # numpy: the enhancer nets' seeded test weights (PCG64 streams, as the reference scripts draw them)
     "sfr_cli.nets.*": rule({"nets"}, {"torch", "numpy"}),
     "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
+    # an image operation beside nets/: RealESRGANer's tiles and their exact reuse (Lanczos-4 from nets.face_paste)
+    "sfr_cli.tiling": rule({"nets"}, {"torch"}),
+    # the optional enhancer nets' weight files (RestoreFormer.pth, RealESRGAN_x2plus.pth); reuses the
+    # renderer's safe loader and strict fill, and numpy for the reference recipe's float32 arithmetic
+    "sfr_cli.enhancer_weights": rule({"nets", "errors", "checkpoints", "outputs"}, {"torch", "numpy"}),
     "sfr_cli.coeffs": rule({"errors", "modes"}, {"numpy", "scipy"}),
     "sfr_cli.engine": rule({"nets", "checkpoints", "config", "errors", "modes"}, {"torch", "numpy"}),
     "sfr_cli.media": rule({"media"}),  # the package's public surface, from its own modules
