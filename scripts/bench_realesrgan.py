@@ -6,7 +6,7 @@ on the CPU, one case after the other in one run:
 - upstream: realesrgan 0.3.0 `RealESRGANer(scale=2, model_path, model=RRDBNet(3, 3, 64, 23, 32, scale=2),
   tile=400, tile_pad=10, pre_pad=0, half=False)`, `enhance(cv2.imread(png), outscale=2)` per frame (as
   GFPGANer calls it for SadTalker's `--background_enhancer realesrgan`), from a throwaway venv;
-- sfr: `sfr_cli.tiling.TileUpsampler` over `enhancer_weights.load_net('realesrgan', ...)`, the frames in
+- sfr: `sfr_cli.tiling.TileUpsampler` over `stages.enhance.load_part('background', 'realesrgan', ...)`, the frames in
   batches of `--batch` (`--reuse` on, and with `--also-no-reuse` off too), from sfr's venv.
 
 Cases: `paste` (paste-back frames of a larger picture, 1200 x 800, whose changing face box lies inside its
@@ -123,12 +123,12 @@ def sfr_worker(args) -> dict:
     from PIL import Image
 
     from sfr_cli.engine import configure_torch
-    from sfr_cli.enhancer_weights import load_net
+    from sfr_cli.stages.enhance import load_part
     from sfr_cli.tiling import TileUpsampler
 
     torch.set_num_threads(args.threads)
     configure_torch(torch.device("cpu"))
-    net = load_net("realesrgan", Path(args.weights) / WEIGHTS_FILE)
+    net = load_part("background", "realesrgan", Path(args.weights) / WEIGHTS_FILE)
     upsampler = TileUpsampler(net, reuse=args.reuse)
     paths = sorted(Path(args.frames_dir).glob("*.png"))
     seconds = 0.0

@@ -242,12 +242,12 @@ def restoreformer_reference_weights(reference_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_optional_enhancer_weights(tmp_path_factory) -> Path:
-    """RestoreFormer.pth and RealESRGAN_x2plus.pth of random weights at test widths (`restoreformer-tiny`,
+    """RestoreFormer.pth (with the face path's two files) and RealESRGAN_x2plus.pth of random weights at test widths (`restoreformer-tiny`,
     `realesrgan-tiny`), in the real files' layout."""
-    from sfr_cli.enhancer_weights import write_random_weights
+    from sfr_cli.stages.enhance import write_random_background_weights, write_random_weights
 
     out_dir = tmp_path_factory.mktemp("tiny-optional-enhancer")
     with one_torch_thread():
         write_random_weights(out_dir, "restoreformer-tiny", 14)
-        write_random_weights(out_dir, "realesrgan-tiny", 39)
+        write_random_background_weights(out_dir, "realesrgan-tiny", 39)
     return out_dir

@@ -64,12 +64,12 @@ def test_full_size_background_is_the_goldens_bit_for_bit(realesrgan_reference_we
     noise floor is 0: bit-identical at 1 and 2 threads), and RRDBNet's output before the clamp has the
     golden's `rrdb_output_before_clamp` (counts outside [0, 1], channel means, std). One frame, about 40 s:
     that reuse changes no byte is shown on the tiny net (tests/test_tiling.py) against the plain steps."""
-    from sfr_cli.enhancer_weights import load_net
+    from sfr_cli.stages.enhance import load_part
 
     golden = reference_dir / "golden-bg"
     meta = json.loads((golden / "meta.json").read_text())
     assert meta["noise_floor"]["bg_uint8"] == {"max_abs": 0.0, "frac_differing": 0.0}
-    net = RecordingNet(load_net("realesrgan", realesrgan_reference_weights / "RealESRGAN_x2plus.pth"))
+    net = RecordingNet(load_part("background", "realesrgan", realesrgan_reference_weights / "RealESRGAN_x2plus.pth"))
     frames = torch.from_numpy(read_rgb(golden / "frames" / "000000.png")[None].copy())
     upsampler = TileUpsampler(net)
     out = upsampler(frames)[0].numpy()

@@ -23,10 +23,10 @@ def as_faces(*arrays) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny_restoreformer():
-    from sfr_cli.enhancer_weights import random_state_dict
+    from sfr_cli.nets.restoreformer import random_state_dict
 
     net = RestoreFormer(**TINY_RESTOREFORMER_CONFIG)
-    net.load_state_dict(random_state_dict("restoreformer-tiny", 14))
+    net.load_state_dict(random_state_dict(net, 14))
     return net.eval().requires_grad_(False)
 
 
@@ -99,11 +99,11 @@ def test_full_size_restoreformer_matches_the_golden_codes_and_restored_face(rest
     golden's noise floor (1 level on 0.3 % of values, 1 vs 2 threads)."""
     from conftest import frame_gap
 
-    from sfr_cli.enhancer_weights import load_net
+    from sfr_cli.stages.enhance import load_part
 
     golden = reference_dir / "golden-restoreformer"
     floor = json.loads((golden / "meta.json").read_text())["noise_floor"]["restored_uint8"]
-    net = load_net("restoreformer", restoreformer_reference_weights / "RestoreFormer.pth")
+    net = load_part("restorer", "restoreformer", restoreformer_reference_weights / "RestoreFormer.pth")
     restored, codes = restore_faces(net, as_faces(read_rgb(golden / "faces" / "000002_1.png")), return_codes=True)
     want_codes = np.load(golden / "codes" / "000002_1.npy")
     assert np.array_equal(codes[0].numpy(), want_codes.astype(np.int64))

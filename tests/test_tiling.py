@@ -20,10 +20,10 @@ from sfr_cli.tiling import TileUpsampler, mod_pad, reflect_pad, tile_grid
 
 @pytest.fixture(scope="module")
 def tiny_net():
-    from sfr_cli.enhancer_weights import random_state_dict
+    from sfr_cli.nets.rrdbnet import random_state_dict
 
     net = RRDBNet(**TINY_RRDBNET_CONFIG)
-    net.load_state_dict(random_state_dict("realesrgan-tiny", 39))
+    net.load_state_dict(random_state_dict(net, 39))
     return net.eval().requires_grad_(False)
 
 

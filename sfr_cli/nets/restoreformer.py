@@ -19,11 +19,15 @@ for both restorers (``restore_faces`` here).
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import random_draws as draws
 
 FACE_SIZE_PX = 512
 GROUPNORM_EPS = 1e-6
@@ -318,3 +322,67 @@ def restore_faces(net: RestoreFormer, faces_rgb: torch.Tensor, return_codes: boo
     quantized, codes, features = net.encode(x)
     faces = output_to_faces(net.decode(quantized, features))
     return (faces, codes) if return_codes else faces
+
+
+# Random weights (make_enhancer_checkpoints.py's recipe): GroupNorm affine near identity; gains that keep
+# activations at their scale through GroupNorm + swish and residual sums; `quant_conv` built so that latent
+# channel 0 is 25 + an image-driven part, and a codebook of two live codes (+-20 along channel 0) and the
+# others far away in channels 1.. only, so each position's nearest code is a clear choice.
+CHECKPOINT_NAME = "RestoreFormer.pth"  # names the random streams, as the reference script does
+RANDOM_SWISH_GAIN = 1.68  # 1 / sqrt(E[swish(x)^2]) for x ~ N(0, 1)
+RANDOM_RESIDUAL_GAIN, RANDOM_OUT_GAIN = 0.5, 0.5
+RANDOM_Z0_GAIN, RANDOM_Z0_BIAS = 10.0, 25.0
+RANDOM_CODE_NORM, RANDOM_DEAD_NORM = 20.0, 112.0
+RANDOM_BIAS_STD = 0.02
+
+
+def _random_codebook(shape: Tuple[int, ...], rng) -> torch.Tensor:
+    import numpy as np
+
+    count, dim = shape
+    out = np.zeros(shape, np.float32)
+    out[0, 0], out[1, 0] = RANDOM_CODE_NORM, -RANDOM_CODE_NORM
+    dead = rng.standard_normal((count - 2, dim - 1)).astype(np.float32)
+    dead *= np.float32(RANDOM_DEAD_NORM) / np.linalg.norm(dead, axis=1, keepdims=True).astype(np.float32)
+    out[2:, 1:] = dead
+    return torch.from_numpy(out)
+
+
+def _random_tensor(key: str, shape: Tuple[int, ...], rng) -> torch.Tensor:
+    owner, _, leaf = key.rpartition(".")
+    if re.search(r"norm(1|2|_out)?$", owner):
+        return draws.uniform(rng, shape, 0.8, 1.2) if leaf == "weight" else draws.normal(rng, shape, 0.05)
+    if key == "quantize.embedding.weight":
+        return _random_codebook(shape, rng)
+    if leaf == "bias":
+        out = draws.normal(rng, shape, RANDOM_BIAS_STD)
+        if key == "quant_conv.bias":
+            out[0] = RANDOM_Z0_BIAS
+        return out
+    if key.endswith(".conv1.weight") or key == "encoder.conv_out.weight":
+        gain = RANDOM_SWISH_GAIN  # after GroupNorm + swish
+    elif key == "decoder.conv_out.weight":
+        gain = RANDOM_OUT_GAIN
+    elif key.endswith(".conv2.weight"):
+        gain = RANDOM_RESIDUAL_GAIN * RANDOM_SWISH_GAIN
+    elif key.endswith("proj_out.weight"):
+        gain = RANDOM_RESIDUAL_GAIN
+    else:  # conv_in, q/k/v, shortcuts, up/downsampling, 1x1s
+        gain = 1.0
+    weight = draws.normal(rng, shape, gain / math.sqrt(draws.fan_in(shape)))
+    if key == "quant_conv.weight":
+        weight[0] *= RANDOM_Z0_GAIN
+    if key in ("encoder.conv_out.weight", "quant_conv.weight", "decoder.conv_out.weight"):
+        weight = draws.zero_sum(weight)
+    return weight
+
+
+def random_state_dict(net: RestoreFormer, seed: int) -> Dict[str, torch.Tensor]:
+    """Deterministic, well-conditioned random float32 weights for ``net``'s state dict (any widths; the
+    reference script's values at full size), each tensor from the stream ``"RestoreFormer.pth:<key>"``."""
+    out = {}
+    for key, like in net.state_dict().items():
+        out[key] = _random_tensor(key, tuple(like.shape), draws.stream(seed, f"{CHECKPOINT_NAME}:{key}")).contiguous()
+        if tuple(out[key].shape) != tuple(like.shape):
+            raise AssertionError(f"{key}: drew {tuple(out[key].shape)}, module has {tuple(like.shape)}")
+    return out

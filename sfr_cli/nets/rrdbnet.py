@@ -12,9 +12,15 @@ whose frames are RGB, flips nothing.
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Dict, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import random_draws as draws
 
 LEAKY_SLOPE = 0.2
 RESIDUAL_SCALE = 0.2  # each dense block and each RRDB adds 0.2 x its branch to its input
@@ -96,3 +102,40 @@ class RRDBNet(nn.Module):
         feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), LEAKY_SLOPE)
         feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), LEAKY_SLOPE)
         return self.conv_last(F.leaky_relu(self.conv_hr(feat), LEAKY_SLOPE))
+
+
+# Random weights (make_enhancer_checkpoints.py's recipe): zero-sum filters, so a flat input gives a flat
+# 0.5 output and the image's structure drives the rest; small dense-block and trunk gains so 23 RRDBs stay
+# a mild change of their input.
+CHECKPOINT_NAME = "RealESRGAN_x2plus.pth"  # names the random streams, as the reference script does
+RANDOM_CONV5_GAIN, RANDOM_BODY_GAIN, RANDOM_LAST_GAIN, RANDOM_LAST_BIAS = 0.3, 0.015, 1.0, 0.5
+RANDOM_BIAS_STD = 0.02
+
+
+def _random_tensor(key: str, shape: Tuple[int, ...], rng) -> torch.Tensor:
+    if key.endswith(".bias"):
+        return (torch.full(shape, RANDOM_LAST_BIAS) if key == "conv_last.bias"
+                else draws.normal(rng, shape, RANDOM_BIAS_STD))
+    if re.fullmatch(r"body\.\d+\.rdb\d\.conv[1-4]\.weight", key) or key in ("conv_up1.weight", "conv_up2.weight",
+                                                                             "conv_hr.weight"):
+        gain = draws.LEAKY_RELU_GAIN
+    elif key.endswith(".conv5.weight"):
+        gain = RANDOM_CONV5_GAIN
+    elif key == "conv_body.weight":
+        gain = RANDOM_BODY_GAIN
+    elif key == "conv_last.weight":
+        gain = RANDOM_LAST_GAIN
+    else:  # conv_first
+        gain = 1.0
+    return draws.zero_sum(draws.normal(rng, shape, gain / math.sqrt(draws.fan_in(shape))))
+
+
+def random_state_dict(net: RRDBNet, seed: int) -> Dict[str, torch.Tensor]:
+    """Deterministic, well-conditioned random float32 weights for ``net``'s state dict (any widths; the
+    reference script's values at full size), each tensor from the stream ``"RealESRGAN_x2plus.pth:<key>"``."""
+    out = {}
+    for key, like in net.state_dict().items():
+        out[key] = _random_tensor(key, tuple(like.shape), draws.stream(seed, f"{CHECKPOINT_NAME}:{key}")).contiguous()
+        if tuple(out[key].shape) != tuple(like.shape):
+            raise AssertionError(f"{key}: drew {tuple(out[key].shape)}, module has {tuple(like.shape)}")
+    return out
