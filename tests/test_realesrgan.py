@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfr_cli.nets.rrdbnet import REALESRGAN_X2PLUS_CONFIG, TINY_RRDBNET_CONFIG, RRDBNet
-from sfr_cli.tiling import TileUpsampler, tile_grid
+from sfr_cli.tiling import tile_grid
 
 
 def read_rgb(path) -> np.ndarray:
@@ -63,19 +63,28 @@ def test_full_size_background_is_the_goldens_bit_for_bit(realesrgan_reference_we
     """Frame 0 of `golden-bg/` (640 x 1024, six 400-px tiles): equal to upstream's `bg/000000.png` exactly (its
     noise floor is 0: bit-identical at 1 and 2 threads), and RRDBNet's output before the clamp has the
     golden's `rrdb_output_before_clamp` (counts outside [0, 1], channel means, std). One frame, about 40 s:
-    that reuse changes no byte is shown on the tiny net (tests/test_tiling.py) against the plain steps."""
-    from sfr_cli.stages.enhance import load_part
+    that reuse changes no byte is shown on the tiny net (tests/test_tiling.py) against the plain steps.
+    Through the enhance stage as `sfr enhance --enhancer none --background-enhancer realesrgan` plans and
+    loads it (its background entry, the weights found and checked), the net wrapped to record its tiles."""
+    from types import SimpleNamespace
+
+    from sfr_cli.models import ModelCache
+    from sfr_cli.stages import enhance
 
     golden = reference_dir / "golden-bg"
     meta = json.loads((golden / "meta.json").read_text())
     assert meta["noise_floor"]["bg_uint8"] == {"max_abs": 0.0, "frac_differing": 0.0}
-    net = RecordingNet(load_part("background", "realesrgan", realesrgan_reference_weights / "RealESRGAN_x2plus.pth"))
+    options = enhance.Options(background_enhancer="realesrgan", enhancer_dir=realesrgan_reference_weights)
+    stage, = enhance.plan(options, SimpleNamespace(checkpoint_dir=None, precision="fp32"), 640, print)
+    stage.load(torch.device("cpu"), ModelCache())
+    tiles_runner = stage._background._tiles
+    net = tiles_runner.net = RecordingNet(tiles_runner.net)
     frames = torch.from_numpy(read_rgb(golden / "frames" / "000000.png")[None].copy())
-    upsampler = TileUpsampler(net)
-    out = upsampler(frames)[0].numpy()
+    out = stage(frames)[0].numpy()
     diff = np.abs(out.astype(np.int16) - read_rgb(golden / "bg" / "000000.png"))
     assert diff.max() == 0, f"bg/000000.png: max {diff.max()} levels on {np.mean(diff > 0):.2e} of values"
-    assert (upsampler.tiles_computed, upsampler.tiles_reused) == (6, 0)
+    report = stage.report()
+    assert (report["background_tiles_computed"], report["background_tiles_reused"]) == (6, 0)
 
     # the float output, from the recorded tiles (one net call per tile, in the grid's order)
     floats = torch.empty(3, 2048, 1280)

@@ -109,3 +109,33 @@ def test_full_size_restoreformer_matches_the_golden_codes_and_restored_face(rest
     assert np.array_equal(codes[0].numpy(), want_codes.astype(np.int64))
     levels, share = frame_gap(restored.permute(0, 2, 3, 1).numpy(), read_rgb(golden / "restored" / "000002_1.png")[None])
     assert levels <= floor["max_abs"] and share <= floor["frac_differing"], (levels, share, floor)
+
+
+@pytest.mark.slow
+def test_golden_restoreformer_two_face_frame_through_the_stage(restoreformer_reference_weights, reference_dir,
+                                                               tmp_path):
+    """The frame of `golden-restoreformer/` with two faces through `sfr enhance --enhancer RestoreFormer`'s
+    path (the enhance stage: detection, alignment, RestoreFormer, ParseNet mask, paste on the Lanczos
+    background), on one torch thread as the golden was made: its `enhanced/` frame within the golden's own
+    noise floor (`enhanced_uint8`: levels and share of values). About a minute."""
+    import shutil
+
+    from conftest import frame_gap, one_torch_thread, read_png_frames
+
+    from sfr_cli.jobs import EnhanceJob, prepare_enhance
+    from sfr_cli.models import ModelCache
+    from sfr_cli.progress import SilentReporter
+    from sfr_cli.streaming import render_enhance
+
+    golden = reference_dir / "golden-restoreformer"
+    floor = json.loads((golden / "meta.json").read_text())["noise_floor"]["enhanced_uint8"]
+    (tmp_path / "in").mkdir()
+    shutil.copy(golden / "frames" / "000002.png", tmp_path / "in")
+    job = EnhanceJob.make(input=tmp_path / "in", frames_dir=tmp_path / "out", enhancer="RestoreFormer",
+                          enhancer_dir=restoreformer_reference_weights, device="cpu")
+    with one_torch_thread():
+        report = render_enhance(prepare_enhance(job), SilentReporter(), ModelCache())
+    assert (report.stages["enhancer"], report.stages["enhancer_faces"]) == ("restoreformer", 2)
+    levels, share = frame_gap(read_png_frames(tmp_path / "out"), read_png_frames(golden / "enhanced")[2:3])
+    print(f"RestoreFormer frame 2 vs golden: max {levels} level(s) on {100 * share:.4f} % of values")
+    assert levels <= floor["max_abs"] and share <= floor["frac_differing"], (levels, share, floor)
