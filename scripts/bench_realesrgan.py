@@ -6,8 +6,9 @@ on the CPU, one case after the other in one run:
 - upstream: realesrgan 0.3.0 `RealESRGANer(scale=2, model_path, model=RRDBNet(3, 3, 64, 23, 32, scale=2),
   tile=400, tile_pad=10, pre_pad=0, half=False)`, `enhance(cv2.imread(png), outscale=2)` per frame (as
   GFPGANer calls it for SadTalker's `--background_enhancer realesrgan`), from a throwaway venv;
-- sfr: `sfr_cli.tiling.TileUpsampler` over `stages.enhance.load_part('background', 'realesrgan', ...)`, the frames in
-  batches of `--batch` (`--reuse` on, and with `--also-no-reuse` off too), from sfr's venv.
+- sfr: the real command, `sfr enhance --input FRAMES --enhancer none --background-enhancer realesrgan
+  --batch-size N` (`$SFR_TILE_REUSE` 1, and with `--also-no-reuse` 0 too), `OMP_NUM_THREADS=--threads`,
+  from sfr's venv.
 
 Cases: `paste` (paste-back frames of a larger picture, 1200 x 800, whose changing face box lies inside its
 top-left 400-px tile: with reuse sfr computes that tile per frame and the other five once) and `golden`
@@ -21,7 +22,8 @@ golden-bg's `bg/` (whose noise floor is 0 levels).
 The upstream side needs a venv with the upstream packages (no sfr dependency; never committed):
 
     python3 -m venv /tmp/upstream-venv
-    /tmp/upstream-venv/bin/pip install torch==2.13.0 torchvision==0.28.0 realesrgan==0.3.0 basicsr==1.4.2 \
+    /tmp/upstream-venv/bin/pip install torch==2.13.0 torchvision==0.28.0 cython numpy   # first: basicsr builds
+    /tmp/upstream-venv/bin/pip install --no-build-isolation realesrgan==0.3.0 basicsr==1.4.2 \
         gfpgan==1.3.8 facexlib==0.3.0 "opencv-python-headless==4.14.*" "opencv-python==4.14.*"
     /tmp/upstream-venv/bin/python scripts/bench_enhance_upstream.py --weights x --patch-venv   # once
     python ../shared/reference/make_enhancer_checkpoints.py /tmp/bg-weights --seed 39 --also RealESRGAN_x2plus.pth
@@ -117,33 +119,6 @@ def upstream_worker(args) -> dict:
     return {"upsampler_seconds": seconds, "tiles_computed": tiles, "tiles_reused": 0}
 
 
-def sfr_worker(args) -> dict:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from sfr_cli.engine import configure_torch
-    from sfr_cli.stages.enhance import load_part
-    from sfr_cli.tiling import TileUpsampler
-
-    torch.set_num_threads(args.threads)
-    configure_torch(torch.device("cpu"))
-    net = load_part("background", "realesrgan", Path(args.weights) / WEIGHTS_FILE)
-    upsampler = TileUpsampler(net, reuse=args.reuse)
-    paths = sorted(Path(args.frames_dir).glob("*.png"))
-    seconds = 0.0
-    for start in range(0, len(paths), args.batch):
-        batch = paths[start:start + args.batch]
-        frames = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in batch]))
-        begin = time.perf_counter()
-        out = upsampler(frames).numpy()
-        seconds += time.perf_counter() - begin
-        for path, frame in zip(batch, out):
-            Image.fromarray(frame).save(Path(args.out) / path.name)
-    return {"upsampler_seconds": seconds, "tiles_computed": upsampler.tiles_computed,
-            "tiles_reused": upsampler.tiles_reused}
-
-
 # --------------------------------------------------------------------------------------------------
 # the driver
 # --------------------------------------------------------------------------------------------------
@@ -151,11 +126,13 @@ def run_worker(python: str, kind: str, frames: Path, out: Path, args, reuse: boo
     out.mkdir(parents=True, exist_ok=True)
     command = [python, str(Path(__file__).resolve()), "--worker", kind, "--frames-dir", str(frames), "--out", str(out),
                "--weights", str(args.weights), "--threads", str(args.threads), "--batch", str(args.batch)]
-    if not reuse:
-        command.append("--no-reuse")
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    if kind == "sfr":
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    if kind == "sfr":  # the real command, as a user runs it
+        command = [python, "-m", "sfr_cli.cli", "enhance", "--input", str(frames), "--enhancer", "none",
+                   "--background-enhancer", "realesrgan", "--enhancer-dir", str(args.weights), "--frames-dir",
+                   str(out), "--batch-size", str(args.batch), "--device", "cpu", "--json", "--overwrite"]
+        env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", ""),
+                   OMP_NUM_THREADS=str(args.threads), SFR_TILE_REUSE="1" if reuse else "0")
     start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
@@ -164,6 +141,9 @@ def run_worker(python: str, kind: str, frames: Path, out: Path, args, reuse: boo
     if done.returncode != 0:
         raise SystemExit(f"{kind} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
+    if kind == "sfr":  # sfr enhance's report: its seconds span decode, stage and PNG writing
+        row = {"upsampler_seconds": row["seconds"], "tiles_computed": row["background_tiles_computed"],
+               "tiles_reused": row["background_tiles_reused"]}
     row.update(process_seconds=wall, process_cpu_seconds=cpu, frames=len(list(frames.glob("*.png"))))
     return row
 
@@ -192,13 +172,12 @@ def main(argv=None) -> None:
     parser.add_argument("--also-no-reuse", action="store_true", help="also time sfr with tile reuse off")
     parser.add_argument("--reference", default=str(REFERENCE_DIR))
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--worker", choices=("upstream", "sfr"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("upstream",), help=argparse.SUPPRESS)
     parser.add_argument("--frames-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--no-reuse", dest="reuse", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        row = upstream_worker(args) if args.worker == "upstream" else sfr_worker(args)
+        row = upstream_worker(args)
         print(json.dumps(row))
         return
     if not (Path(args.weights) / WEIGHTS_FILE).is_file():

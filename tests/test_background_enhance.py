@@ -214,3 +214,42 @@ def test_bad_background_weights_are_refused_before_any_model_loads(runner, refer
                                  str(folder), "--frames-dir", str(tmp_path / "o"), "--device", "cpu"], env=env)
     assert_user_error(result, None, *needles)
     assert not (tmp_path / "o").exists()
+
+
+def test_out_of_memory_halves_the_tiles_per_call_and_keeps_the_frames(reference_dir, weights):
+    """The background's back-off is the engine's (`engine.halve_after_oom`): a net call over more than one
+    tile running out of memory is retried with half as many tiles per call, the frames and counts the
+    same; at one tile a RenderError."""
+    from sfr_cli.errors import RenderError
+
+    files = enhance_stage.find_background_weights("realesrgan-tiny", weights)
+    frames = torch.from_numpy(read_png_frames(reference_dir / "golden-crop" / "frames"))
+    models = ModelCache()
+
+    def stage(per_call, limit=None):
+        upscaler = enhance_stage.BackgroundUpscaler("realesrgan-tiny", files)
+        upscaler.load(torch.device("cpu"), models)
+        tiles = upscaler._background._tiles
+        tiles.tiles_per_call = per_call
+        if limit is not None:
+            net = tiles.net
+
+            class Small(torch.nn.Module):  # a device holding `limit` tiles at most
+                def forward(self, x):
+                    calls.append(x.shape[0])
+                    if x.shape[0] > limit:
+                        raise torch.cuda.OutOfMemoryError("simulated")
+                    return net(x)
+
+            tiles.net = Small()
+            tiles.net.parameters = net.parameters
+        return upscaler
+
+    calls = []
+    expected = stage(1)(frames)
+    halving = stage(4, limit=1)
+    np.testing.assert_array_equal(halving(frames).numpy(), expected.numpy())
+    assert max(calls) == 4 and halving._background._tiles.tiles_per_call == 1, calls
+    assert halving.report()["background_tiles_computed"] == 4
+    with pytest.raises(RenderError, match="out of GPU memory on cpu upsampling one background tile"):
+        stage(1, limit=0)(frames)
