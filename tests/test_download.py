@@ -230,7 +230,7 @@ def test_an_optional_enhancers_file_is_checked_as_loading_checks_it(tiny_optiona
         check(RELEASES[name], tiny_optional_enhancer_weights / name)
         path = tmp_path / name
         torch.save({"params": {"conv_first.weight": torch.zeros(2, 3, 3, 3)}}, path)
-        with pytest.raises(CheckpointError, match="missing"):
+        with pytest.raises(CheckpointError, match=f"{name}: .*(missing|has shape)"):
             check(RELEASES[name], path)
         torch.save({"conv_first.weight": torch.zeros(2, 3, 3, 3)}, path)
         with pytest.raises(CheckpointError, match=f"'params_ema' or 'params'.*is this {name}"):
