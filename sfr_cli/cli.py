@@ -80,7 +80,8 @@ def render(quiet: bool, as_json: bool, **given) -> None:
     Prints the MP4 path (or the frames folder when only --frames-dir is given), or with --json one
     JSON object: output, frames_dir, frames, seconds, frames_per_second, peak_rss_mib, peak_cuda_mib,
     device, precision, batch_size (and with --enhancer: enhancer, enhancer_upscale, enhancer_faces,
-    enhancer_noise_seed).
+    enhancer_noise_seed; with --background-enhancer: background_enhancer, background_tiles_computed,
+    background_tiles_reused, background_tile_reuse).
     """
     from .renderer import Renderer
 

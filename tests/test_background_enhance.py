@@ -253,3 +253,11 @@ def test_out_of_memory_halves_the_tiles_per_call_and_keeps_the_frames(reference_
     assert halving.report()["background_tiles_computed"] == 4
     with pytest.raises(RenderError, match="out of GPU memory on cpu upsampling one background tile"):
         stage(1, limit=0)(frames)
+
+
+def test_checkpoints_inspect_knows_the_new_files(runner, weights):
+    for name, fits in (("RestoreFormer.pth", "--enhancer restoreformer-tiny"),
+                       (BG_FILE, "--background-enhancer realesrgan-tiny")):
+        result = runner.invoke(sfr, ["checkpoints", "inspect", str(weights / name)])
+        assert result.exit_code == 0, result.output
+        assert fits in result.stdout, result.stdout

@@ -61,8 +61,8 @@ CPU_FACES_PER_CALL = 1
 CUDA_FACES_PER_CALL = 32
 SEED_BITS = 63
 
-# The enhancer's options (`options.table()` reads them). Renderer keywords for now: no command declares
-# them yet; `commands=(RENDER, BATCH)` (and `column=True`, and the README's rows) puts them on the CLI.
+# The enhancer's options (`options.table()` reads them): the face enhancer (`enhancer` and its options) and
+# the background it pastes on (`background_enhancer`), which also runs alone (whole frames).
 OPTIONS = (
     OptionRow("enhancer", ("--enhancer",), "Restore faces after paste-back, as SadTalker's --enhancer gfpgan or "
               "RestoreFormer (-tiny: the same nets at test widths; none: off).",
