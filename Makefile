@@ -47,7 +47,10 @@ demo-enhance: install  # the same clip through the face enhancer (tiny widths: s
 	$(BIN)/sfr render --coeffs demo/coeffs.npy --source demo/source.png --audio demo/speech.wav \
 		--checkpoint-dir $(DEMO_OUT)/checkpoints-enhance --config tiny --enhancer gfpgan-tiny \
 		-o $(DEMO_OUT)/demo-enhanced.mp4 --overwrite >/dev/null
-	@echo "$(DEMO_OUT)/demo-enhanced.mp4 (random weights at tiny widths; real faces need SadTalker's gfpgan/weights)"
+	$(BIN)/sfr render --coeffs demo/coeffs.npy --source demo/source.png --audio demo/speech.wav \
+		--checkpoint-dir $(DEMO_OUT)/checkpoints-enhance --config tiny --enhancer restoreformer-tiny \
+		--background-enhancer realesrgan-tiny -o $(DEMO_OUT)/demo-restoreformer-realesrgan.mp4 --overwrite >/dev/null
+	@echo "$(DEMO_OUT)/demo-enhanced.mp4 and demo-restoreformer-realesrgan.mp4 (random weights at tiny widths; real faces need SadTalker's gfpgan/weights)"
 
 bench: install
 	$(BIN)/sfr bench --config tiny --frames 16

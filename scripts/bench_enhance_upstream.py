@@ -48,6 +48,7 @@ from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 WEIGHT_FILES = ("GFPGANv1.4.pth", "detection_Resnet50_Final.pth", "parsing_parsenet.pth")
+MODEL_FILES = {"clean": "GFPGANv1.4.pth", "RestoreFormer": "RestoreFormer.pth"}  # --arch: SadTalker's two restorers
 STEPS = ("detection", "alignment", "gfpgan", "parse_mask", "paste")
 
 
@@ -128,13 +129,15 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default="256,640x1024")
     parser.add_argument("--reference", default=str(REFERENCE_DIR))
     parser.add_argument("--patch-venv", action="store_true", help="patch torchvision/basicsr in this venv, then exit")
+    parser.add_argument("--arch", choices=tuple(MODEL_FILES), default="clean",
+                        help="GFPGANer's arch: clean (GFPGANv1.4.pth, --enhancer gfpgan) or RestoreFormer (RestoreFormer.pth)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.patch_venv:
         patch_venv()
         return
     weights = Path(args.weights).resolve()
-    missing = [n for n in WEIGHT_FILES if not (weights / n).is_file()]
+    missing = [n for n in (MODEL_FILES[args.arch], *WEIGHT_FILES[1:]) if not (weights / n).is_file()]
     if missing:
         raise SystemExit(f"{weights} lacks {', '.join(missing)}")
 
@@ -177,8 +180,8 @@ def main(argv=None) -> None:
     os.symlink(weights, os.path.join(workdir, "gfpgan", "weights"))
     os.chdir(workdir)  # GFPGANer hands facexlib model_rootpath='gfpgan/weights' (relative)
     started = time.perf_counter()
-    restorer = GFPGANer(model_path=str(weights / "GFPGANv1.4.pth"), upscale=2, arch="clean", channel_multiplier=2,
-                        bg_upsampler=None)
+    restorer = GFPGANer(model_path=str(weights / MODEL_FILES[args.arch]), upscale=2, arch=args.arch,
+                        channel_multiplier=2, bg_upsampler=None)
     load_seconds = time.perf_counter() - started
     gfpgan_forward = restorer.gfpgan.forward
     restorer.gfpgan.forward = timed("gfpgan", lambda *a, **k: gfpgan_forward(*a, **{**k, "randomize_noise": False}))
@@ -219,7 +222,7 @@ def main(argv=None) -> None:
             "step_cpu_seconds_per_frame": {k: round(v / n, 4) for k, v in cpu_steps.items()},
             "load_seconds": round(load_seconds, 2), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "weights_sha256": {n_: sha256(weights / n_)[:16] for n_ in WEIGHT_FILES},
+            "weights_sha256": {n_: sha256(weights / n_)[:16] for n_ in (MODEL_FILES[args.arch], *WEIGHT_FILES[1:])},
         })
         print(json.dumps(rows[-1]), file=sys.stderr)
     if args.json:

@@ -20,7 +20,7 @@ from . import __version__, options
 from .errors import CheckpointError, SfrError
 from .modes import DEFAULT_MODE
 from .options import CONFIG_HELP, DEVICE_HELP, OVERWRITE_HELP, BatchSize, Shard
-from .stages.restorers import ENHANCERS
+from .stages.restorers import ALIASES, ENHANCERS
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -80,7 +80,8 @@ def render(quiet: bool, as_json: bool, **given) -> None:
     Prints the MP4 path (or the frames folder when only --frames-dir is given), or with --json one
     JSON object: output, frames_dir, frames, seconds, frames_per_second, peak_rss_mib, peak_cuda_mib,
     device, precision, batch_size (and with --enhancer: enhancer, enhancer_upscale, enhancer_faces,
-    enhancer_noise_seed).
+    enhancer_noise_seed; with --background-enhancer: background_enhancer, background_tiles_computed,
+    background_tiles_reused, background_tile_reuse).
     """
     from .renderer import Renderer
 
@@ -263,8 +264,9 @@ def _batch_backend(settings, workers, devices, ray_address, debug: bool):
               help="Also (or, without -o, only) write frames as DIR/000000.png, 000001.png, ...")
 @click.option("--fps", type=options.CheckedFloat(".media:check_fps"),
               help="Frames per second of the MP4 [default: the video's own; 25 for a folder].")
-@click.option("--enhancer", type=click.Choice(ENHANCERS), default="gfpgan", show_default=True,
-              help="SadTalker's GFPGAN v1.4 face enhancer (gfpgan-tiny: the same nets at test widths).")
+@click.option("--enhancer", type=options.ChoiceOrNone(ENHANCERS, ALIASES), default="gfpgan", show_default=True,
+              help="The face enhancer: SadTalker's GFPGAN v1.4, or RestoreFormer (-tiny: the same nets at test "
+                   "widths; none: no faces restored, e.g. with --background-enhancer alone).")
 @options.command_options(options.ENHANCE)
 @options.row_named("checkpoint_dir").click_option(options.RENDER)
 @click.option("--batch-size", type=BatchSize(), default=None, help="Frames per batch [default: 4 on a CPU, 16 on CUDA].")
@@ -274,7 +276,8 @@ def _batch_backend(settings, workers, devices, ray_address, debug: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result and timings.")
 @debug_option
 def enhance(input_path: Path, quiet: bool, as_json: bool, **given) -> None:
-    """Run the face enhancer (SadTalker's --enhancer gfpgan) on frames that already exist.
+    """Run the face enhancer (SadTalker's --enhancer gfpgan) and/or the background enhancer (Real-ESRGAN)
+    on frames that already exist.
 
     The same stage, weights lookup and guarantees as `sfr render --enhancer`: outputs written atomically,
     existing ones refused without --overwrite, every input checked before any model loads. Prints the MP4
@@ -333,8 +336,8 @@ def checkpoints() -> None:
 @click.option("--size", "size_px", type=click.Choice(["256", "512"]), default="256", show_default=True,
               help="The size in the safetensors file name.")
 @click.option("--enhancer/--no-enhancer", default=False, show_default=True,
-              help="Also write the face enhancer's three files (GFPGANv1.4.pth, detection_Resnet50_Final.pth, "
-                   "parsing_parsenet.pth), at the config's widths: gfpgan-tiny for tiny configs.")
+              help="Also write the enhancers' files (GFPGANv1.4.pth, RestoreFormer.pth, detection_Resnet50_Final.pth, "
+                   "parsing_parsenet.pth, RealESRGAN_x2plus.pth), at the config's widths: -tiny for tiny configs.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @debug_option
 def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_px: str, enhancer: bool,
@@ -360,8 +363,8 @@ def checkpoints_random(out_dir: Path, config: str, layout: str, seed: int, size_
             click.echo(describe_leftovers(path, removed), err=True)
         check_output(path, [JobInput(model_file, "--config")], overwrite=overwrite)
     write_random_checkpoints(out_dir, config_70, config_73, layout=layout, seed=seed, size_px=int(size_px))
-    for name in enhancers:  # the enhancer's reference seed is 14 (golden-enhance); --seed moves it along
-        enhance_stage.write_random_weights(out_dir, name, seed=14 + seed)
+    for name in enhancers:  # the reference seeds (14: golden-enhance, 39: golden-bg); --seed moves them along
+        enhance_stage.write_random_files(out_dir, name, seed)
     click.echo(str(out_dir))
 
 

@@ -20,9 +20,7 @@ How one file arrives, so that nothing half-written or foreign is ever kept under
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import math
 import os
 import re
 import socket
@@ -85,17 +83,6 @@ RELEASES: Dict[str, WeightFile] = {f.name: f for f in (
     _release(REALESRGAN_V021, "RealESRGAN_x2plus.pth", "realesrgan", ENHANCER),
 )}
 
-# The optional enhancers' nets are not part of this module's checks yet: their files are checked against
-# a digest of every key and shape (sorted "key d1xd2x..." lines, SHA-256), made from
-# ../shared/reference/enhancer_state_dict_manifest.json's optional_files (tests/test_download.py recomputes
-# it). (tensor count, parameter count, digest prefix, the net it describes)
-WEIGHT_SPECS: Dict[str, Tuple[int, int, str, str]] = {
-    "restoreformer": (405, 72_680_003, "537a7225cf689a98b7b045184df51325", "gfpgan's RestoreFormer()"),
-    "realesrgan": (702, 16_703_171, "f8bd35ca9c459a43e0cd7fb8d70088e1",
-                   "basicsr's RRDBNet(num_feat=64, num_block=23, num_grow_ch=32, scale=2)"),
-}
-
-
 def choose_files(*, size_px: int = 256, layout: str = "safetensors", enhancer: bool = False,
                  restoreformer: bool = False, background_enhancer: bool = False) -> List[WeightFile]:
     """The files a setup needs: the renderer of `layout` (safetensors: SadTalker_V0.0.2_<size>; pth:
@@ -154,13 +141,14 @@ def plan_downloads(files: List[WeightFile], checkpoint_dir, enhancer_dir=None,
 
 class WeightCheck:
     """Checks a weight file as loading would (keys, shapes, dtypes; no code run), against the nets of
-    `config` (a built-in name or YAML path: its widths; tiny configs check the enhancer at gfpgan-tiny)."""
+    `config` (a built-in name or YAML path: its widths; tiny configs check the enhancers' files at their -tiny
+    widths)."""
 
     def __init__(self, config: Optional[str] = None):
         from .config import config_pair, config_path, load_config
 
         self.config_70, self.config_73 = config_pair(load_config(config_path(config)))
-        self.variant = "gfpgan-tiny" if self.config_70.name.startswith("tiny") else "gfpgan"
+        self.tiny = self.config_70.name.startswith("tiny")
 
     def __call__(self, file: WeightFile, path: Path) -> None:
         import torch
@@ -184,31 +172,12 @@ class WeightCheck:
             if "mapping" not in parts:
                 raise CheckpointError(f"{path}: no 'mapping' state dict inside; is this {file.name}?")
             checkpoints.check_state_dict(nets.mapping, parts["mapping"], str(path), config.name)
-        elif (found := enhance.weights_part(file.name)) is not None:  # a file of the enhancers sfr runs
-            part = found[0]
-            with torch.device("meta"):
-                nets = enhance.build_nets(self.variant)
-            state_dict = enhance.read_weights(part, path, self.variant)
-            checkpoints.check_state_dict(getattr(nets, part), state_dict, str(path), f"the {self.variant} enhancer")
+        elif (found := enhance.weights_part(file.name)) is not None:  # the enhancers' files: loading's check
+            part, names = found
+            name = next(name for name in names if name.endswith("-tiny") == self.tiny)
+            enhance.check_part(part, name, enhance.read_weights(part, path, name), path)
         else:
-            check_against_spec(file.kind, enhance.read_weights(file.kind, path), path)
-
-
-def spec_digest(shapes: Dict[str, Tuple[int, ...]]) -> str:
-    """The digest of a state dict's keys and shapes (see WEIGHT_SPECS)."""
-    text = "".join(f"{key} {'x'.join(str(n) for n in shape)}\n" for key, shape in sorted(shapes.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def check_against_spec(kind: str, state_dict, path: Path) -> None:
-    """Raise CheckpointError unless `state_dict` has exactly the keys and shapes of WEIGHT_SPECS[kind]."""
-    count, values, digest, net = WEIGHT_SPECS[kind]
-    shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
-    found_values = sum(math.prod(shape) for shape in shapes.values())
-    if len(shapes) != count or found_values != values or spec_digest(shapes) != digest:
-        raise CheckpointError(f"{path}: {len(shapes)} tensors, {found_values:,} values; {net} has {count} tensors, "
-                              f"{values:,} values{'' if len(shapes) != count else ', and other keys or shapes'}; "
-                              f"is this {path.name if not path.name.startswith('.') else 'the right file'}?")
+            raise CheckpointError(f"{path}: sfr has no check for {file.name}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -122,16 +122,18 @@ class IntChoice(click.Choice):
 
 class ChoiceOrNone(click.Choice):
     """One of `choices`, or `none` (off: the value None), so a manifest row can turn off what the batch's
-    option turns on (an empty cell or JSON null keeps the batch's default)."""
+    option turns on (an empty cell or JSON null keeps the batch's default). `aliases`: other spellings
+    accepted and turned into their choice (SadTalker's `RestoreFormer` -> `restoreformer`)."""
 
     OFF = "none"
 
-    def __init__(self, choices):
-        super().__init__([*choices, self.OFF])
+    def __init__(self, choices, aliases=None):
+        self.aliases = dict(aliases or {})
+        super().__init__([*choices, *self.aliases, self.OFF])
 
     def convert(self, value, param, ctx):
         chosen = super().convert(value, param, ctx)
-        return None if chosen == self.OFF else chosen
+        return None if chosen == self.OFF else self.aliases.get(chosen, chosen)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -211,3 +211,43 @@ def denied(monkeypatch):
     yield deny
     for folder in locked:
         folder.chmod(0o700)
+
+
+def _reference_enhancer_weights(reference_dir, out_dir, seed: int, optional_file: str) -> Path:
+    """`make_enhancer_checkpoints.py OUT_DIR --seed SEED --also OPTIONAL_FILE` (as the golden's README says),
+    quietly; returns OUT_DIR."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(reference_dir / "make_enhancer_checkpoints.py"), str(out_dir),
+                    "--seed", str(seed), "--also", optional_file], check=True, stdout=subprocess.DEVNULL)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def realesrgan_reference_weights(reference_dir, tmp_path_factory) -> Path:
+    """The weights `golden-bg/` was made with: `make_enhancer_checkpoints.py --seed 39 --also
+    RealESRGAN_x2plus.pth` (the enhancer's three files and RealESRGAN_x2plus.pth; about 0.6 GB, 5-20 s)."""
+    return _reference_enhancer_weights(reference_dir, tmp_path_factory.mktemp("realesrgan-weights"), 39,
+                                       "RealESRGAN_x2plus.pth")
+
+
+@pytest.fixture(scope="session")
+def restoreformer_reference_weights(reference_dir, tmp_path_factory) -> Path:
+    """The weights `golden-restoreformer/` was made with: `make_enhancer_checkpoints.py --seed 14 --also
+    RestoreFormer.pth` (the enhancer's three files and RestoreFormer.pth; about 0.85 GB, 5-20 s)."""
+    return _reference_enhancer_weights(reference_dir, tmp_path_factory.mktemp("restoreformer-weights"), 14,
+                                       "RestoreFormer.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_optional_enhancer_weights(tmp_path_factory) -> Path:
+    """RestoreFormer.pth (with the face path's two files) and RealESRGAN_x2plus.pth of random weights at test widths (`restoreformer-tiny`,
+    `realesrgan-tiny`), in the real files' layout."""
+    from sfr_cli.stages.enhance import write_random_background_weights, write_random_weights
+
+    out_dir = tmp_path_factory.mktemp("tiny-optional-enhancer")
+    with one_torch_thread():
+        write_random_weights(out_dir, "restoreformer-tiny", 14)
+        write_random_background_weights(out_dir, "realesrgan-tiny", 39)
+    return out_dir

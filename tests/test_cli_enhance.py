@@ -12,6 +12,8 @@ from sfr_cli.cli import sfr
 from sfr_cli.media import count_video_frames, find_ffmpeg, probe_audio
 
 from conftest import read_png_frames
+
+OPTIONAL_FILES = ("RestoreFormer.pth", "RealESRGAN_x2plus.pth")  # written by the stage at seeds 14 and 39
 from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
 
 
@@ -160,9 +162,11 @@ def test_enhance_writes_mp4s_only_and_creates_their_folder(runner, tiny_enhancer
 
 
 def test_checkpoints_random_writes_every_restorers_weights_at_the_configs_widths(runner, tiny_enhancer_weights,
+                                                                                 tiny_optional_enhancer_weights,
                                                                                  tmp_path):
-    """`sfr checkpoints random --enhancer` reads the one list of enhancers (stages.restorers): for a tiny
-    config the tiny variants' files, the same as the stage's own writer at the reference seed."""
+    """`sfr checkpoints random --enhancer` reads the one list of enhancers (stages.restorers) and background
+    enhancers (stages.backgrounds): for a tiny config the tiny variants' files, the same as the stage's own
+    writers at the reference seeds (14; 39 for Real-ESRGAN)."""
     import torch
 
     from sfr_cli.stages import enhance as enhance_stage
@@ -172,9 +176,13 @@ def test_checkpoints_random_writes_every_restorers_weights_at_the_configs_widths
     assert result.exit_code == 0, result.output
     files = enhance_stage.find_weights("gfpgan-tiny", folder)
     enhance_stage.check_weights("gfpgan-tiny", files)
-    for path in files.paths():
+    enhance_stage.check_weights("restoreformer-tiny", enhance_stage.find_weights("restoreformer-tiny", folder))
+    background = enhance_stage.find_background_weights("realesrgan-tiny", folder)
+    enhance_stage.check_background_weights("realesrgan-tiny", background)
+    for path in [*files.paths(), background, folder / "RestoreFormer.pth"]:
         written = torch.load(path, weights_only=True)
-        expected = torch.load(tiny_enhancer_weights / path.name, weights_only=True)
+        reference = tiny_optional_enhancer_weights if path.name in OPTIONAL_FILES else tiny_enhancer_weights
+        expected = torch.load(reference / path.name, weights_only=True)
         flat = (lambda d: d.get("params_ema", d))
         assert flat(written).keys() == flat(expected).keys(), path.name
         assert all(torch.equal(flat(written)[k], flat(expected)[k]) for k in flat(expected)), path.name

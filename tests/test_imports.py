@@ -45,6 +45,8 @@ RULES = {
     # numpy: the enhancer nets' seeded test weights (PCG64 streams, as the reference scripts draw them)
     "sfr_cli.nets.*": rule({"nets"}, {"torch", "numpy"}),
     "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
+    # an image operation beside nets/: RealESRGANer's tiles and their exact reuse (Lanczos-4 from nets.face_paste)
+    "sfr_cli.tiling": rule({"nets"}, {"torch"}),
     "sfr_cli.coeffs": rule({"errors", "modes"}, {"numpy", "scipy"}),
     "sfr_cli.engine": rule({"nets", "checkpoints", "config", "errors", "modes"}, {"torch", "numpy"}),
     "sfr_cli.media": rule({"media"}),  # the package's public surface, from its own modules
@@ -58,8 +60,9 @@ RULES = {
     "sfr_cli.stages": rule(),  # the stage registry: imports its stage modules by name, lazily
     # a stage module may declare its option rows (its OPTIONS, read by `options.table()`)
     # engine: the one out-of-memory back-off (`attempt`, `halve_after_oom`), shared with the engine
-    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints", "options", "engine"},
-                             {"numpy", "torch", "click"}),
+    # tiling: the background enhancer's tiles (an image operation beside nets/)
+    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints", "options", "engine",
+                              "tiling"}, {"numpy", "torch", "click"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads
     # models in one home: the cache, engine building, stage models, source images and states

@@ -111,6 +111,25 @@ def test_generate_writes_the_video_sadtalker_returns(tmp_path, reference_dir, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coeffs.mp4", "coeffs_enhanced.mp4"]
 
 
+def test_generate_passes_restoreformer_and_realesrgan_through(tmp_path, reference_dir, tiny_checkpoints,
+                                                              tiny_optional_enhancer_weights, monkeypatch):
+    """SadTalker's `--enhancer RestoreFormer --background_enhancer realesrgan` reach sfr's stage (their tiny
+    variants under the tiny config): faces restored on a Real-ESRGAN background, twice the size."""
+    golden = reference_dir / "golden-crop"
+    monkeypatch.setenv("SFR_ENHANCER_DIR", str(tiny_optional_enhancer_weights))
+    data = facerender_data(str(golden / "coeffs.mat"), str(golden / "source.png"), str(golden / "source_coeffs.mat"),
+                           str(reference_dir / "sample_speech_24k_mono.wav"), 2)
+    animate = AnimateFromCoeff(sadtalker_paths(tiny_checkpoints), "cpu", config="tiny", quiet=True)
+    options = animate.clip(data, str(golden / "source.png"), ((256, 256), None, None), enhancer="RestoreFormer",
+                           background_enhancer="realesrgan")
+    assert (options["enhancer"], options["background_enhancer"]) == ("restoreformer-tiny", "realesrgan-tiny")
+    enhanced = animate.generate(data, str(tmp_path), str(golden / "source.png"), ((256, 256), None, None),
+                                enhancer="RestoreFormer", background_enhancer="realesrgan")
+    assert video_info(Path(enhanced)) == (4, 512, 512, True)
+    with pytest.raises(SadTalkerError, match="--background_enhancer esrgan"):
+        animate.clip(data, str(golden / "source.png"), ((256, 256), None, None), background_enhancer="esrgan")
+
+
 # ---------------------------------------------------------------------------------------------------
 # python -m sfr_cli.sadtalker with a stand-in checkout: SadTalker's file layout and inference.py's interface
 

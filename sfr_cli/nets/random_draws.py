@@ -54,3 +54,11 @@ def batch_norm_tensor(rng, leaf: str, shape: Sequence[int], gamma_range=(0.8, 1.
     if leaf == "running_var":
         return uniform(rng, shape, 0.8, 1.25)
     raise KeyError(f"not a BatchNorm tensor: {leaf}")
+
+
+def zero_sum(weight: torch.Tensor) -> torch.Tensor:
+    """Each output unit's filter minus its mean over the fan-in (a constant input then gives just the
+    bias), in float32 numpy arithmetic as the reference script."""
+    array = weight.numpy()
+    mean = array.reshape(array.shape[0], -1).mean(axis=1).reshape((-1,) + (1,) * (array.ndim - 1))
+    return torch.from_numpy(array - mean)

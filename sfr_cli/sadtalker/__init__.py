@@ -103,7 +103,7 @@ class AnimateFromCoeff:
         if enhancer:
             options["enhancer"] = sfr_enhancer(enhancer, self.config)
         if background_enhancer:
-            options.update(_background_options(background_enhancer))
+            options.update(_background_options(background_enhancer, self.config))
         return options
 
     def frames(self, x: Dict, pic_path, crop_info, enhancer=None, background_enhancer=None, preprocess="crop",
@@ -144,18 +144,24 @@ class AnimateFromCoeff:
 
 
 def sfr_enhancer(name: str, config=None) -> str:
-    """SadTalker's `--enhancer` name as sfr's (gfpgan-tiny when `config` is a tiny one); SadTalkerError for
-    an enhancer sfr does not have."""
+    """SadTalker's `--enhancer` name (gfpgan, RestoreFormer) as sfr's (its -tiny variant when `config` is a
+    tiny one); SadTalkerError for an enhancer sfr does not have."""
     from ..stages.restorers import ENHANCERS
 
     choices = list(ENHANCERS)
-    wanted = name.lower()
-    if wanted == "gfpgan" and str(config or "").startswith("tiny") and "gfpgan-tiny" in choices:
-        return "gfpgan-tiny"
-    if wanted in choices:
+    wanted = _sfr_name(name, choices, config)
+    if wanted is not None:
         return wanted
     raise SadTalkerError(f"--enhancer {name}: sfr runs {', '.join(c for c in choices if not c.endswith('-tiny'))} "
                          "as SadTalker's face enhancer; use --enhancer gfpgan or leave it out")
+
+
+def _sfr_name(name: str, choices, config) -> Optional[str]:
+    """`name` in any case as one of `choices`, its -tiny variant for a tiny `config`; None when none is."""
+    wanted = name.lower()
+    if str(config or "").startswith("tiny") and f"{wanted}-tiny" in choices:
+        return f"{wanted}-tiny"
+    return wanted if wanted in choices else None
 
 
 def _array(value) -> np.ndarray:
@@ -183,16 +189,16 @@ def _paste_options(pic_path, crop_info, preprocess: str) -> Dict:
     return {}
 
 
-def _background_options(name: str) -> Dict:
-    """SadTalker's `--background_enhancer` as sfr's option, where sfr has one."""
-    from ..options import table
+def _background_options(name: str, config=None) -> Dict:
+    """SadTalker's `--background_enhancer` (realesrgan) as sfr's option (its -tiny variant for a tiny
+    `config`); SadTalkerError for one sfr does not have."""
+    from ..stages.backgrounds import BACKGROUND_ENHANCERS
 
-    row = next((row for row in table() if row.name == "background_enhancer"), None)
-    choices = list(getattr(getattr(row, "type", None), "choices", ()))
-    if row is None or name.lower() not in choices:
-        raise SadTalkerError(f"--background_enhancer {name}: sfr does not run this background upsampler yet; "
-                             "leave the flag out (the face enhancer still runs)")
-    return {"background_enhancer": name.lower()}
+    wanted = _sfr_name(name, BACKGROUND_ENHANCERS, config)
+    if wanted is None:
+        raise SadTalkerError(f"--background_enhancer {name}: sfr runs realesrgan as SadTalker's background enhancer; "
+                             "use --background_enhancer realesrgan or leave it out")
+    return {"background_enhancer": wanted}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,7 +244,7 @@ def check_before_running(flags: Sequence[str], precision: str = "fp32", config=N
     if known.enhancer:
         sfr_enhancer(known.enhancer, config)
     if known.background_enhancer:
-        _background_options(known.background_enhancer)
+        _background_options(known.background_enhancer, config)
 
 
 @contextlib.contextmanager

@@ -24,8 +24,10 @@ whole stage runs on the render device, in batches, with the renderer's memory ru
 The module is the stage's one home: its options (`Options`, `OPTIONS`), the files it reads
 (`input_files`), its weights (found, checked before any model loads, loaded, written at random for `sfr
 checkpoints random --enhancer`), `plan`, the stage (`FaceEnhancer`) and its report. Step 3's net is a
-slot: the restorer registry (`stages.restorers`) fills it (gfpgan today). Step 5's background is a slot
-too (`BACKGROUNDS`: Lanczos today; an upsampler such as Real-ESRGAN is one more entry).
+slot: the restorer registry (`stages.restorers`) fills it (gfpgan, restoreformer). Step 5's background is
+a slot too (`stages.backgrounds`: Lanczos, or Real-ESRGAN with `--background-enhancer realesrgan`, whose
+weights file is found, checked and loaded here like the face path's). With `--enhancer none` and a
+background enhancer the stage is the background alone: whole frames upscaled (`BackgroundUpscaler`).
 
 What differs from SadTalker, on purpose: no lossy H.264 encode and decode before the enhancer (it gets
 the rendered frames), StyleGAN2 noise from the weights file by default (the same job gives the same
@@ -46,7 +48,8 @@ import click
 
 from ..errors import CheckpointError, ConfigError
 from ..options import BATCH, CLIP, ENHANCE, RENDER, ChoiceOrNone, IntChoice, OptionRow
-from .restorers import ENHANCERS, restorer_of
+from .backgrounds import BACKGROUND_ENHANCERS, make_background, tile_reuse, upsampler_of
+from .restorers import ALIASES, ENHANCERS, canonical, restorer_of
 
 UPSCALES = (2, 1)  # 2: SadTalker's (twice the input size); 1: the input's size
 NOISES = ("stored", "random")
@@ -58,13 +61,18 @@ CPU_FACES_PER_CALL = 1
 CUDA_FACES_PER_CALL = 32
 SEED_BITS = 63
 
-# The enhancer's options (`options.table()` reads them). Renderer keywords for now: no command declares
-# them yet; `commands=(RENDER, BATCH)` (and `column=True`, and the README's rows) puts them on the CLI.
+# The enhancer's options (`options.table()` reads them): the face enhancer (`enhancer` and its options) and
+# the background it pastes on (`background_enhancer`), which also runs alone (whole frames).
 OPTIONS = (
-    OptionRow("enhancer", ("--enhancer",), "Restore faces after paste-back, as SadTalker's --enhancer gfpgan "
-              "(gfpgan-tiny: the same nets at test widths; none: off).",
-              type=ChoiceOrNone(ENHANCERS), scope=CLIP, column=True,
+    OptionRow("enhancer", ("--enhancer",), "Restore faces after paste-back, as SadTalker's --enhancer gfpgan or "
+              "RestoreFormer (-tiny: the same nets at test widths; none: off).",
+              type=ChoiceOrNone(ENHANCERS, ALIASES), scope=CLIP, column=True,
               batch_help="Default enhancer for every row (a row's none turns it off)."),
+    OptionRow("background_enhancer", ("--background-enhancer",), "Upsample the background the faces are pasted "
+              "on with Real-ESRGAN x2plus, as SadTalker's --background_enhancer realesrgan; without --enhancer, "
+              "whole frames 2x (-tiny: test widths; none: Lanczos). fp32; $SFR_TILE_REUSE=0 computes every tile.",
+              type=ChoiceOrNone(BACKGROUND_ENHANCERS), scope=CLIP, column=True, commands=(RENDER, BATCH, ENHANCE),
+              batch_help="Default background enhancer for every row (a row's none turns it off)."),
     OptionRow("enhancer_dir", ("--enhancer-dir",), "The enhancer's weights folder [default: searched beside "
               "the checkpoints].", path=True, scope=CLIP, column=True, commands=(RENDER, BATCH, ENHANCE)),
     OptionRow("enhancer_upscale", ("--enhancer-upscale",), "2: twice the frames' size, as SadTalker; 1: their "
@@ -83,6 +91,7 @@ class Options:
     """A job's enhancer options (`job.stages["enhance"]`), one field per row of `OPTIONS`."""
 
     enhancer: Optional[str] = None  # the face enhancer after paste-back: "gfpgan" (SadTalker's) or None
+    background_enhancer: Optional[str] = None  # the background's upsampler ("realesrgan"); None: Lanczos
     enhancer_dir: Optional[Path] = None  # its weights' folder; None: searched beside the checkpoints
     enhancer_upscale: int = 2  # 2: twice the size, as SadTalker; 1: the frames' own size
     enhancer_noise: str = "stored"  # StyleGAN2 noise: "stored" in the weights file, or "random" per face
@@ -178,38 +187,40 @@ def read_state_dicts(enhancer: str, files: FaceFiles) -> Dict[str, Dict]:
 
 def read_weights(part: str, path, enhancer: str = "gfpgan") -> Dict:
     """One of the enhancer's files as its net names the keys: the restorer's unwrapped as `enhancer`'s
-    registry entry says (``params_ema``, else ``params``, for GFPGAN), the detector's DataParallel
-    ``module.`` prefix stripped, the parser's flat dict as it is. Any other part (a file of a net sfr does
-    not run yet, e.g. RestoreFormer's or Real-ESRGAN's for `sfr checkpoints download`) is unwrapped as
-    `enhancer`'s restorer file is (basicsr's layout). Memory-mapped, tensors only: no code runs."""
+    registry entry says (``params_ema``, else ``params``), the detector's DataParallel ``module.`` prefix
+    stripped, the parser's flat dict as it is; part ``background``: the upsampler's file, `enhancer` then
+    naming the background enhancer (`stages.backgrounds`), unwrapped as its entry says. Memory-mapped,
+    tensors only: no code runs."""
     import torch
 
     from ..checkpoints import read_weights_file
     from ..nets.retinaface import strip_module_prefix
-    from .restorers import unwrap_state_dict
 
     path = Path(path)
-    restorer = restorer_of(enhancer)[0]
-    data = read_weights_file(path, "SadTalker's gfpgan/weights files " + ", ".join(weights_files(enhancer)))
+    entry = upsampler_of(enhancer)[0] if part == "background" else restorer_of(enhancer)[0]
+    accepted = (entry.weights_file if part == "background"
+                else "SadTalker's gfpgan/weights files " + ", ".join(weights_files(enhancer)))
+    data = read_weights_file(path, accepted)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
     if part == "detector":
         data = strip_module_prefix(data)
     elif part != "parser":
         try:
-            data = (restorer.unwrap(data) if part == "restorer"
-                    else unwrap_state_dict(data, restorer.wrappers, path.name))
+            data = entry.unwrap(data)
         except KeyError as exc:
-            raise CheckpointError(f"{path}: {exc.args[0]}; is this "
-                                  f"{restorer.weights_file if part == 'restorer' else path.name}?") from exc
-    if not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise CheckpointError(f"{path}: {exc.args[0]}; is this {entry.weights_file}?") from exc
+    if not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return data
 
 
 def weights_part(name: str) -> Optional[Tuple[str, Tuple[str, ...]]]:
-    """For a file name of the enhancers' (SadTalker's): (its part, the enhancers that read it); None for
-    any other name."""
+    """For a file name of the enhancers' (SadTalker's): (its part, the enhancers that read it: the
+    background enhancers for part ``background``); None for any other name."""
+    backgrounds = tuple(b for b in BACKGROUND_ENHANCERS if upsampler_of(b)[0].weights_file == name)
+    if backgrounds:
+        return "background", backgrounds
     parts = {name: part for part, name in FACE_PATH_FILES.items()}
     enhancers = tuple(enhancer for enhancer in ENHANCERS
                       if parts.get(name) is not None or restorer_of(enhancer)[0].weights_file == name)
@@ -229,18 +240,41 @@ def inspect_weights_file(path) -> List[str]:
     part, enhancers = weights_part(Path(path).name)
     state_dict = read_weights(part, path, enhancers[0])
     values = sum(t.numel() for t in state_dict.values() if t.is_floating_point())
-    lines = [f"{path}: the face enhancer's {part} ({len(state_dict)} tensors, {values:,} parameters)"]
+    owner = "the background enhancer's net" if part == "background" else f"the face enhancer's {part}"
+    lines = [f"{path}: {owner} ({len(state_dict)} tensors, {values:,} parameters)"]
     first_error = None
     for enhancer in enhancers:
-        with torch.device("meta"):
-            nets = build_nets(enhancer)
         try:
-            check_state_dict(getattr(nets, part), state_dict, str(path), f"the {enhancer} enhancer")
+            check_part(part, enhancer, state_dict, path)
         except CheckpointError as exc:
             first_error = first_error or exc
             continue
-        return lines + [f"fits the {enhancer} enhancer (--enhancer {enhancer})"]
+        option = "--background-enhancer" if part == "background" else "--enhancer"
+        return lines + [f"fits the {enhancer} {'background ' if part == 'background' else ''}enhancer "
+                        f"({option} {enhancer})"]
     raise first_error
+
+
+def build_part(part: str, name: str):
+    """The untrained net of `part` (restorer, detector, parser; background) for enhancer (or background
+    enhancer) `name`, in eval mode, no I/O; under `torch.device('meta')` it costs nothing."""
+    if part == "background":
+        upsampler, tiny = upsampler_of(name)
+        return upsampler.build(tiny).eval().requires_grad_(False)
+    return getattr(build_nets(name), part)
+
+
+def check_part(part: str, name: str, state_dict, path) -> None:
+    """Every key, shape and dtype of `state_dict` (read from `path`) against `part`'s net for `name`, built
+    on the meta device. Raises CheckpointError."""
+    import torch
+
+    from ..checkpoints import check_state_dict
+
+    with torch.device("meta"):
+        net = build_part(part, name)
+    what = f"the {name} background enhancer" if part == "background" else f"the {name} enhancer"
+    check_state_dict(net, state_dict, str(path), what)
 
 
 def check_weights(enhancer: str, files: FaceFiles) -> None:
@@ -249,24 +283,80 @@ def check_weights(enhancer: str, files: FaceFiles) -> None:
 
     Files that passed unchanged (same path, size and modification time) are not read again: the rows of
     a batch usually share one set of weights, and a full-size check costs 0.2-0.4 s per row."""
+    _check_once(_check_files, enhancer, files, files.paths())
+
+
+def check_background_weights(name: str, path) -> None:
+    """`path` against background enhancer `name`'s net as `check_weights` checks the face path's files
+    (meta device, memory-mapped, once while unchanged); names the other variant when the file fits it."""
+    _check_once(_check_background, name, Path(path), [Path(path)])
+
+
+def _check_once(check: Callable, name: str, files, paths: List[Path]) -> None:
+    """`check(name, files)`, skipped when it passed for the same `paths` as they are on disk (path, size,
+    modification time)."""
     identity = []
-    for path in files.paths():
+    for path in paths:
         try:
             info = os.stat(path)
         except OSError:
-            identity = None  # the read below says what is wrong
-            break
+            return check(name, files)  # the read says what is wrong
         identity.append((os.path.abspath(path), info.st_size, info.st_mtime_ns))
-    if identity is None:
-        _check_files(enhancer, files)
-    else:
-        _checked_files(enhancer, files, tuple(identity))
+    _checked(check, name, files, tuple(identity))
 
 
 @functools.lru_cache(maxsize=8)
-def _checked_files(enhancer: str, files: FaceFiles, identity: Tuple) -> None:
-    """`_check_files`, once per (enhancer, files as they are on disk); a failure is not kept."""
-    _check_files(enhancer, files)
+def _checked(check: Callable, name: str, files, identity: Tuple) -> None:
+    """`check(name, files)` once per (check, name, files as they are on disk); a failure is not kept."""
+    check(name, files)
+
+
+def _check_background(name: str, path: Path) -> None:
+    state_dict = read_weights("background", path, name)
+    try:
+        check_part("background", name, state_dict, path)
+    except CheckpointError as exc:
+        for other in BACKGROUND_ENHANCERS:
+            if other == name or upsampler_of(other)[0].weights_file != upsampler_of(name)[0].weights_file:
+                continue
+            try:
+                check_part("background", other, state_dict, path)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{exc}; these are weights of the {other} background enhancer: pass "
+                                  f"--background-enhancer {other}") from exc
+        raise
+
+
+def find_background_weights(name: str, enhancer_dir=None, checkpoint_dir=None) -> Path:
+    """Background enhancer `name`'s file, in the first folder `search_dirs` gives that holds it (where the
+    face enhancer's files are: SadTalker's gfpgan/weights); a CheckpointError naming the file and the
+    folders searched when none does."""
+    file_name = upsampler_of(name)[0].weights_file
+    searched = search_dirs(enhancer_dir, checkpoint_dir)
+    for folder in searched:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    raise CheckpointError(
+        f"--background-enhancer {name} needs {file_name}; searched {', '.join(map(str, searched))}. Put it "
+        "beside GFPGANv1.4.pth (SadTalker's gfpgan/weights), pass --enhancer-dir DIR, or write random ones "
+        "with `sfr checkpoints random DIR --enhancer`")
+
+
+def write_random_background_weights(out_dir, name: str = "realesrgan", seed: int = 39) -> Path:
+    """Background enhancer `name`'s deterministic random weights in its real file's layout (``{'params_ema':
+    sd}``) under its file name; at full size and seed 39 they are the reference weights of ``golden-bg``."""
+    import torch
+
+    from ..checkpoints import save_atomically
+
+    upsampler, tiny = upsampler_of(name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / upsampler.weights_file
+    net = build_part("background", name)
+    save_atomically(path, lambda p: torch.save(upsampler.wrap(upsampler.random_state_dict(net, seed)), p))
+    return path
 
 
 def _check_files(enhancer: str, files: FaceFiles) -> None:
@@ -297,15 +387,21 @@ def _check_state_dicts(enhancer: str, state_dicts, files: FaceFiles) -> None:
 
 def load_nets(enhancer: str, files: FaceFiles) -> FaceNets:
     """Build ``enhancer``'s modules and fill them from ``files``, strictly (keys, shapes, finite values)."""
+    return FaceNets(*(load_part(part, enhancer, getattr(files, part)) for part in ("restorer", "detector", "parser")))
+
+
+def load_part(part: str, name: str, path):
+    """`part`'s net (restorer, detector, parser; background) for enhancer (or background enhancer) `name`,
+    filled from `path` strictly (keys, shapes, finite values), fp32, in eval mode, on the CPU."""
     import torch
 
     from ..checkpoints import load_into
 
     with torch.device("meta"):
-        nets = build_nets(enhancer)
-    for part, sd in read_state_dicts(enhancer, files).items():
-        load_into(getattr(nets, part), sd, str(getattr(files, part)), f"the {enhancer} enhancer")
-    return nets
+        net = build_part(part, name)
+    what = f"the {name} background enhancer" if part == "background" else f"the {name} enhancer"
+    load_into(net, read_weights(part, path, name), str(path), what)
+    return net
 
 
 def write_random_weights(out_dir, enhancer: str = "gfpgan", seed: int = 14) -> FaceFiles:
@@ -333,9 +429,21 @@ def write_random_weights(out_dir, enhancer: str = "gfpgan", seed: int = 14) -> F
 
 
 def random_weights_names(tiny: bool) -> Dict[str, List[str]]:
-    """`sfr checkpoints random --enhancer`: the enhancer names it writes (each restorer's, at the config's
-    widths) and their files."""
-    return {name: weights_files(name) for name in ENHANCERS if name.endswith("-tiny") == tiny}
+    """`sfr checkpoints random --enhancer`: the enhancer and background enhancer names it writes (each
+    restorer's and upsampler's, at the config's widths) and their files."""
+    names = {name: weights_files(name) for name in ENHANCERS if name.endswith("-tiny") == tiny}
+    names.update({name: [upsampler_of(name)[0].weights_file] for name in BACKGROUND_ENHANCERS
+                  if name.endswith("-tiny") == tiny})
+    return names
+
+
+def write_random_files(out_dir, name: str, seed: int) -> None:
+    """`sfr checkpoints random --enhancer`: the files of `name` (a `random_weights_names` key) with
+    `seed` moved along from each net's reference seed (14 for the face path, 39 for the background)."""
+    if name in BACKGROUND_ENHANCERS:
+        write_random_background_weights(out_dir, name, 39 + seed)
+    else:
+        write_random_weights(out_dir, name, 14 + seed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,21 +451,31 @@ def random_weights_names(tiny: bool) -> Dict[str, List[str]]:
 
 
 def input_files(options: Options, job) -> List[Tuple[Path, str]]:
-    """The files the enhancer of `options` reads, `(path, role)`: its weights as found (none when they
-    are not found: `plan` says so)."""
-    if options.enhancer is None or options.enhancer not in ENHANCERS:
-        return []
-    try:
-        files = find_weights(options.enhancer, options.enhancer_dir, getattr(job, "checkpoint_dir", None))
-    except CheckpointError:
-        return []
-    return [(path, "enhance weights") for path in files.paths()]
+    """The files the enhancer and background enhancer of `options` read, `(path, role)`: their weights as
+    found (none when they are not found: `plan` says so)."""
+    checkpoint_dir = getattr(job, "checkpoint_dir", None)
+    found: List[Tuple[Path, str]] = []
+    if options.enhancer is not None and canonical(options.enhancer) in ENHANCERS:
+        try:
+            files = find_weights(canonical(options.enhancer), options.enhancer_dir, checkpoint_dir)
+            found += [(path, "enhance weights") for path in files.paths()]
+        except CheckpointError:
+            pass
+    if options.background_enhancer in BACKGROUND_ENHANCERS:
+        try:
+            found.append((find_background_weights(options.background_enhancer, options.enhancer_dir, checkpoint_dir),
+                          "background enhancer weights"))
+        except CheckpointError:
+            pass
+    return found
 
 
 def ignored_options(options: Options) -> List[Tuple[List[str], str]]:
     """The options `options` give (away from their defaults) that do nothing for the job, as
-    `([flag and value, ...], why)`: every enhancer option while the enhancer is off, the seed without
-    random noise, random noise (and its seed) for a restorer that draws none. `plan` notes each."""
+    `([flag and value, ...], why)`: every enhancer option while both enhancers are off (the folder and
+    the upscale serve a background enhancer alone too), the noise options without a face enhancer, the
+    seed without random noise, random noise (and its seed) for a restorer that draws none. `plan` notes
+    each."""
     defaults = Options()
     flags = {row.name: row.flags[0] for row in OPTIONS}
 
@@ -366,9 +484,11 @@ def ignored_options(options: Options) -> List[Tuple[List[str], str]]:
                 if getattr(options, name) != getattr(defaults, name)]
 
     if options.enhancer is None:
-        off = given("enhancer_dir", "enhancer_upscale", "enhancer_noise", "enhancer_seed")
+        names = ("enhancer_noise", "enhancer_seed") if options.background_enhancer is not None else \
+            ("enhancer_dir", "enhancer_upscale", "enhancer_noise", "enhancer_seed")
+        off = given(*names)
         return [(off, f"the face enhancer is off (add --enhancer {ENHANCERS[0]} to run it)")] if off else []
-    if options.enhancer not in ENHANCERS:
+    if canonical(options.enhancer) not in ENHANCERS:
         return []
     restorer = restorer_of(options.enhancer)[0]
     if options.enhancer_noise != "random":
@@ -380,35 +500,51 @@ def ignored_options(options: Options) -> List[Tuple[List[str], str]]:
 
 
 def plan(options: Options, job, size_px: int, note: Callable[[str], None]) -> List:
-    """The enhancer stage `options` ask for (`options.enhancer`), its weights found and checked (keys,
-    shapes, no code) before any model loads, or none; a note for each option that does nothing here
-    (`ignored_options`). `job` gives `checkpoint_dir` and `precision`."""
-    if options.enhancer is not None:
-        if options.enhancer not in ENHANCERS:
-            raise ConfigError(f"unknown enhancer {options.enhancer!r}; use {' or '.join(ENHANCERS)}")
+    """The enhancer stage `options` ask for (`options.enhancer`, `options.background_enhancer`), its
+    weights found and checked (keys, shapes, no code) before any model loads, or none; a note for each
+    option that does nothing here (`ignored_options`). `job` gives `checkpoint_dir` and `precision`."""
+    enhancer, background = options.enhancer, options.background_enhancer
+    if enhancer is not None and canonical(enhancer) not in ENHANCERS:
+        raise ConfigError(f"unknown enhancer {enhancer!r}; use {' or '.join(ENHANCERS)}")
+    if background is not None and background not in BACKGROUND_ENHANCERS:
+        raise ConfigError(f"unknown background enhancer {background!r}; use {' or '.join(BACKGROUND_ENHANCERS)}")
+    if enhancer is not None or background is not None:
         if options.enhancer_upscale not in UPSCALES:
             raise ConfigError(f"--enhancer-upscale {options.enhancer_upscale}: use 2 (SadTalker's) or 1")
-        if options.enhancer_noise not in NOISES:
-            raise ConfigError(f"--enhancer-noise {options.enhancer_noise!r}: use stored or random")
+    if enhancer is not None and options.enhancer_noise not in NOISES:
+        raise ConfigError(f"--enhancer-noise {options.enhancer_noise!r}: use stored or random")
     for flags, why in ignored_options(options):
         note(f"{', '.join(flags)} ignored: {why}")
-    if options.enhancer is None:
+    if enhancer is None and background is None:
         return []
     env_dir = os.environ.get(ENHANCER_DIR_ENV)
     if options.enhancer_dir is None and env_dir and not Path(env_dir).is_dir():
         note(f"${ENHANCER_DIR_ENV}={env_dir}: no such folder; the enhancer's weights are searched in the other "
              "folders")
-    files = find_weights(options.enhancer, options.enhancer_dir, job.checkpoint_dir)
-    check_weights(options.enhancer, files)
-    restorer = restorer_of(options.enhancer)[0]
+    background_file = None
+    if background is not None:
+        background_file = find_background_weights(background, options.enhancer_dir, job.checkpoint_dir)
+        check_background_weights(background, background_file)
+    reuse = tile_reuse() if background is not None else True
+    if enhancer is None:
+        if job.precision != "fp32":
+            note(f"the background enhancer runs in fp32 (--precision {job.precision} reaches the renderer only: "
+                 f"reduced precision is not yet measured to keep {upsampler_of(background)[0].about} within 40 dB "
+                 "of fp32)")
+        return [BackgroundUpscaler(background, background_file, options.enhancer_upscale, reuse)]
+    enhancer = canonical(enhancer)
+    files = find_weights(enhancer, options.enhancer_dir, job.checkpoint_dir)
+    check_weights(enhancer, files)
+    restorer = restorer_of(enhancer)[0]
     seed = None
     if options.enhancer_noise == "random" and restorer.draw_noise is not None:
         seed = options.enhancer_seed if options.enhancer_seed is not None else secrets.randbits(SEED_BITS)
         note(f"enhancer noise: fresh per face from seed {seed} (--enhancer-seed {seed} renders the same frames)")
     if job.precision != "fp32":
+        nets = restorer.about + (f" and {upsampler_of(background)[0].about}" if background else "")
         note(f"the face enhancer runs in fp32 (--precision {job.precision} reaches the renderer only: reduced "
-             f"precision is not yet measured to keep {restorer.about} within 40 dB of fp32)")
-    return [FaceEnhancer(options.enhancer, files, options.enhancer_upscale, seed)]
+             f"precision is not yet measured to keep {nets} within 40 dB of fp32)")
+    return [FaceEnhancer(enhancer, files, options.enhancer_upscale, seed, background, background_file, reuse)]
 
 
 def face_seed(seed: int, frame: int, face: int) -> int:
@@ -417,25 +553,34 @@ def face_seed(seed: int, frame: int, face: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class LanczosBackground:
-    """The background SadTalker pastes the faces on by default: `(B, 3, H, W) uint8` -> `(B, 3, H*u, W*u)
-    uint8`, OpenCV's Lanczos-4 resize (u = 2) or the frames themselves (u = 1). No weights.
+@dataclass
+class BackgroundUpscaler:
+    """Stage `enhance` without a face enhancer: `(B, H, W, 3) uint8` frames -> `(B, H*u, W*u, 3) uint8`,
+    whole frames through background enhancer `background` (`stages.backgrounds`; u = `upscale`)."""
 
-    The shape of a background entry: `load(device, models)` binds it (an upsampler loads its net there,
-    through the model cache) and calling it gives the background."""
+    background: str
+    weights: Path
+    upscale: int = 2
+    tile_reuse: bool = True
+    name: str = "enhance"
+    _background: object = field(default=None, repr=False)
+
+    def output_size(self, width_px: int, height_px: int) -> Tuple[int, int]:
+        return width_px * self.upscale, height_px * self.upscale
+
+    def report(self) -> Dict[str, object]:
+        return {"enhancer_upscale": self.upscale, **(self._background or self._make()).report()}
+
+    def _make(self):
+        return make_background(self.background, self.upscale, self.weights, self.tile_reuse)
 
     def load(self, device, models) -> None:
-        """No weights."""
+        """The background's net on `device`; a new clip starts (no tile reused from another)."""
+        self._background = self._make()
+        self._background.load(device, models)
 
-    def __call__(self, frames, upscale: int):
-        from ..nets import face_paste
-
-        return face_paste.upsample_background(frames, upscale)
-
-
-# The background the faces are pasted on: name -> its class (one instance per stage). Lanczos is
-# SadTalker's default; an upsampler (`--background-enhancer realesrgan`) is one more entry.
-BACKGROUNDS: Dict[str, Callable[[], object]] = {"lanczos": LanczosBackground}
+    def __call__(self, frames):
+        return self._background(frames.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 @dataclass
@@ -444,13 +589,16 @@ class FaceEnhancer:
 
     `noise_seed` None: the noise stored in the weights file (reproducible, no flicker); else fresh
     N(0, 1) noise per face as SadTalker draws it, from `face_seed(noise_seed, frame, face)`.
-    `background`: the `BACKGROUNDS` entry the faces are pasted on (bound in `load`)."""
+    `background`: the background enhancer the faces are pasted on (`stages.backgrounds`; None: Lanczos),
+    its weights file `background_weights`; bound in `load`, which starts a clip."""
 
     variant: str
     files: FaceFiles
     upscale: int = 2
     noise_seed: Optional[int] = None
-    background: str = "lanczos"
+    background: Optional[str] = None
+    background_weights: Optional[Path] = None
+    tile_reuse: bool = True
     name: str = "enhance"
     faces: int = 0  # faces enhanced so far (for the report)
     _nets: object = field(default=None, repr=False)
@@ -462,8 +610,10 @@ class FaceEnhancer:
         return width_px * self.upscale, height_px * self.upscale
 
     def report(self) -> Dict[str, object]:
+        background = self._background or make_background(self.background, self.upscale, self.background_weights,
+                                                         self.tile_reuse)
         return {"enhancer": self.variant, "enhancer_upscale": self.upscale, "enhancer_faces": self.faces,
-                "enhancer_noise_seed": self.noise_seed}
+                "enhancer_noise_seed": self.noise_seed, **background.report()}
 
     def load(self, device, models) -> None:
         """The three nets on `device`, once per process (the model cache keys them by files and device)."""
@@ -471,7 +621,7 @@ class FaceEnhancer:
         self._nets = models.stage_model(key, lambda: load_nets(self.variant, self.files).to(device))
         self._device = device
         self._faces_per_call = CUDA_FACES_PER_CALL if device.type == "cuda" else CPU_FACES_PER_CALL
-        self._background = BACKGROUNDS[self.background]()
+        self._background = make_background(self.background, self.upscale, self.background_weights, self.tile_reuse)
         self._background.load(device, models)
 
     def __call__(self, frames):
@@ -484,7 +634,7 @@ class FaceEnhancer:
         rgb = frames.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W) uint8
         first_frame = self._frames_seen
         self._frames_seen += rgb.shape[0]
-        background = self._background(rgb, self.upscale)
+        background = self._background(rgb)
         if self._device.type == "cpu":  # one frame at a time: see CPU_FACES_PER_CALL
             detections = [rows for b in range(rgb.shape[0]) for rows in detect_faces(nets.detector, rgb[b : b + 1])]
         else:

@@ -13,7 +13,7 @@ is the same for every restorer and lives in `stages.enhance`; an entry here says
 - `random_state_dict(net, seed)` and `wrap`: random weights in the real file's layout (`sfr checkpoints
   random --enhancer`).
 
-Adding a restorer (RestoreFormer, ...) is its net in `nets/` and one entry in `RESTORERS`; every list of
+Adding a restorer is its net in `nets/` and one entry in `RESTORERS`; every list of
 enhancer names (the CLI's choices, the weights lookup, the random-weights writer) is read from here.
 Importing this module imports no torch: the entries import their nets when called.
 """
@@ -83,9 +83,30 @@ def _gfpgan_random(net, seed: int):
     return random_state_dict(net, seed)
 
 
+def _build_restoreformer(tiny: bool):
+    from ..nets.restoreformer import RESTOREFORMER_CONFIG, TINY_RESTOREFORMER_CONFIG, RestoreFormer
+
+    return RestoreFormer(**(TINY_RESTOREFORMER_CONFIG if tiny else RESTOREFORMER_CONFIG))
+
+
+def _restore_restoreformer(net, faces, noise):
+    from ..nets.restoreformer import restore_faces
+
+    return restore_faces(net, faces)  # draws no noise (`draw_noise` None: noise is never passed)
+
+
+def _restoreformer_random(net, seed: int):
+    from ..nets.restoreformer import random_state_dict
+
+    return random_state_dict(net, seed)
+
+
 RESTORERS: Dict[str, Restorer] = {
     "gfpgan": Restorer("gfpgan", "GFPGANv1.4.pth", ("params_ema", "params"), _build_gfpgan, _restore_gfpgan,
                        _gfpgan_random, _gfpgan_noise, about="GFPGAN"),
+    # GFPGANer(arch='RestoreFormer'): the same face path, gfpgan 1.3.8's RestoreFormer() as the restorer
+    "restoreformer": Restorer("restoreformer", "RestoreFormer.pth", ("params_ema", "params"), _build_restoreformer,
+                              _restore_restoreformer, _restoreformer_random, about="RestoreFormer"),
 }
 
 # The one list of enhancer names (`--enhancer`'s choices, the weights code, the random-weights writer).
@@ -93,7 +114,17 @@ ENHANCERS: Tuple[str, ...] = tuple(name for restorer in RESTORERS
                                    for name in (restorer, restorer + TINY_SUFFIX))
 
 
+# Other spellings of a name (SadTalker's `--enhancer RestoreFormer`): accepted wherever a name is given.
+ALIASES: Dict[str, str] = {"RestoreFormer": "restoreformer"}
+
+
+def canonical(enhancer: str) -> str:
+    """`enhancer` as `ENHANCERS` spells it (an alias, `RestoreFormer`, becomes `restoreformer`)."""
+    return ALIASES.get(enhancer, enhancer)
+
+
 def restorer_of(enhancer: str) -> Tuple[Restorer, bool]:
     """(its restorer, tiny) for an `--enhancer` name; KeyError for an unknown one."""
+    enhancer = canonical(enhancer)
     tiny = enhancer.endswith(TINY_SUFFIX)
     return RESTORERS[enhancer[: -len(TINY_SUFFIX)] if tiny else enhancer], tiny
