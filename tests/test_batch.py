@@ -18,6 +18,8 @@ from PIL import Image
 from sfr_cli import batch as batching
 from sfr_cli.cli import sfr
 
+from conftest import run_batch, tiny
+
 from held_ffmpeg import held_ffmpeg_env, wait_until_held
 
 FRAMES = 3  # per clip: enough to be a clip, few enough to stay fast on a busy 2-core machine
@@ -63,17 +65,6 @@ def report_lines(path: Path):
 
 def read_frames(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
-
-
-def run_batch(*args, env=None):
-    result = CliRunner().invoke(sfr, ["batch", *map(str, args)], env=env)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result
-
-
-def tiny(checkpoints):
-    return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from sfr_cli import batch as batching
 from sfr_cli import media
-from sfr_cli.cli import sfr
 
-from test_cli import DEMO_COEFFS, SOURCE
+from conftest import DEMO_COEFFS, SOURCE, run_batch, tiny
 from test_media import write_wav
-
-
-def run_batch(*args):
-    result = CliRunner().invoke(sfr, ["batch", *map(str, args)])
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def tiny(checkpoints):
-    return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
 
 
 @pytest.fixture

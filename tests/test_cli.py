@@ -14,16 +14,12 @@ import numpy as np
 import psutil
 import pytest
 import scipy.io
-from click.testing import CliRunner
 
-from sfr_cli import checkpoints as checkpoints_module
 from sfr_cli.cli import sfr
 
-from conftest import one_torch_thread
+from conftest import DEMO_COEFFS, SOURCE, assert_user_error, one_torch_thread, render_args
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "demo" / "source.png"
-DEMO_COEFFS = REPO / "demo" / "coeffs.npy"
 SFR = [sys.executable, "-c", "from sfr_cli.cli import main; main()"]
 
 
@@ -35,55 +31,6 @@ class Marker:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture
-def coeffs_npy(tmp_path) -> Path:
-    path = tmp_path / "clip.npy"
-    np.save(path, np.load(DEMO_COEFFS)[:4])
-    return path
-
-
-@pytest.fixture
-def out_dir(tmp_path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the networks load: these errors must be found before."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("load_networks was called before the error was reported")
-
-    monkeypatch.setattr(checkpoints_module, "load_networks", fail)
-
-
-def render_args(coeffs, out_dir, checkpoint_dir, *extra):
-    return ["render", "--coeffs", str(coeffs), "--source", str(SOURCE), "-o", str(out_dir / "clip.mp4"),
-            "--checkpoint-dir", str(checkpoint_dir), "--config", "tiny", "--batch-size", "2", *extra]
-
-
-def assert_user_error(result, out_dir, *needles, exit_code=1):
-    """Exit code, one `Error:` line naming the problem, no traceback, empty stdout, nothing written."""
-    assert result.exit_code == exit_code, result.output
-    assert "Traceback" not in result.output
-    assert not isinstance(result.exception, AssertionError), result.exception
-    assert result.stdout == ""
-    if exit_code == 1:
-        assert result.stderr.count("Error:") == 1, result.stderr
-        assert [line for line in result.stderr.splitlines() if line.startswith("Error: ")], result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
-    if out_dir is not None:
-        assert sorted(p.name for p in out_dir.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,18 +6,12 @@ import subprocess
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
 from sfr_cli.media import count_video_frames, find_ffmpeg, probe_audio
 
 from conftest import read_png_frames
-from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
+from conftest import assert_user_error
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
 
-from test_cli import assert_user_error, coeffs_npy, no_model_load, out_dir, render_args  # noqa: F401 (fixtures)
+from conftest import assert_user_error, render_args
 
 
 @pytest.mark.parametrize("name", ["x.png", "x.avi", "x.mkv", "x.mov", "noext", "x.mp4.part"])
@@ -27,7 +27,7 @@ def test_upper_case_mp4_is_an_mp4(coeffs_npy, out_dir, tiny_checkpoints):
 
 
 def test_a_manifest_row_not_named_mp4_fails_alone(tmp_path, coeffs_npy, tiny_checkpoints):
-    from test_cli import SOURCE
+    from conftest import SOURCE
 
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"coeffs,source,output\n{coeffs_npy},{SOURCE},o/x.avi\n{coeffs_npy},{SOURCE},o/y.mp4\n")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
 from sfr_cli.config import CONFIG_DIR
@@ -22,15 +21,10 @@ from sfr_cli.media import count_video_frames
 from sfr_cli.outputs import host_name
 
 from held_ffmpeg import held_ffmpeg_env, wait_until_held
-from test_cli import DEMO_COEFFS, SOURCE, assert_user_error, no_model_load  # noqa: F401 (a fixture)
+from conftest import DEMO_COEFFS, SOURCE, assert_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH = REPO / "demo" / "speech.wav"
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 @pytest.fixture

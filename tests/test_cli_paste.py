@@ -8,12 +8,11 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
 from sfr_cli.nets import paste
 
-from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
+from conftest import assert_user_error
 
 BOX = (150, 120, 450, 426)
 
@@ -21,11 +20,6 @@ BOX = (150, 120, 450, 426)
 @pytest.fixture
 def golden(reference_dir):
     return reference_dir / "golden-paste"
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 def full_args(golden, checkpoints, out, *extra):

@@ -21,6 +21,8 @@ from sfr_cli import batch as batching
 from sfr_cli.outputs import LOCK_SUFFIX, TEMP_MARKER
 from sfr_cli.watchdog import DriverWatchdog
 
+from conftest import tiny
+
 psutil = pytest.importorskip("psutil")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +61,6 @@ def writer_pid(temporary: Path) -> Optional[int]:
         return json.loads((temporary.parent / f".{target}{LOCK_SUFFIX}").read_text())["pid"]
     except FileNotFoundError:
         return None
-
-
-def tiny(checkpoints):
-    return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
 
 
 def write_clips(folder: Path, frames, seed: int) -> Path:

@@ -8,21 +8,15 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from sfr_cli import media
 from sfr_cli.cli import sfr
 from sfr_cli.media import count_video_frames
 
-from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
+from conftest import assert_user_error
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 def make_video(path: Path, *, size="32x32", seconds=0.2, audio_seconds=None, extra=()):

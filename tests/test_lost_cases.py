@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from rich.console import Console
 
@@ -26,14 +25,9 @@ from sfr_cli.jobs import RenderJob, job_inputs
 from sfr_cli.stages import enhance as enhance_stage
 from sfr_cli.stages import paste as paste_stage
 
-from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
+from conftest import assert_user_error
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from sfr_cli import media
 from sfr_cli.cli import sfr
 
-from test_cli import DEMO_COEFFS, SOURCE
+from conftest import DEMO_COEFFS, SOURCE
 from test_media import HEIGHT_PX, WIDTH_PX, audio_seconds, frames, write_wav
 
 COLON_NAMES = ["2025-01-01T10:30.mp4", "take:2.mp4", "a:b:c.mp4"]

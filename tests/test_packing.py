@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from sfr_cli import engine as engine_module
 from sfr_cli import media
-from sfr_cli.cli import sfr
 from sfr_cli.errors import MediaError
+
+from conftest import run_batch
 
 FRAME_COUNTS = (3, 5, 2)  # with batch size 4: batches [4, 4, 2], the first two spanning clip boundaries
 BATCH = 4
@@ -229,12 +229,6 @@ def packed_calls(monkeypatch):
 
     monkeypatch.setattr(engine_module.Engine, "launch_clips", spy)
     return calls
-
-
-def run_batch(*args):
-    result = CliRunner().invoke(sfr, ["batch", *map(str, args)])
-    assert "Traceback" not in result.output
-    return result
 
 
 def test_sfr_batch_packs_rows_sharing_a_face_and_writes_every_mp4(folder, tiny_checkpoints, tmp_path, packed_calls):

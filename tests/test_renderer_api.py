@@ -10,7 +10,7 @@ from PIL import Image
 
 from sfr_cli.errors import SfrError
 
-from test_cli import DEMO_COEFFS, SOURCE
+from conftest import DEMO_COEFFS, SOURCE
 
 
 @pytest.fixture(scope="module")
