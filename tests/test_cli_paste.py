@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sfr_cli.cli import sfr
-from sfr_cli.nets import paste
+from sfr_cli.imaging import seamless_clone
 
 from conftest import assert_user_error
 
@@ -52,7 +52,7 @@ def test_paste_into_finds_the_box_and_blends_every_frame(runner, tmp_path, golde
     pasted = read_frames(tmp_path / "full")
     original = iio.imread(golden / "original.png")[..., :3]
     assert pasted.shape == (3, 1024, 640, 3)
-    expected = paste.paste_back(torch.from_numpy(faces), torch.from_numpy(original), BOX).numpy()
+    expected = seamless_clone.clone_into_picture(torch.from_numpy(faces), torch.from_numpy(original), BOX).numpy()
     np.testing.assert_array_equal(pasted, expected)
     # outside the box nothing moves; inside, the face changed the picture
     outside = np.ones(original.shape[:2], bool)

@@ -15,7 +15,7 @@ import torch
 from sfr_cli.stages import enhance as enhance_stage
 from sfr_cli.errors import CheckpointError, ConfigError
 from sfr_cli.jobs import EnhanceJob, prepare_enhance
-from sfr_cli.nets import face_paste
+from sfr_cli.imaging import face_blend
 from sfr_cli.progress import SilentReporter
 from sfr_cli.models import ModelCache
 from sfr_cli.streaming import render_enhance
@@ -25,7 +25,7 @@ from conftest import read_png_frames  # noqa: F401
 
 def lanczos_2x(frames: np.ndarray) -> np.ndarray:
     batch = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
-    return face_paste.upsample_background(batch, 2).permute(0, 2, 3, 1).numpy()
+    return face_blend.upsample_background(batch, 2).permute(0, 2, 3, 1).numpy()
 
 
 def enhance(input_dir, weights, out_dir, **options):

@@ -30,8 +30,8 @@ def rule(internal=(), external=(), stdlib=True) -> Rule:
 
 
 # The modules the glue may compose ("the modules above" in STYLE.md): everything but the entry points.
-LIBRARY = {"errors", "modes", "config", "outputs", "nets", "checkpoints", "coeffs", "engine", "media", "progress",
-           "stages"}
+LIBRARY = {"errors", "modes", "config", "outputs", "nets", "imaging", "checkpoints", "coeffs", "engine", "media",
+           "progress", "stages"}
 
 # One line per module (a `.*` line covers a subpackage). Keep it to what STYLE.md's table allows.
 RULES = {
@@ -44,9 +44,12 @@ RULES = {
     "sfr_cli.nets": rule({"nets"}, {"torch"}),
     # numpy: the enhancer nets' seeded test weights (PCG64 streams, as the reference scripts draw them)
     "sfr_cli.nets.*": rule({"nets"}, {"torch", "numpy"}),
+    # image operations beside nets/: OpenCV's resizes, warps and LMeDS, the seamless clone, the crop-box search
+    "sfr_cli.imaging": rule(),
+    "sfr_cli.imaging.*": rule({"imaging"}, {"torch"}),
     "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
-    # an image operation beside nets/: RealESRGANer's tiles and their exact reuse (Lanczos-4 from nets.face_paste)
-    "sfr_cli.tiling": rule({"nets"}, {"torch"}),
+    # an image operation beside nets/: RealESRGANer's tiles and their exact reuse (Lanczos-4 from imaging.resize)
+    "sfr_cli.tiling": rule({"nets", "imaging"}, {"torch"}),
     # the optional enhancer nets' weight files (RestoreFormer.pth, RealESRGAN_x2plus.pth); reuses the
     # renderer's safe loader and strict fill, and numpy for the reference recipe's float32 arithmetic
     "sfr_cli.enhancer_weights": rule({"nets", "errors", "checkpoints", "outputs"}, {"torch", "numpy"}),
@@ -59,11 +62,12 @@ RULES = {
     "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
     # one clip's sinks fed by a writer thread (what the pipeline's frames go into)
     "sfr_cli.media.writer": rule({"errors", "media"}, {"numpy"}),
-    # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
+    # paste-back as a render stage: box and output size decided before the model loads; math in imaging/
     "sfr_cli.stages": rule(),  # the stage registry: imports its stage modules by name, lazily
     # a stage module may declare its option rows (its OPTIONS, read by `options.table()`)
     # engine: the one out-of-memory back-off (`attempt`, `halve_after_oom`), shared with the engine
-    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints", "options", "engine"},
+    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "imaging", "checkpoints", "options",
+                              "engine"},
                              {"numpy", "torch", "click"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads

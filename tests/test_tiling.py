@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfr_cli.nets.face_paste import resize_lanczos4
+from sfr_cli.imaging.resize import resize_lanczos4
 from sfr_cli.nets.rrdbnet import TINY_RRDBNET_CONFIG, RRDBNet
 from sfr_cli.tiling import TileUpsampler, mod_pad, reflect_pad, tile_grid
 
