@@ -47,6 +47,8 @@ RULES = {
     # image operations beside nets/: OpenCV's resizes, warps and LMeDS, the seamless clone, the crop-box search
     "sfr_cli.imaging": rule(),
     "sfr_cli.imaging.*": rule({"imaging"}, {"torch"}),
+    # the face detector's random weights that find faces (`sfr checkpoints random --enhancer`, the tests)
+    "sfr_cli.detector_weights": rule({"nets", "imaging"}, {"torch", "numpy"}),
     "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
     # an image operation beside nets/: RealESRGANer's tiles and their exact reuse (Lanczos-4 from imaging.resize)
     "sfr_cli.tiling": rule({"nets", "imaging"}, {"torch"}),
@@ -67,7 +69,7 @@ RULES = {
     # a stage module may declare its option rows (its OPTIONS, read by `options.table()`)
     # engine: the one out-of-memory back-off (`attempt`, `halve_after_oom`), shared with the engine
     "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "imaging", "checkpoints", "options",
-                              "engine"},
+                              "engine", "detector_weights"},
                              {"numpy", "torch", "click"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads

@@ -315,6 +315,7 @@ def write_random_weights(out_dir, enhancer: str = "gfpgan", seed: int = 14) -> F
     conditioned to find faces."""
     import torch
 
+    from .. import detector_weights
     from ..checkpoints import save_atomically
     from ..nets import parsenet, retinaface
 
@@ -322,10 +323,10 @@ def write_random_weights(out_dir, enhancer: str = "gfpgan", seed: int = 14) -> F
     out_dir.mkdir(parents=True, exist_ok=True)
     restorer, tiny = restorer_of(enhancer)
     nets = build_nets(enhancer)
-    detector_seed = retinaface.TINY_SEED if tiny and seed == 14 else seed
+    detector_seed = detector_weights.TINY_SEED if tiny and seed == 14 else seed
     files = FaceFiles(*(out_dir / name for name in weights_files(enhancer)))
     save_atomically(files.restorer, lambda p: torch.save(restorer.wrap(restorer.random_state_dict(nets.restorer, seed)), p))
-    detector = retinaface.random_state_dict(nets.detector, detector_seed)
+    detector = detector_weights.random_state_dict(nets.detector, detector_seed)
     save_atomically(files.detector, lambda p: torch.save(
         {retinaface.DATAPARALLEL_PREFIX + k: v for k, v in detector.items()}, p))
     save_atomically(files.parser, lambda p: torch.save(parsenet.random_state_dict(nets.parser, seed), p))
