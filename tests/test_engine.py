@@ -12,7 +12,7 @@ from conftest import assert_frames_close, to_uint8
 from sfr_cli.checkpoints import Networks, load_networks, write_random_checkpoints
 from sfr_cli.coeffs import camera_pose_sequence, prepare_semantics
 from sfr_cli.config import CONFIG_DIR, load_config
-from sfr_cli.engine import STAGES, BatchPolicy, Engine, EngineOptions
+from sfr_cli.engine import RENDER_STEPS, BatchPolicy, Engine, EngineOptions
 from sfr_cli.errors import RenderError
 from sfr_cli.nets.geometry import transform_keypoints
 from sfr_cli.nets.generator import SPADEDecoder
@@ -116,7 +116,7 @@ class StageCounter:
     """A stage hook that counts how often each stage runs."""
 
     def __init__(self):
-        self.calls = dict.fromkeys(STAGES, 0)
+        self.calls = dict.fromkeys(RENDER_STEPS, 0)
 
     def __call__(self, name):
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -128,7 +128,7 @@ def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tin
     image, semantics = job
     assert BatchPolicy.for_device(torch.device("cpu")) == BatchPolicy(motion_frames=1, auto_batch=1, launch_ahead=False)
     counter = StageCounter()
-    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=4), stage_hook=counter)
+    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=4), step_hook=counter)
     source = engine.prepare_source(image, semantics.source_window())
     assert len(list(engine.render(source, semantics))) == FRAMES
     assert counter.calls == {"source": 1, "mapping_keypoints": FRAMES, "dense_motion": FRAMES, "decoder": 2,
@@ -292,7 +292,7 @@ def test_cuda_batch_policy_runs_the_whole_batch_at_once(tiny_nets, job):
     image, semantics = job
     assert BatchPolicy.for_device(torch.device("cuda")) == BatchPolicy(motion_frames=None, auto_batch=None, launch_ahead=True)
     counter = StageCounter()
-    engine = Engine(tiny_nets, EngineOptions(device="cuda", batch_size=4), stage_hook=counter)
+    engine = Engine(tiny_nets, EngineOptions(device="cuda", batch_size=4), step_hook=counter)
     source = engine.prepare_source(image, semantics.source_window())
     batched = np.stack(list(engine.render(source, semantics)))
     assert counter.calls == {"source": 1, "mapping_keypoints": 2, "dense_motion": 2, "decoder": 2, "transfer": 2}
