@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sfr_cli import batch as batching
+from sfr_cli import manifest as manifests
 from sfr_cli import media
 
 from conftest import DEMO_COEFFS, SOURCE, run_batch, tiny
@@ -116,6 +116,6 @@ def test_quiet_or_json_dry_runs_show_no_progress(folder, tiny_checkpoints, monke
 
 
 def test_read_manifest_names_the_pattern_in_the_api_too(tmp_path):
-    with pytest.raises(batching.ManifestError, match="matches no file"):
-        batching.rows_from_globs([str(tmp_path / "*.mat")], "face.png")
-    assert [row.values["coeffs"] for row in batching.rows_from_globs(["plain.npy"], "f.png")] == ["plain.npy"]
+    with pytest.raises(manifests.ManifestError, match="matches no file"):
+        manifests.rows_from_globs([str(tmp_path / "*.mat")], "face.png")
+    assert [row.values["coeffs"] for row in manifests.rows_from_globs(["plain.npy"], "f.png")] == ["plain.npy"]

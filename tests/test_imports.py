@@ -88,15 +88,21 @@ RULES = {
     "sfr_cli.download": rule({"__init__", "errors", "outputs", "checkpoints", "config", "stages"}, {"torch"}),  # __version__: its User-Agent
     # The public Python API and `sfr batch`: glue over the library, like jobs and streaming.
     # the one option table (its Click types; the stages' rows, read from the stage registry)
-    "sfr_cli.options": rule({"errors", "modes", "coeffs", "stages"}, {"click"}),
+    # (and, when a value arrives, the checks that live with their data: coeffs' degrees and scale, media's fps)
+    "sfr_cli.options": rule({"errors", "modes", "coeffs", "media", "stages"}, {"click"}),
     "sfr_cli.renderer": rule(LIBRARY | {"jobs", "models", "streaming", "options"}, {"numpy"}),
-    "sfr_cli.batch": rule(LIBRARY | {"jobs", "options", "renderer"}, {"click"}),
+    # `sfr batch` in three rooms: the rows as written (manifest), the plan and its clash index (batch_plan),
+    # the run on a backend and the report (batch)
+    "sfr_cli.manifest": rule({"errors", "options"}),
+    "sfr_cli.batch_plan": rule(LIBRARY | {"jobs", "options", "manifest"}, {"click"}),
+    "sfr_cli.batch": rule(LIBRARY | {"jobs", "options", "renderer", "batch_plan"}),
     # The one dispatcher of the process backends (longest first, retry once, the failed row); the watchdog
     # that ends what a killed driver started (stdlib only: it runs as a small process of its own).
-    "sfr_cli.dispatch": rule({"batch", "jobs", "outputs"}),
+    "sfr_cli.dispatch": rule({"batch_plan", "jobs", "outputs"}),
     "sfr_cli.watchdog": rule({"processes"}),
-    "sfr_cli.workers": rule({"batch", "dispatch", "renderer"}, {"torch"}),  # a backend: worker processes
-    "sfr_cli.cluster": rule({"batch", "dispatch", "watchdog", "jobs", "renderer", "errors", "workers", "options"},
+    "sfr_cli.workers": rule({"batch", "batch_plan", "dispatch", "renderer"}, {"torch"}),  # a backend: worker processes
+    "sfr_cli.cluster": rule({"batch", "batch_plan", "dispatch", "watchdog", "jobs", "renderer", "errors", "workers",
+                             "options"},
                             {"ray", "torch"}),  # Ray actors
 }
 

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from sfr_cli import batch as batching
+from sfr_cli import batch_plan
+from sfr_cli import manifest as manifests
 from sfr_cli import media
 from sfr_cli.cli import sfr
 from sfr_cli.errors import CheckpointError, ConfigError, MediaError
@@ -178,15 +179,15 @@ def test_case9_the_drawn_seed_is_in_the_batch_report_and_the_frames(runner, gold
 
 
 def test_case10_a_row_turns_the_batch_enhancer_off(tmp_path):
-    defaults = batching.BatchDefaults(RenderJob.make(coeffs=Path("."), source=Path("."), enhancer="gfpgan"))
-    off = batching.row_job(batching.ManifestRow(1, {"coeffs": "c.npy", "source": "f.png", "enhancer": "none"}), defaults)
-    kept = batching.row_job(batching.ManifestRow(2, {"coeffs": "c.npy", "source": "f.png"}), defaults)
+    defaults = batch_plan.BatchDefaults(RenderJob.make(coeffs=Path("."), source=Path("."), enhancer="gfpgan"))
+    off = batch_plan.row_job(manifests.ManifestRow(1, {"coeffs": "c.npy", "source": "f.png", "enhancer": "none"}), defaults)
+    kept = batch_plan.row_job(manifests.ManifestRow(2, {"coeffs": "c.npy", "source": "f.png"}), defaults)
     assert off.option("enhancer") is None and kept.option("enhancer") == "gfpgan"
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"coeffs": "c.npy", "source": "f.png", "enhancer": null}\n'
                         '{"coeffs": "c.npy", "source": "f.png", "enhancer": "none"}\n')
-    rows = batching.read_manifest(manifest)
-    assert [batching.row_job(row, defaults).option("enhancer") for row in rows] == ["gfpgan", None]
+    rows = manifests.read_manifest(manifest)
+    assert [batch_plan.row_job(row, defaults).option("enhancer") for row in rows] == ["gfpgan", None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def test_case16_a_packed_rows_line_shows_its_own_seconds():
     progress = BatchProgress(console)
     progress.begin(3, 12)
     for row, (seconds, own) in enumerate(((45.8, 45.8), (91.2, 45.4), (137.8, 46.6)), start=1):
-        progress.settled(batching.RowResult(row, "c.mat", f"c{row}.mp4", "done", frames=4, seconds=seconds,
+        progress.settled(batch_plan.RowResult(row, "c.mat", f"c{row}.mp4", "done", frames=4, seconds=seconds,
                                             render_seconds=own))
     shown = re.findall(r"\(4 frames, ([\d.]+) s\)", console.file.getvalue())
     assert shown == ["45.8", "45.4", "46.6"]

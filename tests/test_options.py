@@ -15,6 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from sfr_cli import batch as batching
+from sfr_cli import batch_plan
+from sfr_cli import manifest as manifests
 from sfr_cli import options
 from sfr_cli.cli import batch, render
 from sfr_cli.errors import ConfigError
@@ -132,24 +134,24 @@ def test_the_manifest_reader_takes_every_column_and_only_those(tmp_path):
     names = [row.name for row in options.column_rows()]
     every = tmp_path / "every.csv"
     every.write_text(",".join(names) + "\n" + ",".join("c.npy" if name == "coeffs" else "" for name in names) + "\n")
-    (row,) = batching.read_manifest(every)
+    (row,) = manifests.read_manifest(every)
     assert row.error == "no source; every row needs coeffs and source"
     unknown = tmp_path / "unknown.csv"
     unknown.write_text("coeffs,source,ouptut\nc.npy,f.png,a.mp4\n")
-    with pytest.raises(batching.ManifestError) as caught:
-        batching.read_manifest(unknown)
+    with pytest.raises(manifests.ManifestError) as caught:
+        manifests.read_manifest(unknown)
     assert str(caught.value).endswith(f"unknown column(s) ouptut; columns are {', '.join(names)}")
     keys = tmp_path / "unknown.jsonl"
     keys.write_text('{"coeffs": "c.npy", "source": "f.png", "ouptut": "a.mp4"}\n')
-    with pytest.raises(batching.ManifestError, match=f"keys are {re.escape(', '.join(names))}$"):
-        batching.read_manifest(keys)
+    with pytest.raises(manifests.ManifestError, match=f"keys are {re.escape(', '.join(names))}$"):
+        manifests.read_manifest(keys)
     required = [row.name for row in options.column_rows() if row.required]
     assert required == ["coeffs", "source"]
     for name in required:
         cells = {"coeffs": "c.npy", "source": "f.png", name: ""}
         lonely = tmp_path / f"no-{name}.jsonl"
         lonely.write_text(json.dumps(cells) + "\n")
-        (row,) = batching.read_manifest(lonely)
+        (row,) = manifests.read_manifest(lonely)
         assert row.error == f"no {name}; every row needs coeffs and source"
 
 
@@ -161,9 +163,9 @@ def test_every_column_is_read_and_paths_are_taken_from_the_manifest(tmp_path):
     manifest = tmp_path / "sub" / "clips.csv"
     manifest.parent.mkdir()
     manifest.write_text(",".join(cells) + "\n" + ",".join(f'"{v}"' for v in cells.values()) + "\n")
-    (row,) = batching.read_manifest(manifest)
+    (row,) = manifests.read_manifest(manifest)
     assert row.error is None
-    job = batching.row_job(row, batching.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
+    job = batch_plan.row_job(row, batch_plan.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
     for column in (row for row in options.CORE_OPTIONS if row.column):
         value = job.option(column.name)
         if column.path:
@@ -174,9 +176,9 @@ def test_every_column_is_read_and_paths_are_taken_from_the_manifest(tmp_path):
 
 
 def test_a_bad_cell_gets_the_options_message(tmp_path):
-    (row,) = [batching.ManifestRow(1, {"coeffs": "c.npy", "source": "f.png", "fps": "0"})]
+    (row,) = [manifests.ManifestRow(1, {"coeffs": "c.npy", "source": "f.png", "fps": "0"})]
     with pytest.raises(Exception) as caught:
-        batching.row_job(row, batching.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
+        batch_plan.row_job(row, batch_plan.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
     assert str(caught.value).startswith("fps: ") and "above 0" in str(caught.value)
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # numpy and media are imported where used: this module is imported for its options by `sfr --help`.
 from ..errors import MediaError
 from ..modes import get_mode
-from ..options import RENDER, CropBox, OptionRow
+from ..options import RENDER, OptionRow, ParsedText
 
 Box = Tuple[int, int, int, int]
 # A crop written by SadTalker from this very picture matches exactly; a JPEG original decoded by
@@ -30,37 +30,6 @@ CROP_MATCH_MAX_MEAN_LEVELS = 2.0
 # (libx264's largest side) at 256 and 512 px; SadTalker's boxes are near square.
 MAX_BOX_ASPECT = 32
 BOX_HINT = "pass the box as --crop-box x1,y1,x2,y2 (SadTalker's ox1,oy1,ox2,oy2 from crop_info)"
-
-
-OPTIONS = (
-    OptionRow("paste_into", ("--paste-into",),
-              "Paste the face back into this original picture, SadTalker's full-mode way (seamless clone); "
-              "frames and MP4 take its size. --source must then be SadTalker's crop of it.",
-              path=True, metavar="PICTURE", column=True, commands=(RENDER,)),
-    OptionRow("crop_box", ("--crop-box",),
-              "The face box in the original picture (SadTalker's ox1,oy1,ox2,oy2). With --paste-into: skip the "
-              "search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.",
-              type=CropBox(), column=True, commands=(RENDER,)),
-)
-
-
-@dataclass(frozen=True)
-class Options:
-    """A job's paste-back options (`job.stages["paste"]`), one field per row of `OPTIONS`."""
-
-    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
-    crop_box: Optional[Box] = None  # x1,y1,x2,y2 in it; None with paste_into: found
-
-
-def input_files(options: Options, job) -> List[Tuple[Path, str]]:
-    """The files paste-back reads, `(path, role)`: the original picture, and SadTalker's crop (`job.source`)
-    when the box is searched for."""
-    if not isinstance(options.paste_into, (str, os.PathLike)):
-        return []
-    files = [(Path(options.paste_into), "--paste-into")]
-    if options.crop_box is None and isinstance(getattr(job, "source", None), (str, os.PathLike)):
-        files.append((Path(job.source), "--source"))
-    return files
 
 
 def format_box(box: Box) -> str:
@@ -84,6 +53,41 @@ def parse_box(text: str) -> Box:
                          "(the frames take its aspect: a 512 px face would be "
                          f"{max(1, int(512 * height / width))} px high)")
     return x1, y1, x2, y2
+
+
+# `x1,y1,x2,y2`: SadTalker's face box in the original picture (ox1,oy1,ox2,oy2), exclusive ends.
+CROP_BOX = ParsedText("X1,Y1,X2,Y2", parse_box)
+
+
+OPTIONS = (
+    OptionRow("paste_into", ("--paste-into",),
+              "Paste the face back into this original picture, SadTalker's full-mode way (seamless clone); "
+              "frames and MP4 take its size. --source must then be SadTalker's crop of it.",
+              path=True, metavar="PICTURE", column=True, commands=(RENDER,)),
+    OptionRow("crop_box", ("--crop-box",),
+              "The face box in the original picture (SadTalker's ox1,oy1,ox2,oy2). With --paste-into: skip the "
+              "search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.",
+              type=CROP_BOX, column=True, commands=(RENDER,)),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """A job's paste-back options (`job.stages["paste"]`), one field per row of `OPTIONS`."""
+
+    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
+    crop_box: Optional[Box] = None  # x1,y1,x2,y2 in it; None with paste_into: found
+
+
+def input_files(options: Options, job) -> List[Tuple[Path, str]]:
+    """The files paste-back reads, `(path, role)`: the original picture, and SadTalker's crop (`job.source`)
+    when the box is searched for."""
+    if not isinstance(options.paste_into, (str, os.PathLike)):
+        return []
+    files = [(Path(options.paste_into), "--paste-into")]
+    if options.crop_box is None and isinstance(getattr(job, "source", None), (str, os.PathLike)):
+        files.append((Path(job.source), "--source"))
+    return files
 
 
 def aspect_size(size_px: int, box: Box) -> Tuple[int, int]:
