@@ -191,6 +191,7 @@ def test_dry_run_accepts_mp4_folders_the_batch_would_create(clips, tiny_checkpoi
 # Rendering
 
 
+@pytest.mark.heavy
 def test_bad_rows_fail_alone_and_good_rows_render_identical_frames(clips, tiny_checkpoints, reference_frames,
                                                                    tmp_path):
     out = tmp_path / "out"
@@ -294,6 +295,7 @@ def test_resume_after_kill_9(clips, tiny_checkpoints, tmp_path):
 # The Python API
 
 
+@pytest.mark.heavy
 def test_renderer_frames_and_render_equal_sfr_render(clips, tiny_checkpoints, reference_frames, tmp_path):
     from sfr_cli import Renderer
 
@@ -362,6 +364,7 @@ def clash_job(tmp_path, clips):
     return tmp_path
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("overwrite", [True, False])
 def test_a_rows_output_that_is_another_rows_input_fails_that_row(clips, tiny_checkpoints, tmp_path, overwrite):
     """Issue 17.1: with --overwrite row 2 destroyed row 1's coefficients; without it, it was "skipped"."""
@@ -424,6 +427,7 @@ def test_the_report_may_name_no_input_and_no_output(clips, tiny_checkpoints, tmp
     assert not (folder / "o" / "a.mp4").exists() and not (folder / "fd").exists()
 
 
+@pytest.mark.heavy
 def test_a_frames_only_row_resumes_after_kill_9(clips, tiny_checkpoints, reference_frames, tmp_path):
     """Issue 17.5: a batch killed mid-row leaves its frames in a temporary folder (and its claim); the
     rerun removes them as a dead run's, renders the row and reports its frames_dir."""
@@ -448,6 +452,7 @@ def test_a_frames_only_row_resumes_after_kill_9(clips, tiny_checkpoints, referen
     np.testing.assert_array_equal(read_frames(out / "0"), reference_frames[0])
 
 
+@pytest.mark.heavy
 def test_two_runs_of_one_manifest_never_render_the_same_clip_at_once(clips, tiny_checkpoints, tmp_path):
     """Issue 17.2: a row another live run is rendering is skipped (its report says by whom); once that run
     is dead its claim is taken over and the row renders."""
@@ -476,6 +481,7 @@ def test_two_runs_of_one_manifest_never_render_the_same_clip_at_once(clips, tiny
     assert sorted(p.name for p in out.iterdir()) == ["0.mp4", "1.mp4"]
 
 
+@pytest.mark.heavy
 def test_a_row_whose_folder_refuses_access_fails_alone(clips, tiny_checkpoints, tmp_path, denied):
     """Issue 17.6: one row's output folder without permission aborted the whole batch with a traceback and
     no report; now that row fails with a clean message, the others render, the report is written."""

@@ -5,6 +5,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from sfr_cli import batch as batching
@@ -26,6 +27,7 @@ def paste_manifest(tmp_path, golden, rows=2):
     return manifest
 
 
+@pytest.mark.heavy
 def test_each_row_is_checked_and_its_crop_box_searched_once(tmp_path, reference_dir, tiny_checkpoints, monkeypatch):
     golden = reference_dir / "golden-paste"
     searches, plans = [], []
@@ -40,6 +42,7 @@ def test_each_row_is_checked_and_its_crop_box_searched_once(tmp_path, reference_
         assert read_png_frames(tmp_path / f"out{row}").shape == (3, 1024, 640, 3)
 
 
+@pytest.mark.heavy
 def test_a_planned_task_pickles_without_pixels_and_renders_as_planned(tmp_path, reference_dir, tiny_checkpoints):
     """What a worker process receives: the planned job, no source pixels, no claims; it renders the frames
     `sfr render` writes."""

@@ -80,6 +80,7 @@ def test_dry_run_says_how_many_rows_it_would_render_and_why_rows_fail(folder, ti
     assert not (folder / "o").exists()
 
 
+@pytest.mark.heavy
 def test_a_long_dry_run_probes_one_wav_once_and_shows_progress(folder, tiny_checkpoints, monkeypatch):
     write_wav(folder / "speech.wav", 0.5)
     rows = 40

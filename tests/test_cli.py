@@ -165,6 +165,7 @@ def test_missing_audio(runner, tmp_path, coeffs_npy, out_dir, tiny_checkpoints, 
     assert_user_error(result, out_dir, "speech.wav", "audio file not found")
 
 
+@pytest.mark.heavy
 def test_output_folder_missing_is_created_as_frames_dir_and_batch_do(runner, tmp_path, coeffs_npy, out_dir,
                                                                       tiny_checkpoints):
     args = render_args(coeffs_npy, out_dir, tiny_checkpoints)
@@ -199,6 +200,7 @@ def test_usage_errors_exit_2(runner, coeffs_npy, out_dir, tiny_checkpoints, no_m
     assert_user_error(result, out_dir, option, exit_code=2)
 
 
+@pytest.mark.heavy
 def test_debug_shows_the_traceback(tmp_path, out_dir, tiny_checkpoints):
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 64), np.float32))
@@ -247,6 +249,7 @@ def test_render_mp4_with_audio_prints_only_the_path(runner, coeffs_npy, out_dir,
     assert result.stderr == ""
 
 
+@pytest.mark.heavy
 def test_frames_dir_alone_writes_pngs_and_no_mp4(runner, tmp_path, coeffs_npy, tiny_checkpoints, monkeypatch):
     from PIL import Image
 
@@ -263,6 +266,7 @@ def test_frames_dir_alone_writes_pngs_and_no_mp4(runner, tmp_path, coeffs_npy, t
         assert image.size == (256, 256) and image.mode == "RGB"
 
 
+@pytest.mark.heavy
 def test_default_output_is_the_coefficient_stem_here(runner, tmp_path, coeffs_npy, tiny_checkpoints, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
@@ -311,6 +315,7 @@ def test_inspect_73_mapping_under_70_config_names_key_and_shapes(runner, tiny_ch
     assert "mapping_00109-model.pth.tar" in result.stderr
 
 
+@pytest.mark.heavy
 def test_inspect_tiny_weights_under_full_size_config(runner, tiny_checkpoints):
     path = tiny_checkpoints / "facevid2vid_00189-model.pth.tar"
     result = runner.invoke(sfr, ["checkpoints", "inspect", str(path)])
@@ -326,6 +331,7 @@ def ffmpeg_processes():
     return [p for p in psutil.Process().children(recursive=True) if "ffmpeg" in p.name()]
 
 
+@pytest.mark.heavy
 def test_interrupt_mid_render_leaves_nothing(runner, tmp_path, coeffs_npy, out_dir, tiny_checkpoints,
                                              monkeypatch):
     from sfr_cli import engine
@@ -377,6 +383,7 @@ def test_sigterm_mid_render_leaves_nothing(tmp_path, out_dir, tiny_checkpoints):
     assert alive == []
 
 
+@pytest.mark.heavy
 def test_writer_failure_mid_render_is_an_error_and_leaves_nothing(runner, coeffs_npy, out_dir, tiny_checkpoints,
                                                                   monkeypatch):
     from sfr_cli import media
@@ -406,6 +413,7 @@ def test_readme_lists_every_render_option():
     assert not missing, f"README.md does not describe {missing}"
 
 
+@pytest.mark.heavy
 def test_bench_json(runner):
     result = runner.invoke(sfr, ["bench", "--config", "tiny", "--frames", "2", "--device", "cpu", "--no-plain",
                                  "--json"])

@@ -18,6 +18,7 @@ def test_an_output_not_named_mp4_is_refused_before_the_model_loads(coeffs_npy, o
     assert_user_error(result, out_dir, f"{out_dir / name}: the video output must be named *.mp4", "--frames-dir")
 
 
+@pytest.mark.heavy
 def test_upper_case_mp4_is_an_mp4(coeffs_npy, out_dir, tiny_checkpoints):
     args = render_args(coeffs_npy, out_dir, tiny_checkpoints)
     args[args.index("-o") + 1] = str(out_dir / "X.MP4")
@@ -38,6 +39,7 @@ def test_a_manifest_row_not_named_mp4_fails_alone(tmp_path, coeffs_npy, tiny_che
     assert "1 to do" in result.stdout
 
 
+@pytest.mark.heavy
 def test_created_output_folders_are_removed_when_the_render_fails(coeffs_npy, out_dir, tiny_checkpoints,
                                                                  monkeypatch):
     from sfr_cli import media

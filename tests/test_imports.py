@@ -244,6 +244,7 @@ def run_fresh_python(code: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.heavy
 def test_renderer_is_importable_from_the_package_without_importing_torch_early():
     code = ("import sys\n"
             "import sfr_cli\n"

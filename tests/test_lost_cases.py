@@ -152,6 +152,7 @@ def test_case8_libx264s_largest_side_is_the_limit(tmp_path):
 # Case 9: a drawn noise seed is reported by sfr batch and by Renderer.frames
 
 
+@pytest.mark.heavy
 def test_case9_the_drawn_seed_is_in_the_batch_report_and_the_frames(runner, golden, tiny_checkpoints,
                                                                    tiny_enhancer_weights, tmp_path):
     from sfr_cli import Renderer
@@ -257,6 +258,7 @@ def test_case12_progress_lines_when_stderr_is_no_terminal(monkeypatch):
     assert console.file.getvalue().count("frames/s") == 1  # the last count only: not a line per batch
 
 
+@pytest.mark.heavy
 def test_case12_sfr_render_prints_progress_lines_in_a_log(runner, golden, tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("SFR_PROGRESS_SECONDS", "0")
     result = runner.invoke(sfr, ["render", "--coeffs", str(golden / "coeffs.mat"), "--source", str(golden / "source.png"),
@@ -277,6 +279,7 @@ def demo_commands():
     return [shlex.split(line.strip().split(">")[0])[1:] for line in recipe.splitlines() if line.strip().startswith("$(BIN)/sfr ")]
 
 
+@pytest.mark.heavy
 def test_case13_make_demo_reruns(runner, tmp_path, monkeypatch):
     commands = demo_commands()
     assert [command[0] for command in commands] == ["checkpoints", "render"]

@@ -130,6 +130,7 @@ def face_picture(reference_dir):
     return torch.from_numpy(iio.imread(reference_dir / "sample_face_640x896.png")[..., :3].copy())
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "box",
     [
@@ -148,6 +149,7 @@ def test_find_box_recovers_the_exact_box(box, face_picture):
     assert match.box == box and match.exact
 
 
+@pytest.mark.heavy
 def test_find_box_reports_a_crop_that_is_not_there(face_picture):
     picture = face_picture
     rng = np.random.default_rng(5)
@@ -156,6 +158,7 @@ def test_find_box_reports_a_crop_that_is_not_there(face_picture):
     assert not match.exact and match.mean_abs_levels > 20
 
 
+@pytest.mark.heavy
 def test_golden_paste_with_the_box_sfr_finds(reference_dir):
     GOLDEN = reference_dir / "golden-paste"
     meta = json.loads((GOLDEN / "meta.json").read_text())

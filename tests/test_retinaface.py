@@ -89,6 +89,7 @@ def test_module_prefix_is_accepted_with_and_without(tiny_net):
 
 
 # ------------------------------------------------------------------------------------- the golden run
+@pytest.mark.heavy
 def test_golden_frames_give_upstreams_faces(full_net, golden):
     """Each golden frame alone: facexlib's faces, in its order, within 0.01 px and 1e-4; the flat one none."""
     frames, wanted, meta = golden
@@ -100,6 +101,7 @@ def test_golden_frames_give_upstreams_faces(full_net, golden):
     assert [len(w) for w in wanted] == [1, 1, 2, 0]
 
 
+@pytest.mark.heavy
 def test_a_batch_detects_what_each_frame_does_alone(full_net, golden):
     frames, wanted, meta = golden
     with one_torch_thread():
