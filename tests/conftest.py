@@ -1,5 +1,6 @@
-"""Shared fixtures: the reference data folder, tiny random weights, the `gpu` marker, and the one rule for
-judging two renders of the same frames that differ only in arithmetic order (``assert_frames_close``)."""
+"""Shared fixtures: the reference data folder, tiny random weights, the `gpu` marker, the one rule for
+judging two renders of the same frames that differ only in arithmetic order (``assert_frames_close``), and
+the CLI's test helpers (``runner``, ``render_args``, ``assert_user_error``, ``run_batch``, ``tiny``)."""
 
 import contextlib
 import os
