@@ -1,5 +1,6 @@
 # sfr: `make demo` renders a short clip with random weights; `make test` runs the whole test suite (what CI
-# runs), `make test-fast` the edit loop's share of it (tiny config only: no test marked `slow`).
+# runs), `make test-fast` the edit loop's share of it: the unit tests and a handful of whole commands, under
+# two minutes on 2 idle cores (no test marked `slow`, full-size models, or `heavy`, seconds each at tiny widths).
 # `make install` includes the `ray` extra, so the tests run `sfr batch --ray local` for real.
 # Every pip call is constrained by constraints.txt (torch==2.13.0), so pip never swaps in another torch
 # version. Which build of it comes is the configured package index's choice (from PyPI on Linux: the CUDA
@@ -31,7 +32,7 @@ test: install
 	$(BIN)/pytest -q
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow and not heavy"
 
 demo: install
 	$(BIN)/sfr checkpoints random $(DEMO_OUT)/checkpoints --config tiny --layout pth --overwrite >/dev/null

@@ -150,6 +150,8 @@ def overhead(work: Path, manifest: Path, clips: int) -> float:
     """(wall of plan + run over warm models - sum of render+encode seconds) / clips, in ms."""
     sys.path.insert(0, str(REPO))
     from sfr_cli import batch as batching
+    from sfr_cli.batch_plan import BatchDefaults, plan_rows
+    from sfr_cli.manifest import read_manifest
     from sfr_cli.jobs import RenderJob
     from sfr_cli.progress import BatchProgress
     from sfr_cli.renderer import Renderer
@@ -162,7 +164,7 @@ def overhead(work: Path, manifest: Path, clips: int) -> float:
     renderer.render(coeffs=work / "c000.npy", source=work / "face0.png", output=work / "warm.mp4")  # load once
     renderer.models.source_seconds = 0.0
     started = time.perf_counter()
-    plan = batching.plan_batch(batching.read_manifest(manifest), batching.BatchDefaults(template, overwrite=True))
+    plan = plan_rows(read_manifest(manifest), BatchDefaults(template, overwrite=True))
     summary = batching.run_batch(plan, batching.InProcessBackend(settings, renderer=renderer),
                                  batching.ReportFile(work / "overhead.report.jsonl"), BatchProgress(quiet=True))
     wall = time.perf_counter() - started

@@ -50,11 +50,11 @@ STEPS = ("detection", "alignment", "gfpgan", "parse_mask", "paste")
 # the nets functions `FaceEnhancer.__call__` / `_restore` look up at call time, by step
 STEP_FUNCTIONS = {
     "detection": [("sfr_cli.nets.retinaface", "detect_faces")],
-    "alignment": [("sfr_cli.nets.face_align", "similarity_lmeds"), ("sfr_cli.nets.face_align", "align_faces")],
+    "alignment": [("sfr_cli.imaging.face_align", "similarity_lmeds"), ("sfr_cli.imaging.face_align", "align_faces")],
     "gfpgan": [("sfr_cli.nets.gfpgan", "restore_faces")],
     "parse_mask": [("sfr_cli.nets.parsenet", "face_masks")],
-    "paste": [("sfr_cli.nets.face_paste", "upsample_background"), ("sfr_cli.nets.face_paste", "paste_inverse_affines"),
-              ("sfr_cli.nets.face_paste", "paste_faces")],
+    "paste": [("sfr_cli.imaging.face_blend", "upsample_background"), ("sfr_cli.imaging.face_blend", "paste_inverse_affines"),
+              ("sfr_cli.imaging.face_blend", "paste_faces")],
 }
 SEED = 14  # the golden-enhance reference weights
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sfr_cli.bench import sync_device
-from sfr_cli.nets import paste
+from sfr_cli.imaging import resize, seamless_clone
 
 CASES = {  # name: (picture width, height, box)
     "300x306 box in 640x1024": (640, 1024, (150, 120, 450, 426)),
@@ -60,9 +60,9 @@ def main(argv=None) -> None:
         frames_np = rng.integers(0, 256, (args.batch, 256, 256, 3), dtype=np.uint8)
         picture = torch.from_numpy(picture_np).to(device)
         frames = torch.from_numpy(frames_np).to(device)
-        patch = paste.resize_linear(paste.resize_to_box_aspect(frames, x2 - x1, y2 - y1), x2 - x1, y2 - y1)
-        blend = _time(lambda: paste.paste_frames(patch, picture, box), device, args.repeats) / args.batch
-        whole = _time(lambda: paste.paste_back(frames, picture, box).cpu(), device, args.repeats) / args.batch
+        patch = resize.resize_linear(resize.resize_to_box_aspect(frames, x2 - x1, y2 - y1), x2 - x1, y2 - y1)
+        blend = _time(lambda: seamless_clone.paste_frames(patch, picture, box), device, args.repeats) / args.batch
+        whole = _time(lambda: seamless_clone.clone_into_picture(frames, picture, box).cpu(), device, args.repeats) / args.batch
         row = {"case": name, "device": str(device), "batch": args.batch, "threads": torch.get_num_threads(),
                "blend_ms_per_frame": round(blend * 1e3, 2), "paste_back_ms_per_frame": round(whole * 1e3, 2)}
         if args.opencv:

@@ -1,6 +1,6 @@
 """Write tests/data/opencv_enhancer_cases.npz: small random cases run through the OpenCV calls of the
 face enhancer's geometry (facexlib's FaceRestoreHelper as GFPGAN drives it), so the tests can check sfr's
-torch versions (sfr_cli/nets/face_align.py, face_paste.py) without OpenCV being a dependency:
+torch versions (sfr_cli/imaging/face_align.py, face_blend.py, resize.py) without OpenCV being a dependency:
 
 - warpAffine (INTER_LINEAR, BORDER_CONSTANT): uint8 3-channel with align_warp_face's grey border, uint8
   1-channel, float64 and float32 masks; matrices shrinking, enlarging, rotating, hanging over the frame's

@@ -28,9 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sfr_cli.bench import job_inputs, load_or_random_networks, sync_device
 from sfr_cli.config import CONFIG_DIR, load_config
-from sfr_cli.engine import Engine, EngineOptions, configure_torch, resolve_device
-
-STAGES = ("mapping_keypoints", "dense_motion", "decoder", "transfer")
+from sfr_cli.engine import RENDER_STEPS, Engine, EngineOptions, configure_torch, resolve_device
 
 
 def stage_flops(engine: Engine, source, windows: np.ndarray) -> dict:
@@ -45,10 +43,10 @@ def stage_flops(engine: Engine, source, windows: np.ndarray) -> dict:
             yield
         counters[name] = counters.get(name, 0) + counter.get_total_flops()
 
-    engine.stage_hook = count
+    engine.step_hook = count
     engine.render_batch(source, windows)
-    engine.stage_hook = None
-    for name in STAGES:
+    engine.step_hook = None
+    for name in RENDER_STEPS:
         flops[name] = counters.get(name, 0) / len(windows)
     return flops
 
@@ -82,29 +80,29 @@ def main() -> None:
         engine.render_batch(source, windows)
     sync_device(device)
 
-    engine.stage_hook = record_function
+    engine.step_hook = record_function
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.batches):
             engine.render_batch(source, windows)
         sync_device(device)
-    engine.stage_hook = None
+    engine.step_hook = None
     frames = args.batches * args.batch_size
 
     events = prof.key_averages()
     stage_us = {}
     for event in events:
-        if event.key in STAGES:
+        if event.key in RENDER_STEPS:
             stage_us[event.key] = event.device_time_total if device.type == "cuda" else event.cpu_time_total
     kernels = sorted((e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
-                      and e.key not in STAGES), key=lambda e: -e.self_device_time_total)
+                      and e.key not in RENDER_STEPS), key=lambda e: -e.self_device_time_total)
     total_kernel_us = max(sum(e.self_device_time_total for e in kernels), 1e-9)
 
     print(f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {args.precision}, "
           f"batch {args.batch_size}, {args.size}px, {frames} frames profiled")
     print(f"{'stage':18} {'GFLOP/frame':>12} {'us/frame':>10} {'TFLOP/s':>8} {'% peak':>7}")
     report = {"precision": args.precision, "batch_size": args.batch_size, "size_px": args.size, "stages": {}}
-    for name in STAGES:
+    for name in RENDER_STEPS:
         us = stage_us.get(name, 0.0) / frames
         tflops = flops[name] / (us * 1e-6) / 1e12 if us else 0.0
         share = 100 * tflops / args.peak_tflops if args.peak_tflops else float("nan")

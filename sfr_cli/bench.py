@@ -32,7 +32,7 @@ import torch
 from .checkpoints import Networks, build_networks, find_checkpoints, load_networks, random_state_dict
 from .coeffs import prepare_semantics
 from .config import ModelConfig
-from .engine import STAGES, Engine, EngineOptions, configure_torch, peak_rss_mib, resolve_device
+from .engine import RENDER_STEPS, Engine, EngineOptions, configure_torch, peak_rss_mib, resolve_device
 from .modes import CROP_COEFFS, mode_for_coeff_count
 from .nets.geometry import transform_keypoints
 from .nets.inference import detached_copy
@@ -111,12 +111,12 @@ def _peak_cuda_mib(device: torch.device) -> float:
 
 
 class StageTimer:
-    """An engine stage hook (``Engine.stage_hook``) that adds up each stage's wall time. It synchronises
+    """An engine step hook (``Engine.step_hook``) that adds up each step's wall time. It synchronises
     the device around every stage, so it is used on a separate pass, never on the one timed whole."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.ms: Dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.ms: Dict[str, float] = dict.fromkeys(RENDER_STEPS, 0.0)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -156,9 +156,9 @@ class PlainLoop:
             detached_copy(m).to(device).eval() for m in (nets.kp_detector, nets.generator, nets.mapping))
 
     @torch.inference_mode()
-    def render(self, image: np.ndarray, semantics, stage_hook=None, frame_limit: Optional[int] = None) -> list:
+    def render(self, image: np.ndarray, semantics, step_hook=None, frame_limit: Optional[int] = None) -> list:
         """Every frame of ``semantics`` (or its first ``frame_limit``), ``(S, S, 3) uint8``, in order."""
-        hook = stage_hook or (lambda name: contextlib.nullcontext())
+        hook = step_hook or (lambda name: contextlib.nullcontext())
         frames, rows = min(semantics.frame_count, frame_limit or semantics.frame_count), self.rows
         steps = -(-frames // rows)
         src = torch.from_numpy(image)[None].to(self.device).repeat(rows, 1, 1, 1)
@@ -204,11 +204,11 @@ def run_plain(nets: Networks, device: torch.device, image: np.ndarray, semantics
         frames_out = loop.render(image, semantics)
         seconds = time.perf_counter() - t_render
         timer = StageTimer(device)
-        loop.render(image, semantics, stage_hook=timer)
+        loop.render(image, semantics, step_hook=timer)
     n = semantics.frame_count
     return {"name": "plain", "precision": "fp32", "batch_size": rows, "frames": n, "seconds": seconds,
             "frames_per_second": n / seconds, "startup_seconds": startup,
-            "stage_ms_per_frame": {k: timer.ms[k] / n for k in STAGES},
+            "stage_ms_per_frame": {k: timer.ms[k] / n for k in RENDER_STEPS},
             "peak_rss_mib": rss.peak_mib, "peak_cuda_mib": _peak_cuda_mib(device), "_frames": frames_out}
 
 
@@ -264,12 +264,12 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
             pass
         render_seconds = time.perf_counter() - t_render
         timer = StageTimer(engine.device)
-        engine.stage_hook = timer
+        engine.step_hook = timer
         for _ in frames(engine, source):
             pass
-        engine.stage_hook = None
+        engine.step_hook = None
     n = semantics.frame_count
-    stage_ms = {k: timer.ms[k] / n for k in STAGES}
+    stage_ms = {k: timer.ms[k] / n for k in RENDER_STEPS}
     stage_ms["transfer"] += encode_seconds * 1000 / n
     return {"name": "sfr", "precision": engine.precision, "batch_size": max(engine.stats.batch_sizes or [0]),
             "frames": n, "seconds": seconds, "frames_per_second": n / seconds, "startup_seconds": startup,

@@ -19,7 +19,8 @@ import click
 from . import __version__, options
 from .errors import CheckpointError, SfrError
 from .modes import DEFAULT_MODE
-from .options import CONFIG_HELP, DEVICE_HELP, OVERWRITE_HELP, BatchSize, Shard
+from .manifest import parse_shard
+from .options import CONFIG_HELP, DEVICE_HELP, OVERWRITE_HELP, BatchSize, ParsedText
 from .stages.restorers import ALIASES, ENHANCERS
 
 EXIT_ERROR = 1
@@ -130,7 +131,7 @@ def _batch_help() -> str:
 @click.option("--workers", type=click.IntRange(min=1),
               help="Worker processes, each loading the models once [default: one per visible GPU, else 1].")
 @click.option("--devices", help="GPUs for the workers, e.g. cuda:0,cuda:2 [default: every visible GPU].")
-@click.option("--shard", type=Shard(), help="Render only shard K of N (rows K, K+N, ...): 1/4, 2/4, ...")
+@click.option("--shard", type=ParsedText("K/N", parse_shard), help="Render only shard K of N (rows K, K+N, ...): 1/4, 2/4, ...")
 @click.option("--ray", "ray_address", metavar="local|auto|ADDRESS",
               help="Run rows on Ray actors: local (start a local instance), auto or ADDRESS (join a cluster).")
 @click.option("--dry-run", is_flag=True, help="Check every row and say what would run; render nothing.")
@@ -143,12 +144,14 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
     import json
 
     from . import batch as batching
+    from .manifest import MANIFEST_SUFFIXES, ManifestError, read_manifest, rows_from_globs, select_shard
+    from .batch_plan import FAILED, TODO, BatchDefaults, check_report, plan_rows
     from .jobs import RenderJob
     from .progress import BatchProgress
 
     manifest = None
     if coeffs_globs:
-        manifests = [str(p) for p in manifest_or_coeffs if p.suffix.lower() in batching.MANIFEST_SUFFIXES]
+        manifests = [str(p) for p in manifest_or_coeffs if p.suffix.lower() in MANIFEST_SUFFIXES]
         if manifests:
             raise click.UsageError(f"{manifests[0]}: a manifest, given with --coeffs; give either MANIFEST or "
                                    "--coeffs GLOB --source FACE, not both")
@@ -156,8 +159,8 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
         if not source:
             raise click.UsageError("--coeffs needs --source FACE (the face of every clip)")
         try:
-            rows = batching.rows_from_globs(patterns, source)
-        except batching.ManifestError as exc:
+            rows = rows_from_globs(patterns, source)
+        except ManifestError as exc:
             raise click.UsageError(str(exc)) from None
         prefix = "row"  # as in a manifest: row N is the N-th file matched
     else:
@@ -167,22 +170,22 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
         if not manifest.is_file():
             raise click.UsageError(f"{manifest}: no such manifest file")
         try:
-            rows = batching.read_manifest(manifest, default_source=source)
-        except batching.ManifestError as exc:
+            rows = read_manifest(manifest, default_source=source)
+        except ManifestError as exc:
             raise click.UsageError(str(exc)) from None
         prefix = "row"
     template = RenderJob.make(coeffs=Path("."), source=Path("."), **given)  # every row's defaults
-    defaults = batching.BatchDefaults(template, output_dir=output_dir, overwrite=template.overwrite)
-    rows = batching.select_shard(rows, shard)
+    defaults = BatchDefaults(template, output_dir=output_dir, overwrite=template.overwrite)
+    rows = select_shard(rows, shard)
     checking = _CheckProgress(quiet=quiet or as_json)
-    plan = batching.plan_batch(rows, defaults, prefix=prefix, dry_run=dry_run, on_checked=checking)
+    plan = plan_rows(rows, defaults, prefix=prefix, dry_run=dry_run, on_checked=checking)
     checking.end(len(rows))
     progress = BatchProgress(quiet=quiet or as_json)
     if dry_run:
         summary = batching.dry_run_summary(plan)
     else:
         report_file = report_path or batching.default_report_path(manifest, output_dir)
-        batching.check_report(report_file, plan, manifest)
+        check_report(report_file, plan, manifest)
         report = batching.ReportFile(report_file)
         settings = batching.renderer_settings(template)
         debug = bool(ctx.meta.get(DEBUG_KEY))
@@ -196,9 +199,9 @@ def batch(ctx: click.Context, manifest_or_coeffs, coeffs_globs, source, output_d
     elif dry_run:
         counts = summary.counts
         for row in sorted(summary.rows, key=lambda r: r.row):
-            if row.status == batching.FAILED:
+            if row.status == FAILED:
                 click.echo(f"Error: {row.error}", err=True)
-        click.echo(f"dry run: {counts.get(batching.TODO, 0)} to do, {counts['skipped']} skipped, "
+        click.echo(f"dry run: {counts.get(TODO, 0)} to do, {counts['skipped']} skipped, "
                    f"{counts['failed']} failed of {len(summary.rows)} rows; nothing rendered", err=quiet)
     else:
         counts = summary.counts
@@ -262,7 +265,7 @@ def _batch_backend(settings, workers, devices, ray_address, debug: bool):
                    "a video's sound is kept (copied when it is AAC).")
 @click.option("--frames-dir", type=click.Path(path_type=Path),
               help="Also (or, without -o, only) write frames as DIR/000000.png, 000001.png, ...")
-@click.option("--fps", type=options.CheckedFloat(".media:check_fps"),
+@click.option("--fps", type=options.CheckedFloat(options.check_fps),
               help="Frames per second of the MP4 [default: the video's own; 25 for a folder].")
 @click.option("--enhancer", type=options.ChoiceOrNone(ENHANCERS, ALIASES), default="gfpgan", show_default=True,
               help="The face enhancer: SadTalker's GFPGAN v1.4, or RestoreFormer (-tiny: the same nets at test "

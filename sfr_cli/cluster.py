@@ -22,7 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .batch import RowResult, Task, run_task
+from .batch import run_task
+from .batch_plan import RowResult, Task
 from .dispatch import DIED, DONE, READY, Event, dispatch
 from .errors import SfrError
 from .jobs import output_paths

@@ -4,7 +4,7 @@ Ray actors in `cluster.py`).
 The dispatcher owns the rules; a pool owns the processes. A pool starts workers, hands one a task, and
 blocks until something happens (`Event`s: a worker is ready, finished a task, or died), waiting on process
 sentinels and pipes (`multiprocessing.connection.wait`) or object references (`ray.wait`), never polling.
-The rules: tasks go longest first (the order `batch.plan_batch` gives), an idle worker gets the longest
+The rules: tasks go longest first (the order `batch_plan.plan_rows` gives), an idle worker gets the longest
 task left; a worker that dies holding a task has it put back, once, for another worker (a fresh worker
 takes the dead one's place) and the user is told on stderr; a second death fails the row alone and the
 batch goes on. Workers that die before taking any task (they could not start) fail the remaining rows
@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Hashable, List, Optional, Protocol
 
-from .batch import FAILED, RowResult, Task
+from .batch_plan import FAILED, RowResult, Task
 from .jobs import output_paths
 from .outputs import remove_leftovers, resolved
 

@@ -28,11 +28,12 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 BF16_MIN_CAPABILITY = 8  # CUDA compute capability major version with native bf16 (Ampere and later)
 CUDA_MAX_AUTO_BATCH = 64
 CUDA_MEMORY_HEADROOM = 0.8  # share of free memory an automatic batch may plan to use
-SOURCE_STAGE = "source"  # what a stage hook sees around prepare_source
-STAGES = ("mapping_keypoints", "dense_motion", "decoder", "transfer")  # ... and around each batch's stages
+# The engine's steps, as a step hook sees them (not the frame stages after the engine, `stages/`):
+SOURCE_STEP = "source"  # around prepare_source
+RENDER_STEPS = ("mapping_keypoints", "dense_motion", "decoder", "transfer")  # around each batch's steps
 COMPILE_SCOPES = ("none", "decoder", "all")
 
-StageHook = Callable[[str], ContextManager]
+StepHook = Callable[[str], ContextManager]
 
 
 def configure_torch(device: torch.device) -> None:
@@ -261,10 +262,10 @@ class Engine:
     """
 
     def __init__(self, nets: Networks, options: EngineOptions = EngineOptions(),
-                 stage_hook: Optional[StageHook] = None):
-        """``nets`` are read, never changed. ``stage_hook(name)``, when given, returns a context manager
-        entered around each stage of every batch (names in ``STAGES``) and around the source work
-        (``SOURCE_STAGE``); a benchmark times stages or a
+                 step_hook: Optional[StepHook] = None):
+        """``nets`` are read, never changed. ``step_hook(name)``, when given, returns a context manager
+        entered around each step of every batch (names in ``RENDER_STEPS``) and around the source work
+        (``SOURCE_STEP``); a benchmark times steps or a
         profiler marks them through it. It may be set or cleared between renders."""
         if options.batch_size is not None and options.batch_size < 1:
             raise RenderError(f"batch size must be at least 1, not {options.batch_size}")
@@ -302,7 +303,7 @@ class Engine:
         self._frame_bytes = 0  # CUDA: one frame's peak memory, measured once (the automatic batch's unit)
         self._oom_cap = 0  # the largest batch known to fit after an out-of-memory back-off (0: none yet)
         self.stats = EngineStats()
-        self.stage_hook = stage_hook
+        self.step_hook = step_hook
 
     def _motion(self, dense, feature_3d, kp_driving):
         compiled = self._motion_compiled if self._compiled else None
@@ -320,8 +321,8 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _stage(self, name: str) -> ContextManager:
-        return contextlib.nullcontext() if self.stage_hook is None else self.stage_hook(name)
+    def _step(self, name: str) -> ContextManager:
+        return contextlib.nullcontext() if self.step_hook is None else self.step_hook(name)
 
     @torch.inference_mode()
     def prepare_source(self, image: np.ndarray, source_window: np.ndarray) -> SourceState:
@@ -329,7 +330,7 @@ class Engine:
         if source_window.shape[0] != self.coeff_count:
             raise RenderError(f"source coefficients have {source_window.shape[0]} columns but the mapping net "
                               f"takes {self.coeff_count}")
-        with self._stage(SOURCE_STAGE):
+        with self._step(SOURCE_STEP):
             img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(self.device)
             window = torch.from_numpy(np.ascontiguousarray(source_window, dtype=np.float32))[None].to(self.device)
             kp_canonical = self.kp_detector(img).float()
@@ -359,16 +360,16 @@ class Engine:
         warped = []
         for start in range(0, w.shape[0], step):
             pick = slice(start, start + step)
-            with self._stage("mapping_keypoints"):
+            with self._step("mapping_keypoints"):
                 pose = self.mapping(w[pick])
                 kp_driving = transform_keypoints(
                     source.kp_canonical.expand(pose["t"].shape[0], -1, -1), pose,
                     **{name: None if a is None else a[pick] for name, a in angles.items()})
-            with self._stage("dense_motion"):
+            with self._step("dense_motion"):
                 warped.append(self._motion(source.dense, source.feature_3d, kp_driving))
-        with self._stage("decoder"):
+        with self._step("decoder"):
             image = self._decode(torch.cat(warped) if len(warped) > 1 else warped[0])
-        with self._stage("transfer"):
+        with self._step("transfer"):
             return self._to_uint8(image[:b])
 
     def render_batch(self, source: SourceState, windows: np.ndarray, yaw=None, pitch=None, roll=None) -> np.ndarray:
@@ -417,7 +418,7 @@ class Engine:
         short clips fill a GPU's batch, and the GPU is not drained between clips.
 
         The batch size is this render's: the engine's, or with ``auto`` on CUDA planned from the free
-        memory now for these frames (``plan_batch``). On CUDA each batch is yielded only once the next
+        memory now for these frames (``batch_size_for``). On CUDA each batch is yielded only once the next
         one is launched (``BatchPolicy.launch_ahead``), so the GPU renders ahead while the caller runs the
         frame stages and encodes. A CUDA out-of-memory error halves the batch and retries the same frames
         (down to 1, then a RenderError; later renders start from what fitted); every other error
@@ -428,7 +429,7 @@ class Engine:
         stream = _ClipStream(clips)
         if not stream.total:
             return
-        batch = self.plan_batch(source, clips[stream.clip_at(0)].semantics, stream.total)
+        batch = self.batch_size_for(source, clips[stream.clip_at(0)].semantics, stream.total)
         planned = batch
         start = 0
         pending: Optional[DeviceFrames] = None
@@ -460,7 +461,7 @@ class Engine:
         event.record()
         return event
 
-    def plan_batch(self, source: SourceState, semantics, frame_count: int) -> int:
+    def batch_size_for(self, source: SourceState, semantics, frame_count: int) -> int:
         """This render's batch size for ``frame_count`` frames: the engine's fixed size (capped by an
         earlier out-of-memory back-off), or on CUDA with ``auto`` as many frames as fit in the free memory
         now, at most ``CUDA_MAX_AUTO_BATCH`` and ``frame_count``. One frame's memory is measured once per

@@ -50,64 +50,67 @@ class BatchSize(click.ParamType):
 
 
 class CheckedFloat(click.ParamType):
-    """A number that a library check accepts (the check owns the limits; this turns its error into a usage
-    error naming the option, exit 2). `check` is "module:function", imported when a value arrives so
-    that `sfr --help` stays light."""
+    """A number that a library check accepts (`check(number)` returns it or raises SfrError: the check owns
+    the limits; this turns its error into a usage error naming the option, exit 2)."""
 
     name = "FLOAT"
 
-    def __init__(self, check: str):
+    def __init__(self, check: Callable[[float], float]):
         self.check = check
 
     def convert(self, value, param, ctx):
-        import importlib
-
         try:
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
-        module, _, function = self.check.partition(":")
         try:
-            return getattr(importlib.import_module(module, __package__), function)(number)
+            return self.check(number)
         except SfrError as exc:
             self.fail(str(exc), param, ctx)
 
 
 class ParsedText(click.ParamType):
-    """Text that a library parser turns into a tuple (`parser` is "module:function", imported when a value
-    arrives so that `sfr --help` stays light); the parser's ValueError becomes a usage error naming the
-    option. A tuple (a value parsed before) passes through unchanged."""
+    """Text that a library parser (`parse(text)`, raising ValueError) turns into a tuple; the ValueError
+    becomes a usage error naming the option. A tuple (a value parsed before) passes through unchanged."""
 
-    def __init__(self, name: str, parser: str):
+    def __init__(self, name: str, parse: Callable[[str], Any]):
         self.name = name
-        self.parser = parser
+        self.parse = parse
 
     def convert(self, value, param, ctx):
-        import importlib
-
         if isinstance(value, tuple):
             return value
-        module, _, function = self.parser.partition(":")
-        parse = getattr(importlib.import_module(module, __package__), function)
         try:
-            return tuple(parse(str(value)))
+            return tuple(self.parse(str(value)))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-def Degrees() -> ParsedText:  # noqa: N802 (used like the other Click types)
-    """A comma-separated list of degrees like `0,20,-10`, each finite and within one turn."""
-    return ParsedText("DEG[,DEG...]", ".coeffs:parse_degrees")
+# The checks below live with their data (coefficients, media); each imports its module when a value
+# arrives, so that `sfr --help` (which reads this table) imports neither numpy's users nor imageio.
+def check_fps(fps: float) -> float:
+    """`media.check_fps`: MIN_FPS <= fps <= MAX_FPS."""
+    from .media import check_fps as check
+
+    return check(fps)
 
 
-def CropBox() -> ParsedText:  # noqa: N802
-    """`x1,y1,x2,y2`: SadTalker's face box in the original picture (ox1,oy1,ox2,oy2), exclusive ends."""
-    return ParsedText("X1,Y1,X2,Y2", ".stages.paste:parse_box")
+def check_expression_scale(scale: float) -> float:
+    """`coeffs.check_expression_scale`."""
+    from .coeffs import check_expression_scale as check
+
+    return check(scale)
 
 
-def Shard() -> ParsedText:  # noqa: N802
-    """`K/N`: the K-th of N shards."""
-    return ParsedText("K/N", ".batch:parse_shard")
+def parse_degrees(text: str):
+    """`coeffs.parse_degrees`: `"0,20,-10"` -> [0.0, 20.0, -10.0], each finite and within the camera's limits."""
+    from .coeffs import parse_degrees as parse
+
+    return parse(text)
+
+
+# A comma-separated list of degrees like `0,20,-10` (yaw, pitch, roll).
+DEGREE_LIST = ParsedText("DEG[,DEG...]", parse_degrees)
 
 
 class IntChoice(click.Choice):
@@ -277,7 +280,7 @@ CORE_OPTIONS: Tuple[OptionRow, ...] = (
     OptionRow("audio", ("--audio",), "Audio to mux into the MP4 (cut to the video).",
               path=True, column=True, commands=(RENDER,)),
     OptionRow("fps", ("--fps",), "Frames per second of the MP4 (0.01 to 1000).",
-              type=CheckedFloat(".media:check_fps"), default=25.0, column=True,
+              type=CheckedFloat(check_fps), default=25.0, column=True,
               batch_help="Default frames per second."),
     OptionRow("checkpoint_dir", ("--checkpoint-dir",),
               "SadTalker's checkpoints folder [default: $SFR_CHECKPOINT_DIR or ./checkpoints].",
@@ -299,13 +302,13 @@ CORE_OPTIONS: Tuple[OptionRow, ...] = (
               type=click.BOOL, default=False, column=True, batch_help="Default for rows without still."),
     OptionRow("expression_scale", ("--expression-scale",),
               "Multiply the 64 expression coefficients (finite, within ±1000).",
-              type=CheckedFloat(".coeffs:check_expression_scale"), default=1.0, column=True,
+              type=CheckedFloat(check_expression_scale), default=1.0, column=True,
               batch_help="Default expression scale."),
     OptionRow("yaw", ("--yaw",), "Camera yaw in degrees (each within ±360), swept over the clip: 0,20,-10.",
-              type=Degrees(), column=True, batch_help="Default camera yaw sweep, as sfr render's."),
-    OptionRow("pitch", ("--pitch",), "Camera pitch in degrees, as --yaw.", type=Degrees(), column=True,
+              type=DEGREE_LIST, column=True, batch_help="Default camera yaw sweep, as sfr render's."),
+    OptionRow("pitch", ("--pitch",), "Camera pitch in degrees, as --yaw.", type=DEGREE_LIST, column=True,
               batch_help="Default camera pitch sweep."),
-    OptionRow("roll", ("--roll",), "Camera roll in degrees, as --yaw.", type=Degrees(), column=True,
+    OptionRow("roll", ("--roll",), "Camera roll in degrees, as --yaw.", type=DEGREE_LIST, column=True,
               batch_help="Default camera roll sweep."),
     OptionRow("batch_size", ("--batch-size",), "Frames per batch; auto picks from free memory.",
               type=BatchSize(), default="auto", scope=SHARED, batch_help="Frames per batch."),

@@ -11,7 +11,7 @@ pre_pad=0)`. Per frame, what RealESRGANer.enhance does (and `TileUpsampler` does
    every side, clamped to the padded frame; each padded tile runs through the net alone;
 4. each tile's output cropped back to its own 800 x 800 (2x) box and placed; the mod pad cropped off;
 5. clamped to [0, 1], `* 255`, rounded half to even, uint8; for `outscale=1` that 2x picture is resized to
-   the input's size with OpenCV's Lanczos-4 (`nets.face_paste.resize_lanczos4`, exact).
+   the input's size with OpenCV's Lanczos-4 (`imaging.resize.resize_lanczos4`, exact).
 
 A tile's output depends only on its padded input. Exact reuse: per grid position the last padded input
 and its uint8 output are kept (one tile per position, so memory is bounded by the frame size, not the
@@ -211,7 +211,7 @@ class TileUpsampler:
                                                 results[(tile.grid_xy, last)])
         out = out[:, :, : height * self.scale, : width * self.scale]
         if self.out_scale != self.scale:
-            from .nets.face_paste import resize_lanczos4
+            from .imaging.resize import resize_lanczos4
 
             out = resize_lanczos4(out, int(height * self.out_scale), int(width * self.out_scale))
         return out.permute(0, 2, 3, 1)

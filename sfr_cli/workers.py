@@ -26,7 +26,8 @@ import time
 from multiprocessing.connection import wait
 from typing import Callable, Dict, List, Optional
 
-from .batch import RowResult, Task, run_task
+from .batch import run_task
+from .batch_plan import RowResult, Task
 from .dispatch import DIED, DONE, READY, Event, describe_exit, dispatch
 
 JOIN_SECONDS = 10.0

@@ -1,5 +1,6 @@
-"""Shared fixtures: the reference data folder, tiny random weights, the `gpu` marker, and the one rule for
-judging two renders of the same frames that differ only in arithmetic order (``assert_frames_close``)."""
+"""Shared fixtures: the reference data folder, tiny random weights, the `gpu` marker, the one rule for
+judging two renders of the same frames that differ only in arithmetic order (``assert_frames_close``), and
+the CLI's test helpers (``runner``, ``render_args``, ``assert_user_error``, ``run_batch``, ``tiny``)."""
 
 import contextlib
 import os
@@ -14,6 +15,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 REFERENCE_SKIP = "needs ../shared/reference (CI has it; a user's clone does not)"
+SOURCE = Path(__file__).resolve().parents[1] / "demo" / "source.png"
+DEMO_COEFFS = Path(__file__).resolve().parents[1] / "demo" / "coeffs.npy"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,6 +38,81 @@ def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.skip(REFERENCE_SKIP)
     return REFERENCE_DIR
+
+
+@pytest.fixture
+def runner():
+    """Click's test runner for `sfr` commands (`runner.invoke(sfr, [...])`)."""
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture
+def coeffs_npy(tmp_path) -> Path:
+    """clip.npy: the demo's first 4 frames of coefficients."""
+    path = tmp_path / "clip.npy"
+    np.save(path, np.load(DEMO_COEFFS)[:4])
+    return path
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    """An empty output folder, which a failed command must leave empty."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the networks load: these errors must be found before."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("load_networks was called before the error was reported")
+
+    from sfr_cli import checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_networks", fail)
+
+
+def render_args(coeffs, out_dir, checkpoint_dir, *extra):
+    """`sfr render` of the demo face to out_dir/clip.mp4 at tiny widths, 2 frames per batch."""
+    return ["render", "--coeffs", str(coeffs), "--source", str(SOURCE), "-o", str(out_dir / "clip.mp4"),
+            "--checkpoint-dir", str(checkpoint_dir), "--config", "tiny", "--batch-size", "2", *extra]
+
+
+def assert_user_error(result, out_dir, *needles, exit_code=1):
+    """Exit code, one `Error:` line naming the problem, no traceback, empty stdout, nothing written."""
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, AssertionError), result.exception
+    assert result.stdout == ""
+    if exit_code == 1:
+        assert result.stderr.count("Error:") == 1, result.stderr
+        assert [line for line in result.stderr.splitlines() if line.startswith("Error: ")], result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    if out_dir is not None:
+        assert sorted(p.name for p in out_dir.iterdir()) == []
+
+
+def tiny(checkpoints) -> list:
+    """`sfr render`/`sfr batch` options for the tiny random weights in `checkpoints`, on the CPU."""
+    return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
+
+
+def run_batch(*args, env=None):
+    """`sfr batch ARGS...` in-process; a user error may exit non-zero, but nothing raises past Click and no
+    traceback is printed."""
+    from click.testing import CliRunner
+
+    from sfr_cli.cli import sfr
+
+    result = CliRunner().invoke(sfr, ["batch", *map(str, args)], env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output, result.output
+    return result
 
 
 @pytest.fixture(scope="session")

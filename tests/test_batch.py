@@ -16,8 +16,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sfr_cli import batch as batching
+from sfr_cli import batch_plan
+from sfr_cli import manifest as manifests
 from sfr_cli.cli import sfr
+from sfr_cli.errors import SfrError
+from sfr_cli.jobs import RenderJob
 
+from conftest import run_batch, tiny
 from held_ffmpeg import held_ffmpeg_env, wait_until_held
 
 FRAMES = 3  # per clip: enough to be a clip, few enough to stay fast on a busy 2-core machine
@@ -65,17 +70,6 @@ def read_frames(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
 
 
-def run_batch(*args, env=None):
-    result = CliRunner().invoke(sfr, ["batch", *map(str, args)], env=env)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    return result
-
-
-def tiny(checkpoints):
-    return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
-
-
 @pytest.fixture(scope="module")
 def reference_frames(clips, tiny_checkpoints):
     """Each clip rendered by `sfr render --frames-dir`, one process-like call per clip: the frames every
@@ -105,14 +99,14 @@ def test_csv_manifest_quoting_relative_paths_and_bad_rows(tmp_path):
                         '"b c.npy",/abs/face.png,,,\n'
                         'd.npy,face.png,0,20,too,many\n'
                         'e.npy,,,,\n')
-    rows = batching.read_manifest(manifest)
+    rows = manifests.read_manifest(manifest)
     assert [row.number for row in rows] == [1, 2, 3, 4]
     first = rows[0]
     assert first.error is None
     assert first.values["coeffs"] == str(manifest.parent / "a.mat")
     assert first.values["output"] == str(manifest.parent / "out" / "a.mp4")
     assert first.values["yaw"] == "0,20,-10"
-    job = batching.row_job(first, batching.BatchDefaults(batching.RenderJob(coeffs=Path("."), source=Path("."))))
+    job = batch_plan.row_job(first, batch_plan.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
     assert job.yaw == (0.0, 20.0, -10.0) and job.fps == 30.0
     assert rows[1].values["coeffs"] == str(manifest.parent / "b c.npy")
     assert rows[1].values["source"] == "/abs/face.png"
@@ -126,10 +120,10 @@ def test_jsonl_manifest_lists_strings_and_bad_lines(tmp_path):
                         '{"coeffs": "b.npy", "source": "f.png", "pitch": "5,-5", "expression_scale": 1.5}\n'
                         'not json\n'
                         '["a list"]\n')
-    rows = batching.read_manifest(manifest)
-    defaults = batching.BatchDefaults(batching.RenderJob(coeffs=Path("."), source=Path(".")),
+    rows = manifests.read_manifest(manifest)
+    defaults = batch_plan.BatchDefaults(RenderJob(coeffs=Path("."), source=Path(".")),
                                       output_dir=tmp_path / "o")
-    first, second = (batching.row_job(row, defaults) for row in rows[:2])
+    first, second = (batch_plan.row_job(row, defaults) for row in rows[:2])
     assert first.yaw == (0.0, 20.0) and first.still is True
     assert first.output == tmp_path / "o" / "a.mp4"  # <output-dir>/<coeffs stem>.mp4
     assert second.pitch == (5.0, -5.0) and second.expression_scale == 1.5
@@ -139,16 +133,16 @@ def test_jsonl_manifest_lists_strings_and_bad_lines(tmp_path):
 
 def test_a_rows_missing_source_comes_from_the_command_line(tmp_path):
     manifest = write_csv(tmp_path / "m.csv", ["a.npy", "b.npy"], header="coeffs")
-    rows = batching.read_manifest(manifest, default_source="face.png")
+    rows = manifests.read_manifest(manifest, default_source="face.png")
     assert [row.values["source"] for row in rows] == ["face.png", "face.png"]  # as given, not re-based
     assert all(row.error is None for row in rows)
-    assert "needs coeffs and source" in batching.read_manifest(manifest)[0].error
+    assert "needs coeffs and source" in manifests.read_manifest(manifest)[0].error
 
 
 def test_a_bad_option_value_gets_sfr_renders_message(tmp_path):
-    row = batching.ManifestRow(1, {"coeffs": "a.npy", "source": "f.png", "fps": "0"})
-    with pytest.raises(batching.SfrError, match="fps"):
-        batching.row_job(row, batching.BatchDefaults(batching.RenderJob(coeffs=Path("."), source=Path("."))))
+    row = manifests.ManifestRow(1, {"coeffs": "a.npy", "source": "f.png", "fps": "0"})
+    with pytest.raises(SfrError, match="fps"):
+        batch_plan.row_job(row, batch_plan.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
 
 
 def test_unknown_column_is_a_usage_error(tmp_path):
@@ -160,11 +154,11 @@ def test_unknown_column_is_a_usage_error(tmp_path):
 
 @pytest.mark.parametrize("shards", [1, 2, 3, 4])
 def test_shards_cover_every_row_exactly_once(shards):
-    rows = [batching.ManifestRow(number, {}) for number in range(1, 11)]
-    seen = [row.number for k in range(1, shards + 1) for row in batching.select_shard(rows, (k, shards))]
+    rows = [manifests.ManifestRow(number, {}) for number in range(1, 11)]
+    seen = [row.number for k in range(1, shards + 1) for row in manifests.select_shard(rows, (k, shards))]
     assert sorted(seen) == list(range(1, 11))
     with pytest.raises(ValueError):
-        batching.parse_shard("3/2")
+        manifests.parse_shard("3/2")
 
 
 def test_dry_run_checks_every_row_and_loads_nothing(clips, tiny_checkpoints, tmp_path):
@@ -197,6 +191,7 @@ def test_dry_run_accepts_mp4_folders_the_batch_would_create(clips, tiny_checkpoi
 # Rendering
 
 
+@pytest.mark.heavy
 def test_bad_rows_fail_alone_and_good_rows_render_identical_frames(clips, tiny_checkpoints, reference_frames,
                                                                    tmp_path):
     out = tmp_path / "out"
@@ -300,6 +295,7 @@ def test_resume_after_kill_9(clips, tiny_checkpoints, tmp_path):
 # The Python API
 
 
+@pytest.mark.heavy
 def test_renderer_frames_and_render_equal_sfr_render(clips, tiny_checkpoints, reference_frames, tmp_path):
     from sfr_cli import Renderer
 
@@ -318,7 +314,7 @@ def test_renderer_frames_and_render_equal_sfr_render(clips, tiny_checkpoints, re
     renderer.render(coeffs=clips / "clip0.npy", source=clips / "face_a.png", output=tmp_path / "c.mp4")
     assert renderer.models.source_hits == 1  # face_a with clip0's first frame again: source work reused
     assert (tmp_path / "c.mp4").is_file()
-    with pytest.raises(batching.SfrError, match="source image not found"):
+    with pytest.raises(SfrError, match="source image not found"):
         renderer.render(coeffs=clips / "clip2.npy", source=clips / "nope.png", output=tmp_path / "d.mp4")
 
 
@@ -330,9 +326,9 @@ def test_a_killed_workers_clip_is_retried_once_on_another_worker(clips, tiny_che
 
     template = RenderJob(coeffs=Path("."), source=Path("."), config="tiny", checkpoint_dir=tiny_checkpoints,
                          device="cpu")
-    rows = [batching.ManifestRow(1, {"coeffs": str(clips / "clip0.npy"), "source": str(clips / "face_a.png"),
+    rows = [manifests.ManifestRow(1, {"coeffs": str(clips / "clip0.npy"), "source": str(clips / "face_a.png"),
                                      "output": str(tmp_path / "a.mp4")})]
-    plan = batching.plan_batch(rows, batching.BatchDefaults(template))
+    plan = batch_plan.plan_rows(rows, batch_plan.BatchDefaults(template))
     killed, results = [], []
 
     def kill_the_worker(task):
@@ -368,6 +364,7 @@ def clash_job(tmp_path, clips):
     return tmp_path
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("overwrite", [True, False])
 def test_a_rows_output_that_is_another_rows_input_fails_that_row(clips, tiny_checkpoints, tmp_path, overwrite):
     """Issue 17.1: with --overwrite row 2 destroyed row 1's coefficients; without it, it was "skipped"."""
@@ -430,6 +427,7 @@ def test_the_report_may_name_no_input_and_no_output(clips, tiny_checkpoints, tmp
     assert not (folder / "o" / "a.mp4").exists() and not (folder / "fd").exists()
 
 
+@pytest.mark.heavy
 def test_a_frames_only_row_resumes_after_kill_9(clips, tiny_checkpoints, reference_frames, tmp_path):
     """Issue 17.5: a batch killed mid-row leaves its frames in a temporary folder (and its claim); the
     rerun removes them as a dead run's, renders the row and reports its frames_dir."""
@@ -454,6 +452,7 @@ def test_a_frames_only_row_resumes_after_kill_9(clips, tiny_checkpoints, referen
     np.testing.assert_array_equal(read_frames(out / "0"), reference_frames[0])
 
 
+@pytest.mark.heavy
 def test_two_runs_of_one_manifest_never_render_the_same_clip_at_once(clips, tiny_checkpoints, tmp_path):
     """Issue 17.2: a row another live run is rendering is skipped (its report says by whom); once that run
     is dead its claim is taken over and the row renders."""
@@ -482,6 +481,7 @@ def test_two_runs_of_one_manifest_never_render_the_same_clip_at_once(clips, tiny
     assert sorted(p.name for p in out.iterdir()) == ["0.mp4", "1.mp4"]
 
 
+@pytest.mark.heavy
 def test_a_row_whose_folder_refuses_access_fails_alone(clips, tiny_checkpoints, tmp_path, denied):
     """Issue 17.6: one row's output folder without permission aborted the whole batch with a traceback and
     no report; now that row fails with a clean message, the others render, the report is written."""

@@ -5,10 +5,12 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from sfr_cli import batch as batching
-from sfr_cli import jobs
+from sfr_cli import batch_plan, jobs
+from sfr_cli import manifest as manifests
 from sfr_cli.cli import sfr
 from sfr_cli.stages import paste as paste_stage
 
@@ -25,6 +27,7 @@ def paste_manifest(tmp_path, golden, rows=2):
     return manifest
 
 
+@pytest.mark.heavy
 def test_each_row_is_checked_and_its_crop_box_searched_once(tmp_path, reference_dir, tiny_checkpoints, monkeypatch):
     golden = reference_dir / "golden-paste"
     searches, plans = [], []
@@ -39,6 +42,7 @@ def test_each_row_is_checked_and_its_crop_box_searched_once(tmp_path, reference_
         assert read_png_frames(tmp_path / f"out{row}").shape == (3, 1024, 640, 3)
 
 
+@pytest.mark.heavy
 def test_a_planned_task_pickles_without_pixels_and_renders_as_planned(tmp_path, reference_dir, tiny_checkpoints):
     """What a worker process receives: the planned job, no source pixels, no claims; it renders the frames
     `sfr render` writes."""
@@ -47,8 +51,8 @@ def test_a_planned_task_pickles_without_pixels_and_renders_as_planned(tmp_path, 
     golden = reference_dir / "golden-paste"
     template = jobs.RenderJob.make(coeffs=Path("."), source=Path("."), config="tiny", checkpoint_dir=tiny_checkpoints,
                                    device="cpu")
-    rows = batching.read_manifest(paste_manifest(tmp_path, golden, rows=1))
-    plan = batching.plan_batch(rows, batching.BatchDefaults(template))
+    rows = manifests.read_manifest(paste_manifest(tmp_path, golden, rows=1))
+    plan = batch_plan.plan_rows(rows, batch_plan.BatchDefaults(template))
     (task,) = plan.tasks
     assert task.prepared is not None and task.prepared.image is None and not task.prepared.claims
     assert task.prepared.stages[-1].box == (150, 120, 450, 426)  # found by the plan

@@ -6,24 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from sfr_cli import batch as batching
+from sfr_cli import manifest as manifests
 from sfr_cli import media
-from sfr_cli.cli import sfr
 
-from test_cli import DEMO_COEFFS, SOURCE
+from conftest import DEMO_COEFFS, SOURCE, run_batch, tiny
 from test_media import write_wav
-
-
-def run_batch(*args):
-    result = CliRunner().invoke(sfr, ["batch", *map(str, args)])
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def tiny(checkpoints):
-    return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
 
 
 @pytest.fixture
@@ -92,6 +80,7 @@ def test_dry_run_says_how_many_rows_it_would_render_and_why_rows_fail(folder, ti
     assert not (folder / "o").exists()
 
 
+@pytest.mark.heavy
 def test_a_long_dry_run_probes_one_wav_once_and_shows_progress(folder, tiny_checkpoints, monkeypatch):
     write_wav(folder / "speech.wav", 0.5)
     rows = 40
@@ -128,6 +117,6 @@ def test_quiet_or_json_dry_runs_show_no_progress(folder, tiny_checkpoints, monke
 
 
 def test_read_manifest_names_the_pattern_in_the_api_too(tmp_path):
-    with pytest.raises(batching.ManifestError, match="matches no file"):
-        batching.rows_from_globs([str(tmp_path / "*.mat")], "face.png")
-    assert [row.values["coeffs"] for row in batching.rows_from_globs(["plain.npy"], "f.png")] == ["plain.npy"]
+    with pytest.raises(manifests.ManifestError, match="matches no file"):
+        manifests.rows_from_globs([str(tmp_path / "*.mat")], "face.png")
+    assert [row.values["coeffs"] for row in manifests.rows_from_globs(["plain.npy"], "f.png")] == ["plain.npy"]

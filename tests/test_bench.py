@@ -37,6 +37,7 @@ def test_bench_reports_both_runs_on_the_same_frames():
     assert f"{plain['frames_per_second']:.3f}" in text and f"{sfr['frames_per_second']:.3f}" in text
 
 
+@pytest.mark.heavy
 def test_bench_reduced_precision_reports_psnr_against_fp32():
     report = run_benchmark(load_config(CONFIG_DIR / "tiny.yaml"), device="cpu", frames=2, batch_size=2,
                            precision="bf16", plain=False)

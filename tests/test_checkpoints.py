@@ -67,6 +67,7 @@ def tiny_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.heavy
 def test_random_weights_are_deterministic(tmp_path):
     configs = load_config(CONFIG_DIR / "tiny.yaml"), load_config(CONFIG_DIR / "tiny_still.yaml")
     write_random_checkpoints(tmp_path / "a", *configs, seed=4)
@@ -146,6 +147,7 @@ def test_pickled_objects_are_refused_never_run(tmp_path):
     assert "accepts SadTalker's SadTalker_V0.0.2_256.safetensors" in message and MAPPING_FULL in message
 
 
+@pytest.mark.heavy
 def test_non_finite_weights_are_refused(tiny_dir):
     path = tiny_dir / MAPPING_CROP
     data = torch.load(path, weights_only=True)

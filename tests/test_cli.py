@@ -14,16 +14,12 @@ import numpy as np
 import psutil
 import pytest
 import scipy.io
-from click.testing import CliRunner
 
-from sfr_cli import checkpoints as checkpoints_module
 from sfr_cli.cli import sfr
 
-from conftest import one_torch_thread
+from conftest import DEMO_COEFFS, SOURCE, assert_user_error, one_torch_thread, render_args
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "demo" / "source.png"
-DEMO_COEFFS = REPO / "demo" / "coeffs.npy"
 SFR = [sys.executable, "-c", "from sfr_cli.cli import main; main()"]
 
 
@@ -35,55 +31,6 @@ class Marker:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture
-def coeffs_npy(tmp_path) -> Path:
-    path = tmp_path / "clip.npy"
-    np.save(path, np.load(DEMO_COEFFS)[:4])
-    return path
-
-
-@pytest.fixture
-def out_dir(tmp_path) -> Path:
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the networks load: these errors must be found before."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("load_networks was called before the error was reported")
-
-    monkeypatch.setattr(checkpoints_module, "load_networks", fail)
-
-
-def render_args(coeffs, out_dir, checkpoint_dir, *extra):
-    return ["render", "--coeffs", str(coeffs), "--source", str(SOURCE), "-o", str(out_dir / "clip.mp4"),
-            "--checkpoint-dir", str(checkpoint_dir), "--config", "tiny", "--batch-size", "2", *extra]
-
-
-def assert_user_error(result, out_dir, *needles, exit_code=1):
-    """Exit code, one `Error:` line naming the problem, no traceback, empty stdout, nothing written."""
-    assert result.exit_code == exit_code, result.output
-    assert "Traceback" not in result.output
-    assert not isinstance(result.exception, AssertionError), result.exception
-    assert result.stdout == ""
-    if exit_code == 1:
-        assert result.stderr.count("Error:") == 1, result.stderr
-        assert [line for line in result.stderr.splitlines() if line.startswith("Error: ")], result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
-    if out_dir is not None:
-        assert sorted(p.name for p in out_dir.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,6 +165,7 @@ def test_missing_audio(runner, tmp_path, coeffs_npy, out_dir, tiny_checkpoints, 
     assert_user_error(result, out_dir, "speech.wav", "audio file not found")
 
 
+@pytest.mark.heavy
 def test_output_folder_missing_is_created_as_frames_dir_and_batch_do(runner, tmp_path, coeffs_npy, out_dir,
                                                                       tiny_checkpoints):
     args = render_args(coeffs_npy, out_dir, tiny_checkpoints)
@@ -252,6 +200,7 @@ def test_usage_errors_exit_2(runner, coeffs_npy, out_dir, tiny_checkpoints, no_m
     assert_user_error(result, out_dir, option, exit_code=2)
 
 
+@pytest.mark.heavy
 def test_debug_shows_the_traceback(tmp_path, out_dir, tiny_checkpoints):
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 64), np.float32))
@@ -300,6 +249,7 @@ def test_render_mp4_with_audio_prints_only_the_path(runner, coeffs_npy, out_dir,
     assert result.stderr == ""
 
 
+@pytest.mark.heavy
 def test_frames_dir_alone_writes_pngs_and_no_mp4(runner, tmp_path, coeffs_npy, tiny_checkpoints, monkeypatch):
     from PIL import Image
 
@@ -316,6 +266,7 @@ def test_frames_dir_alone_writes_pngs_and_no_mp4(runner, tmp_path, coeffs_npy, t
         assert image.size == (256, 256) and image.mode == "RGB"
 
 
+@pytest.mark.heavy
 def test_default_output_is_the_coefficient_stem_here(runner, tmp_path, coeffs_npy, tiny_checkpoints, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
@@ -364,6 +315,7 @@ def test_inspect_73_mapping_under_70_config_names_key_and_shapes(runner, tiny_ch
     assert "mapping_00109-model.pth.tar" in result.stderr
 
 
+@pytest.mark.heavy
 def test_inspect_tiny_weights_under_full_size_config(runner, tiny_checkpoints):
     path = tiny_checkpoints / "facevid2vid_00189-model.pth.tar"
     result = runner.invoke(sfr, ["checkpoints", "inspect", str(path)])
@@ -379,6 +331,7 @@ def ffmpeg_processes():
     return [p for p in psutil.Process().children(recursive=True) if "ffmpeg" in p.name()]
 
 
+@pytest.mark.heavy
 def test_interrupt_mid_render_leaves_nothing(runner, tmp_path, coeffs_npy, out_dir, tiny_checkpoints,
                                              monkeypatch):
     from sfr_cli import engine
@@ -430,6 +383,7 @@ def test_sigterm_mid_render_leaves_nothing(tmp_path, out_dir, tiny_checkpoints):
     assert alive == []
 
 
+@pytest.mark.heavy
 def test_writer_failure_mid_render_is_an_error_and_leaves_nothing(runner, coeffs_npy, out_dir, tiny_checkpoints,
                                                                   monkeypatch):
     from sfr_cli import media
@@ -459,6 +413,7 @@ def test_readme_lists_every_render_option():
     assert not missing, f"README.md does not describe {missing}"
 
 
+@pytest.mark.heavy
 def test_bench_json(runner):
     result = runner.invoke(sfr, ["bench", "--config", "tiny", "--frames", "2", "--device", "cpu", "--no-plain",
                                  "--json"])

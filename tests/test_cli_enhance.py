@@ -6,20 +6,13 @@ import subprocess
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
 from sfr_cli.media import count_video_frames, find_ffmpeg, probe_audio
 
-from conftest import read_png_frames
+from conftest import assert_user_error, read_png_frames
 
 OPTIONAL_FILES = ("RestoreFormer.pth", "RealESRGAN_x2plus.pth")  # written by the stage at seeds 14 and 39
-from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 @pytest.fixture
@@ -33,6 +26,7 @@ def render_args(golden, checkpoints, *extra):
             str(checkpoints), "--device", "cpu", *extra]
 
 
+@pytest.mark.heavy
 def test_render_with_the_enhancer_writes_the_frames_the_renderer_yields(runner, golden, tiny_checkpoints,
                                                                         tiny_enhancer_weights, tmp_path):
     from sfr_cli import Renderer
@@ -51,6 +45,7 @@ def test_render_with_the_enhancer_writes_the_frames_the_renderer_yields(runner, 
     np.testing.assert_array_equal(written, yielded)
 
 
+@pytest.mark.heavy
 def test_random_noise_reports_its_seed_and_replays(runner, golden, tiny_checkpoints, tiny_enhancer_weights, tmp_path):
     common = ("--enhancer", "gfpgan-tiny", "--enhancer-dir", str(tiny_enhancer_weights), "--enhancer-noise", "random")
     first = runner.invoke(sfr, render_args(golden, tiny_checkpoints, *common, "--frames-dir", str(tmp_path / "a"),
@@ -73,6 +68,7 @@ def test_missing_enhancer_weights_fail_before_the_model_loads(runner, golden, ti
     assert_user_error(result, out, "GFPGANv1.4.pth", "searched", "--enhancer-dir")
 
 
+@pytest.mark.heavy
 def test_batch_rows_choose_their_enhancer(runner, golden, tiny_checkpoints, tiny_enhancer_weights, tmp_path):
     manifest = tmp_path / "clips.csv"
     manifest.write_text("coeffs,source,source_coeffs,frames_dir,enhancer,enhancer_upscale\n"
@@ -86,6 +82,7 @@ def test_batch_rows_choose_their_enhancer(runner, golden, tiny_checkpoints, tiny
     assert shapes == {"plain": (4, 256, 256, 3), "big": (4, 512, 512, 3), "same": (4, 256, 256, 3)}
 
 
+@pytest.mark.heavy
 def test_enhance_a_video_keeps_its_sound_as_it_is(runner, golden, tiny_checkpoints, tiny_enhancer_weights, reference_dir,
                                                   tmp_path):
     video = tmp_path / "clip.mp4"
@@ -113,6 +110,7 @@ def test_enhance_a_video_keeps_its_sound_as_it_is(runner, golden, tiny_checkpoin
     assert packets["0"] and packets["0"] == packets["1"]  # the same AAC packets: not encoded again
 
 
+@pytest.mark.heavy
 def test_enhance_refuses_an_existing_output_and_a_missing_input(runner, tiny_enhancer_weights, reference_dir, tmp_path):
     frames = reference_dir / "golden-enhance" / "frames"
     out = tmp_path / "out"
@@ -146,6 +144,7 @@ def test_enhance_refuses_an_output_another_live_run_holds(runner, tiny_enhancer_
     assert "another sfr run" in result.stderr and not target.exists()
 
 
+@pytest.mark.heavy
 def test_enhance_writes_mp4s_only_and_creates_their_folder(runner, tiny_enhancer_weights, reference_dir, tmp_path):
     """As `sfr render -o`: a name not ending in .mp4 is refused before any model loads; a missing folder is
     created."""
@@ -161,6 +160,7 @@ def test_enhance_writes_mp4s_only_and_creates_their_folder(runner, tiny_enhancer
     assert count_video_frames(out / "new" / "clip.mp4") == 4
 
 
+@pytest.mark.heavy
 def test_checkpoints_random_writes_every_restorers_weights_at_the_configs_widths(runner, tiny_enhancer_weights,
                                                                                  tiny_optional_enhancer_weights,
                                                                                  tmp_path):

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
 
-from test_cli import assert_user_error, coeffs_npy, no_model_load, out_dir, render_args  # noqa: F401 (fixtures)
+from conftest import assert_user_error, render_args
 
 
 @pytest.mark.parametrize("name", ["x.png", "x.avi", "x.mkv", "x.mov", "noext", "x.mp4.part"])
@@ -18,6 +18,7 @@ def test_an_output_not_named_mp4_is_refused_before_the_model_loads(coeffs_npy, o
     assert_user_error(result, out_dir, f"{out_dir / name}: the video output must be named *.mp4", "--frames-dir")
 
 
+@pytest.mark.heavy
 def test_upper_case_mp4_is_an_mp4(coeffs_npy, out_dir, tiny_checkpoints):
     args = render_args(coeffs_npy, out_dir, tiny_checkpoints)
     args[args.index("-o") + 1] = str(out_dir / "X.MP4")
@@ -27,7 +28,7 @@ def test_upper_case_mp4_is_an_mp4(coeffs_npy, out_dir, tiny_checkpoints):
 
 
 def test_a_manifest_row_not_named_mp4_fails_alone(tmp_path, coeffs_npy, tiny_checkpoints):
-    from test_cli import SOURCE
+    from conftest import SOURCE
 
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"coeffs,source,output\n{coeffs_npy},{SOURCE},o/x.avi\n{coeffs_npy},{SOURCE},o/y.mp4\n")
@@ -38,6 +39,7 @@ def test_a_manifest_row_not_named_mp4_fails_alone(tmp_path, coeffs_npy, tiny_che
     assert "1 to do" in result.stdout
 
 
+@pytest.mark.heavy
 def test_created_output_folders_are_removed_when_the_render_fails(coeffs_npy, out_dir, tiny_checkpoints,
                                                                  monkeypatch):
     from sfr_cli import media

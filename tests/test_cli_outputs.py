@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
 from sfr_cli.config import CONFIG_DIR
@@ -22,15 +21,10 @@ from sfr_cli.media import count_video_frames
 from sfr_cli.outputs import host_name
 
 from held_ffmpeg import held_ffmpeg_env, wait_until_held
-from test_cli import DEMO_COEFFS, SOURCE, assert_user_error, no_model_load  # noqa: F401 (a fixture)
+from conftest import DEMO_COEFFS, SOURCE, assert_user_error
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH = REPO / "demo" / "speech.wav"
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 @pytest.fixture
@@ -78,6 +72,7 @@ def test_a_found_checkpoint_is_an_input_too(runner, job, tmp_path, tiny_checkpoi
     assert target.read_bytes() == before
 
 
+@pytest.mark.heavy
 def test_an_existing_output_is_kept_unless_overwrite(runner, job, tiny_checkpoints):
     output = job / "out" / "clip.mp4"
     output.write_bytes(b"an earlier render")
@@ -90,6 +85,7 @@ def test_an_existing_output_is_kept_unless_overwrite(runner, job, tiny_checkpoin
     assert count_video_frames(output) == 4 and sorted(p.name for p in (job / "out").iterdir()) == ["clip.mp4"]
 
 
+@pytest.mark.heavy
 def test_overwrite_replaces_the_frames_of_an_earlier_render(runner, job, tiny_checkpoints):
     frames = job / "frames"
     frames.mkdir()
@@ -164,6 +160,7 @@ def test_absurd_numbers_are_usage_errors_at_parse_time(runner, job, tiny_checkpo
     assert_user_error(result, job / "out", f"'{option}'", exit_code=2)
 
 
+@pytest.mark.heavy
 def test_the_limits_themselves_are_accepted(runner, job, tiny_checkpoints):
     args = job_args(job, job / "out" / "clip.mp4", tiny_checkpoints, "--fps", "1000", "--yaw", "-360,360",
                     "--expression-scale", "-1000", "--quiet")
@@ -179,6 +176,7 @@ def test_no_numpy_warning_reaches_the_user(job, tiny_checkpoints):
     assert result.returncode == 2 and "Warning" not in result.stderr and "--yaw" in result.stderr
 
 
+@pytest.mark.heavy
 def test_compile_on_the_cpu_is_ignored_with_one_note(runner, job, tiny_checkpoints):
     result = runner.invoke(sfr, job_args(job, job / "out" / "clip.mp4", tiny_checkpoints, "--device", "cpu",
                                          "--compile"))
@@ -187,6 +185,7 @@ def test_compile_on_the_cpu_is_ignored_with_one_note(runner, job, tiny_checkpoin
     assert notes == ["--compile is ignored on cpu: torch.compile speeds up CUDA renders only"]
 
 
+@pytest.mark.heavy
 def test_an_output_appearing_while_rendering_is_never_replaced(runner, job, tiny_checkpoints, monkeypatch):
     """Issue 17.2: "exists" was checked at the start only; a file that appears at -o while the job renders
     (another run finishing first) stays, and this run says so (exit 1) and leaves nothing else."""
@@ -237,6 +236,7 @@ def test_an_output_another_live_run_writes_is_refused_before_the_model_loads(run
     assert (job / "out" / ".clip.mp4.sfr-lock").exists()  # the killed run's lock: judged dead next time
 
 
+@pytest.mark.heavy
 def test_ctrl_c_keeps_the_old_frames_of_an_overwrite(runner, job, tiny_checkpoints, monkeypatch):
     """Issue 17.4: --frames-dir old --overwrite, interrupted mid-render: the old frames are untouched (the
     new ones go to a temporary folder, swapped in only when complete); completed, they are replaced."""

@@ -8,12 +8,11 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from sfr_cli.cli import sfr
-from sfr_cli.nets import paste
+from sfr_cli.imaging import seamless_clone
 
-from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
+from conftest import assert_user_error
 
 BOX = (150, 120, 450, 426)
 
@@ -21,11 +20,6 @@ BOX = (150, 120, 450, 426)
 @pytest.fixture
 def golden(reference_dir):
     return reference_dir / "golden-paste"
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 def full_args(golden, checkpoints, out, *extra):
@@ -45,6 +39,7 @@ def video_size(path):
     return tuple(meta["size"])
 
 
+@pytest.mark.heavy
 def test_paste_into_finds_the_box_and_blends_every_frame(runner, tmp_path, golden, tiny_checkpoints):
     plain = runner.invoke(sfr, full_args(golden, tiny_checkpoints, None, "--frames-dir", str(tmp_path / "face")))
     assert plain.exit_code == 0, plain.output
@@ -58,7 +53,7 @@ def test_paste_into_finds_the_box_and_blends_every_frame(runner, tmp_path, golde
     pasted = read_frames(tmp_path / "full")
     original = iio.imread(golden / "original.png")[..., :3]
     assert pasted.shape == (3, 1024, 640, 3)
-    expected = paste.paste_back(torch.from_numpy(faces), torch.from_numpy(original), BOX).numpy()
+    expected = seamless_clone.clone_into_picture(torch.from_numpy(faces), torch.from_numpy(original), BOX).numpy()
     np.testing.assert_array_equal(pasted, expected)
     # outside the box nothing moves; inside, the face changed the picture
     outside = np.ones(original.shape[:2], bool)
@@ -68,6 +63,7 @@ def test_paste_into_finds_the_box_and_blends_every_frame(runner, tmp_path, golde
     assert video_size(tmp_path / "full.mp4") == (640, 1024)
 
 
+@pytest.mark.heavy
 def test_crop_box_alone_gives_sadtalker_aspect_frames(runner, tmp_path, golden, tiny_checkpoints):
     args = full_args(golden, tiny_checkpoints, None, "--crop-box", "150,120,450,426",
                      "--frames-dir", str(tmp_path / "aspect"))
@@ -77,6 +73,7 @@ def test_crop_box_alone_gives_sadtalker_aspect_frames(runner, tmp_path, golden, 
     assert "--paste-into" not in result.stderr  # the box given, the note about pasting is not needed
 
 
+@pytest.mark.heavy
 def test_full_mode_without_picture_says_how_sadtalker_ends(runner, tmp_path, golden, tiny_checkpoints):
     args = full_args(golden, tiny_checkpoints, None, "--frames-dir", str(tmp_path / "f"))
     result = runner.invoke(sfr, args)
@@ -84,6 +81,7 @@ def test_full_mode_without_picture_says_how_sadtalker_ends(runner, tmp_path, gol
     assert "--paste-into" in result.stderr
 
 
+@pytest.mark.heavy
 def test_odd_picture_keeps_its_size_in_pngs_and_pads_the_mp4(runner, tmp_path, golden, tiny_checkpoints):
     odd = tmp_path / "odd.png"
     iio.imwrite(odd, iio.imread(golden / "original.png")[:1023, :639, :3])
@@ -98,6 +96,7 @@ def test_odd_picture_keeps_its_size_in_pngs_and_pads_the_mp4(runner, tmp_path, g
     assert video_size(out / "odd.mp4") == (640, 1024)
 
 
+@pytest.mark.heavy
 def test_picture_without_the_crop_fails_before_the_model(runner, tmp_path, golden, tiny_checkpoints,
                                                          reference_dir, no_model_load):  # noqa: F811
     out = tmp_path / "out"
@@ -134,6 +133,7 @@ def test_missing_paste_picture(runner, tmp_path, golden, tiny_checkpoints, no_mo
     assert_user_error(runner.invoke(sfr, args), out, "nope.png", "not found")
 
 
+@pytest.mark.heavy
 def test_crop_box_command(runner, golden, reference_dir):
     result = runner.invoke(sfr, ["crop-box", "--source", str(golden / "crop.png"),
                                  "--original", str(golden / "original.png")])
@@ -148,6 +148,7 @@ def test_crop_box_command(runner, golden, reference_dir):
     assert_user_error(result, None, "does not contain the crop", "--crop-box")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("how", ["paste_into", "crop_box"])
 def test_renderer_frames_are_what_render_frames_dir_writes(runner, tmp_path, golden, tiny_checkpoints, how):
     """One path for frames: the API yields the pasted (or aspect-resized) frames `sfr render` writes, not

@@ -18,8 +18,13 @@ import pytest
 from PIL import Image
 
 from sfr_cli import batch as batching
+from sfr_cli import batch_plan
+from sfr_cli import manifest as manifests
+from sfr_cli.jobs import RenderJob
 from sfr_cli.outputs import LOCK_SUFFIX, TEMP_MARKER
 from sfr_cli.watchdog import DriverWatchdog
+
+from conftest import tiny
 
 psutil = pytest.importorskip("psutil")
 
@@ -59,10 +64,6 @@ def writer_pid(temporary: Path) -> Optional[int]:
         return json.loads((temporary.parent / f".{target}{LOCK_SUFFIX}").read_text())["pid"]
     except FileNotFoundError:
         return None
-
-
-def tiny(checkpoints):
-    return ["--config", "tiny", "--checkpoint-dir", str(checkpoints), "--device", "cpu"]
 
 
 def write_clips(folder: Path, frames, seed: int) -> Path:
@@ -246,12 +247,12 @@ def test_a_row_whose_worker_dies_twice_fails_alone(tiny_checkpoints, tmp_path):
     from sfr_cli.workers import WorkerPoolBackend
 
     clips = write_clips(tmp_path, [4, 3], seed=5)  # clip0 (row 1) is the longer
-    template = batching.RenderJob(coeffs=Path("."), source=Path("."), config="tiny", checkpoint_dir=tiny_checkpoints,
+    template = RenderJob(coeffs=Path("."), source=Path("."), config="tiny", checkpoint_dir=tiny_checkpoints,
                                   device="cpu")
-    rows = [batching.ManifestRow(number, {"coeffs": str(clips / f"clip{number - 1}.npy"),
+    rows = [manifests.ManifestRow(number, {"coeffs": str(clips / f"clip{number - 1}.npy"),
                                           "source": str(clips / "face.png"),
                                           "output": str(tmp_path / f"{number}.mp4")}) for number in (1, 2)]
-    plan = batching.plan_batch(rows, batching.BatchDefaults(template))
+    plan = batch_plan.plan_rows(rows, batch_plan.BatchDefaults(template))
     assert [task.row for task in plan.tasks] == [1, 2]  # row 1 is the longer: handed out first
     killed, results, notes = [], [], []
 

@@ -44,6 +44,7 @@ def leftovers(folder: Path):
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
+@pytest.mark.heavy
 def test_full_download_then_nothing_to_fetch(tmp_path, served):
     out_dir = tmp_path / "SadTalker" / "checkpoints"
     with WeightsServer(served) as server:
@@ -62,6 +63,7 @@ def test_full_download_then_nothing_to_fetch(tmp_path, served):
         assert len(server.requests) == fetched  # every file already there and checked: nothing fetched
 
 
+@pytest.mark.heavy
 def test_environment_variable_gives_the_base_url(tmp_path, served):
     with WeightsServer(served) as server:
         result = CliRunner().invoke(sfr, ["checkpoints", "download", str(tmp_path / "ck"), "--config", "tiny",
@@ -71,6 +73,7 @@ def test_environment_variable_gives_the_base_url(tmp_path, served):
                                                          "mapping_00109-model.pth.tar"}
 
 
+@pytest.mark.heavy
 def test_an_interrupted_transfer_is_resumed_by_the_next_run(tmp_path, served):
     out_dir = tmp_path / "ck"
     cut = len(served[RENDERER]) // 3
@@ -88,6 +91,7 @@ def test_an_interrupted_transfer_is_resumed_by_the_next_run(tmp_path, served):
         assert not (out_dir / (RENDERER + ".part")).exists()
 
 
+@pytest.mark.heavy
 def test_a_cut_transfer_is_retried_within_the_run_from_where_it_stopped(tmp_path, served):
     out_dir = tmp_path / "ck"
     with WeightsServer(served) as server:
@@ -119,6 +123,7 @@ def test_404_is_one_line_and_not_retried(tmp_path, served):
     assert leftovers(out_dir) == []
 
 
+@pytest.mark.heavy
 def test_a_truncated_file_is_not_kept(tmp_path, served):
     out_dir = tmp_path / "ck"
     with WeightsServer(served) as server:
@@ -129,6 +134,7 @@ def test_a_truncated_file_is_not_kept(tmp_path, served):
                                                          for name in leftovers(out_dir))
 
 
+@pytest.mark.heavy
 def test_a_stalled_server_times_out(tmp_path, served):
     out_dir = tmp_path / "ck"
     with WeightsServer(served) as server:
@@ -138,6 +144,7 @@ def test_a_stalled_server_times_out(tmp_path, served):
     assert not (out_dir / RENDERER).exists()
 
 
+@pytest.mark.heavy
 def test_a_file_with_the_wrong_keys_is_not_kept(tmp_path, served):
     wrong = dict(served)
     mapping = torch.load(io.BytesIO(served[MAPPING]), weights_only=True)
@@ -157,6 +164,7 @@ def test_a_file_with_the_wrong_keys_is_not_kept(tmp_path, served):
     assert not (tmp_path / "SadTalker" / "gfpgan" / "weights" / "parsing_parsenet.pth").exists()
 
 
+@pytest.mark.heavy
 def test_a_code_carrying_file_is_refused(tmp_path, served):
     import pickle
 
@@ -179,6 +187,7 @@ def test_no_network_is_one_clear_line(tmp_path):
     assert "connection refused" in line and "offline" in line
 
 
+@pytest.mark.heavy
 def test_an_existing_bad_file_is_named_and_kept_until_overwrite(tmp_path, served):
     out_dir = tmp_path / "ck"
     out_dir.mkdir()

@@ -12,7 +12,7 @@ from conftest import assert_frames_close, to_uint8
 from sfr_cli.checkpoints import Networks, load_networks, write_random_checkpoints
 from sfr_cli.coeffs import camera_pose_sequence, prepare_semantics
 from sfr_cli.config import CONFIG_DIR, load_config
-from sfr_cli.engine import STAGES, BatchPolicy, Engine, EngineOptions
+from sfr_cli.engine import RENDER_STEPS, BatchPolicy, Engine, EngineOptions
 from sfr_cli.errors import RenderError
 from sfr_cli.nets.geometry import transform_keypoints
 from sfr_cli.nets.generator import SPADEDecoder
@@ -55,6 +55,7 @@ def test_upsampled_conv_equals_conv_of_upsampled_map(factor):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_inference_rewrites_keep_the_math(tiny_nets, job):
     image, semantics = job
     plain = tiny_nets
@@ -78,6 +79,7 @@ def test_inference_rewrites_keep_the_math(tiny_nets, job):
     assert_frames_close(to_uint8(results[1]), to_uint8(results[0]), "folded vs plain modules")
 
 
+@pytest.mark.heavy
 def test_optimized_engine_matches_plain_modules(tiny_nets, job):
     image, semantics = job
     _, plain = render_all(tiny_nets, image, semantics, batch_size=1, optimize=False)
@@ -85,6 +87,7 @@ def test_optimized_engine_matches_plain_modules(tiny_nets, job):
     assert_frames_close(fast, plain, "optimized engine vs plain modules")
 
 
+@pytest.mark.heavy
 def test_frames_do_not_depend_on_batch_size(tiny_nets, job):
     image, semantics = job
     _, reference = render_all(tiny_nets, image, semantics, batch_size=1)
@@ -95,6 +98,7 @@ def test_frames_do_not_depend_on_batch_size(tiny_nets, job):
         np.testing.assert_array_equal(frames, reference)
 
 
+@pytest.mark.heavy
 def test_engine_leaves_the_callers_networks_as_they_were(tiny_nets, job):
     image, semantics = job
     before = {name: {k: v.clone() for k, v in getattr(tiny_nets, name).state_dict().items()}
@@ -116,19 +120,20 @@ class StageCounter:
     """A stage hook that counts how often each stage runs."""
 
     def __init__(self):
-        self.calls = dict.fromkeys(STAGES, 0)
+        self.calls = dict.fromkeys(RENDER_STEPS, 0)
 
     def __call__(self, name):
         self.calls[name] = self.calls.get(name, 0) + 1
         return contextlib.nullcontext()
 
 
+@pytest.mark.heavy
 def test_cpu_batch_policy_runs_motion_frame_by_frame_and_the_decoder_batched(tiny_nets, job):
     """The CPU half of BatchPolicy (the CUDA half: test_cuda_batch_policy_runs_the_whole_batch_at_once)."""
     image, semantics = job
     assert BatchPolicy.for_device(torch.device("cpu")) == BatchPolicy(motion_frames=1, auto_batch=1, launch_ahead=False)
     counter = StageCounter()
-    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=4), stage_hook=counter)
+    engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=4), step_hook=counter)
     source = engine.prepare_source(image, semantics.source_window())
     assert len(list(engine.render(source, semantics))) == FRAMES
     assert counter.calls == {"source": 1, "mapping_keypoints": FRAMES, "dense_motion": FRAMES, "decoder": 2,
@@ -151,6 +156,7 @@ def simulate_oom_above(monkeypatch, limit, calls):
     monkeypatch.setattr(Engine, "launch_batch", launch_batch)
 
 
+@pytest.mark.heavy
 def test_out_of_memory_halves_the_batch_and_loses_no_frame(tiny_nets, job, monkeypatch):
     image, semantics = job
     yaw = camera_pose_sequence([0, 20, -10], FRAMES)
@@ -196,6 +202,7 @@ def test_other_errors_are_never_retried(tiny_nets, job, monkeypatch):
     assert calls == [4]
 
 
+@pytest.mark.heavy
 def test_channels_last_decoder_as_on_cuda_gives_the_same_frames(tiny_nets, job):
     """CUDA runs the decoder in NHWC; the conversion must take (no 3D conv may be converted) and agree."""
     image, semantics = job
@@ -231,6 +238,7 @@ def test_bf16_on_a_card_without_native_bf16_is_refused_clearly(monkeypatch):
     assert check_precision("bf16", torch.device("cuda")) == torch.bfloat16
 
 
+@pytest.mark.heavy
 def test_bf16_keeps_keypoints_in_fp32_and_stays_close(tiny_nets, job):
     image, semantics = job
     _, reference = render_all(tiny_nets, image, semantics, batch_size=4)
@@ -248,6 +256,7 @@ def test_batch_size_below_one_is_refused(tiny_nets):
         Engine(tiny_nets, EngineOptions(device="cpu", batch_size=0))
 
 
+@pytest.mark.heavy
 def test_camera_pose_overrides_change_the_head(tiny_nets, job):
     image, semantics = job
     engine = Engine(tiny_nets, EngineOptions(device="cpu", batch_size=FRAMES))
@@ -292,7 +301,7 @@ def test_cuda_batch_policy_runs_the_whole_batch_at_once(tiny_nets, job):
     image, semantics = job
     assert BatchPolicy.for_device(torch.device("cuda")) == BatchPolicy(motion_frames=None, auto_batch=None, launch_ahead=True)
     counter = StageCounter()
-    engine = Engine(tiny_nets, EngineOptions(device="cuda", batch_size=4), stage_hook=counter)
+    engine = Engine(tiny_nets, EngineOptions(device="cuda", batch_size=4), step_hook=counter)
     source = engine.prepare_source(image, semantics.source_window())
     batched = np.stack(list(engine.render(source, semantics)))
     assert counter.calls == {"source": 1, "mapping_keypoints": 2, "dense_motion": 2, "decoder": 2, "transfer": 2}

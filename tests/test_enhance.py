@@ -15,7 +15,7 @@ import torch
 from sfr_cli.stages import enhance as enhance_stage
 from sfr_cli.errors import CheckpointError, ConfigError
 from sfr_cli.jobs import EnhanceJob, prepare_enhance
-from sfr_cli.nets import face_paste
+from sfr_cli.imaging import face_blend
 from sfr_cli.progress import SilentReporter
 from sfr_cli.models import ModelCache
 from sfr_cli.streaming import render_enhance
@@ -25,7 +25,7 @@ from conftest import read_png_frames  # noqa: F401
 
 def lanczos_2x(frames: np.ndarray) -> np.ndarray:
     batch = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
-    return face_paste.upsample_background(batch, 2).permute(0, 2, 3, 1).numpy()
+    return face_blend.upsample_background(batch, 2).permute(0, 2, 3, 1).numpy()
 
 
 def enhance(input_dir, weights, out_dir, **options):
@@ -41,6 +41,7 @@ def golden_frames(reference_dir):
     return reference_dir / "golden-enhance" / "frames"
 
 
+@pytest.mark.heavy
 def test_faces_are_restored_and_a_frame_without_faces_is_the_lanczos_resize(golden_frames, tiny_enhancer_weights,
                                                                            tmp_path):
     frames, report = enhance(golden_frames, tiny_enhancer_weights, tmp_path / "out")
@@ -54,12 +55,14 @@ def test_faces_are_restored_and_a_frame_without_faces_is_the_lanczos_resize(gold
     assert report.stages["enhancer_faces"] >= 3 and report.stages["enhancer_noise_seed"] is None
 
 
+@pytest.mark.heavy
 def test_batch_size_does_not_change_the_frames(golden_frames, tiny_enhancer_weights, tmp_path):
     one, _ = enhance(golden_frames, tiny_enhancer_weights, tmp_path / "one", batch_size=1)
     three, _ = enhance(golden_frames, tiny_enhancer_weights, tmp_path / "three", batch_size=3)
     np.testing.assert_array_equal(one, three)
 
 
+@pytest.mark.heavy
 def test_upscale_1_keeps_the_frames_size(golden_frames, tiny_enhancer_weights, tmp_path):
     frames, _ = enhance(golden_frames, tiny_enhancer_weights, tmp_path / "out", enhancer_upscale=1)
     inputs = read_png_frames(golden_frames)
@@ -68,6 +71,7 @@ def test_upscale_1_keeps_the_frames_size(golden_frames, tiny_enhancer_weights, t
     assert np.any(frames[0] != inputs[0])
 
 
+@pytest.mark.heavy
 def test_random_noise_is_reproducible_from_its_seed(golden_frames, tiny_enhancer_weights, tmp_path):
     """Fresh noise per face from the seed, whatever the batching (a drawn seed is reported and replays:
     tests/test_cli_enhance.py)."""
@@ -84,6 +88,7 @@ def test_random_noise_is_reproducible_from_its_seed(golden_frames, tiny_enhancer
     np.testing.assert_array_equal(first[3], stored[3])  # no face, no noise
 
 
+@pytest.mark.heavy
 def test_renderer_frames_run_the_enhancer_after_paste_back(reference_dir, tiny_checkpoints, tiny_enhancer_weights):
     """The Renderer's frames with `enhancer` are the enhancer on the frames it yields without: one path."""
     from sfr_cli import Renderer
@@ -211,6 +216,7 @@ def test_weights_checked_once_while_unchanged_and_again_once_changed(tiny_enhanc
         enhance_stage.check_weights("gfpgan-tiny", files)
 
 
+@pytest.mark.heavy
 def test_out_of_memory_halves_the_faces_per_call_and_loses_no_face(golden_frames, tiny_enhancer_weights, monkeypatch):
     """The enhancer's back-off is the engine's (`engine.halve_after_oom`): a restorer call over one face
     running out of memory is retried with half as many, the frames the same; at one face a RenderError."""

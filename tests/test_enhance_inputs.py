@@ -8,21 +8,15 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from sfr_cli import media
 from sfr_cli.cli import sfr
 from sfr_cli.media import count_video_frames
 
-from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
+from conftest import assert_user_error
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 def make_video(path: Path, *, size="32x32", seconds=0.2, audio_seconds=None, extra=()):
@@ -84,6 +78,7 @@ def test_case1_other_frame_names_in_the_input_folder_are_refused_too(runner, tin
 # Case 3: joined and looped videos enhance; the count cannot throw the work away
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("kind", ["joined", "looped"])
 def test_case3_joined_and_looped_videos_enhance(runner, tiny_enhancer_weights, tmp_path, kind):
     clip = make_video(tmp_path / "c.mp4", seconds=0.6, audio_seconds=0.65)
@@ -133,6 +128,7 @@ def test_case4_fps_with_kept_sound_is_refused(runner, tiny_enhancer_weights, tmp
 # Case 5: every path reaches ffmpeg as file:PATH, decoding included; case 12/15: progress in a log
 
 
+@pytest.mark.heavy
 def test_case5_odd_names_are_the_files_they_name(runner, tiny_enhancer_weights, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SFR_PROGRESS_SECONDS", "0")
@@ -195,6 +191,7 @@ def test_case15_a_sound_file_has_no_video_stream(runner, tiny_enhancer_weights, 
 # Case 16: a rotated video's warning, once, and never under --quiet
 
 
+@pytest.mark.heavy
 def test_case16_a_rotated_video_is_said_once_and_not_under_quiet(runner, tiny_enhancer_weights, tmp_path):
     plain = make_video(tmp_path / "w.mp4", size="32x16", seconds=0.08)
     rotated = tmp_path / "r.mp4"

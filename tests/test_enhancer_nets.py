@@ -173,6 +173,7 @@ def test_gaussian_blur_and_parse_mask_match_opencv():
     np.testing.assert_allclose(mask[0].numpy(), data["mask_out"], rtol=0, atol=1e-13)
 
 
+@pytest.mark.heavy
 def test_face_masks_of_tiny_nets():
     parser = tiny_parsenet()
     faces = smooth_faces(3, seed=4)
@@ -190,6 +191,7 @@ def test_face_masks_of_tiny_nets():
 
 
 # -------------------------------------------------------------------------------------- tiny restorer runs
+@pytest.mark.heavy
 def test_tiny_restore_is_deterministic_and_batch_size_independent():
     net = tiny_gfpgan()
     faces = smooth_faces(3)
@@ -209,6 +211,7 @@ def test_tiny_restore_is_deterministic_and_batch_size_independent():
     assert 20 < levels.mean() < 235 and levels.std() > 5 and ((batch == 0) | (batch == 255)).float().mean() < 0.01
 
 
+@pytest.mark.heavy
 def test_noise_stored_by_default_explicit_noise_per_face():
     net = tiny_gfpgan()
     faces = smooth_faces(3, seed=1)

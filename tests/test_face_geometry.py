@@ -1,4 +1,4 @@
-"""The face enhancer's geometry and paste-back (nets.face_align, nets.face_paste) against OpenCV's own
+"""The face enhancer's geometry and paste-back (imaging.face_align, imaging.face_blend, imaging.resize) against OpenCV's own
 outputs stored in tests/data (scripts/make_enhancer_opencv_fixtures.py, OpenCV 4.14) and against the
 upstream golden (golden-enhance: landmarks -> matrices -> aligned faces; restored faces + masks ->
 enhanced frames). No weights needed."""
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from sfr_cli.nets import face_align, face_paste
+from sfr_cli.imaging import face_align, face_blend
+from sfr_cli.imaging.resize import resize_lanczos4
 
 DATA = Path(__file__).resolve().parent / "data" / "opencv_enhancer_cases.npz"
 # the OpenCV cases run on the CPU and, where CUDA is (the `gpu` marker), on the GPU: same bits expected
@@ -141,17 +142,17 @@ def test_resize_lanczos4_matches_opencv(cases, device):
     for i in indices(cases, "resize"):
         image, expected = cases[f"resize{i}_in"], cases[f"resize{i}_out"]
         expected = expected[..., None] if expected.ndim == 2 else expected
-        got = hwc(face_paste.resize_lanczos4(chw(image, device), expected.shape[0], expected.shape[1])[0])
+        got = hwc(resize_lanczos4(chw(image, device), expected.shape[0], expected.shape[1])[0])
         np.testing.assert_array_equal(got, expected, err_msg=f"resize case {i}")
 
 
 def test_resize_lanczos4_is_batch_independent_and_flat_stays_flat():
     rng = np.random.default_rng(5)
     frames = torch.from_numpy(rng.integers(0, 256, (3, 2, 11, 14), dtype=np.uint8))
-    together = face_paste.resize_lanczos4(frames, 22, 28)
-    assert torch.equal(together, torch.cat([face_paste.resize_lanczos4(f[None], 22, 28) for f in frames]))
+    together = resize_lanczos4(frames, 22, 28)
+    assert torch.equal(together, torch.cat([resize_lanczos4(f[None], 22, 28) for f in frames]))
     flat = torch.full((1, 3, 9, 7), 200, dtype=torch.uint8)
-    assert torch.equal(face_paste.resize_lanczos4(flat, 18, 14), torch.full((1, 3, 18, 14), 200, dtype=torch.uint8))
+    assert torch.equal(resize_lanczos4(flat, 18, 14), torch.full((1, 3, 18, 14), 200, dtype=torch.uint8))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,10 +172,10 @@ def test_paste_back_matches_opencv_paste(cases, device):
     for i in indices(cases, "paste"):
         frame, restored, masks, affines, upscale = paste_inputs(cases, i, device)
         frame_index = torch.zeros(len(restored), dtype=torch.int64, device=device)
-        got = face_paste.paste_back(frame, restored, masks, affines, frame_index, upscale)
+        got = face_blend.blend_restored_faces(frame, restored, masks, affines, frame_index, upscale)
         expected = cases[f"paste{i}_out"]
         np.testing.assert_array_equal(hwc(got[0]), expected, err_msg=f"paste case {i}")
-        assert (hwc(got[0]) != hwc(face_paste.upsample_background(frame, upscale)[0])).mean() > 0.2
+        assert (hwc(got[0]) != hwc(face_blend.upsample_background(frame, upscale)[0])).mean() > 0.2
 
 
 def test_paste_faces_batched_frames_keep_their_own_faces(cases):
@@ -185,16 +186,16 @@ def test_paste_faces_batched_frames_keep_their_own_faces(cases):
     masks = torch.cat([masks_b[:1], masks_a, masks_b[1:]])
     affines = torch.cat([affines_b[:1], affines_a, affines_b[1:]])
     frame_index = torch.tensor([0, 1, 0])  # frame 0's faces interleaved with frame 1's; frame 2 has none
-    got = face_paste.paste_back(frames, restored, masks, affines, frame_index, 2)
+    got = face_blend.blend_restored_faces(frames, restored, masks, affines, frame_index, 2)
     np.testing.assert_array_equal(hwc(got[0]), cases["paste1_out"])
     np.testing.assert_array_equal(hwc(got[1]), cases["paste0_out"])
-    assert torch.equal(got[2], face_paste.upsample_background(frames[2:], 2)[0])
+    assert torch.equal(got[2], face_blend.upsample_background(frames[2:], 2)[0])
 
 
 def test_paste_offset_and_inverse_affines():
     matrix = torch.tensor([[[2.4, 0.1, 100.0], [-0.1, 2.4, -300.0]]], dtype=torch.float64)
     for upscale, offset in ((2, 1.0), (1, 0.0), (4, 2.0)):
-        got = face_paste.paste_inverse_affines(matrix, upscale)
+        got = face_blend.paste_inverse_affines(matrix, upscale)
         plain = face_align.invert_affine(matrix) * upscale
         assert torch.equal(got[..., :2], plain[..., :2])
         assert torch.equal(got[..., 2], plain[..., 2] + offset)
@@ -223,7 +224,7 @@ def test_golden_affine_matrices(reference_dir):
     for frame, matrices in zip(meta["frames"], golden_matrices(meta)):
         for got, expected, inverse in zip(matrices, frame["affine_matrices"], frame["inverse_affines_paste"]):
             worst = max(worst, float((got - torch.tensor(expected, dtype=torch.float64)).abs().max()))
-            paste = face_paste.paste_inverse_affines(got[None], 2)[0]
+            paste = face_blend.paste_inverse_affines(got[None], 2)[0]
             assert float((paste - torch.tensor(inverse, dtype=torch.float64)).abs().max()) < 1e-9
     # noise floor: another thread count moves the matrices by 8e-5; measured 2.3e-13
     assert worst < 1e-6, worst
@@ -254,7 +255,7 @@ def test_golden_paste(reference_dir):
         masks = torch.stack([torch.from_numpy(np.load(root / p)) for p in frame["masks"]]) if count else \
             torch.zeros(0, 512, 512)
         affines = torch.stack(matrices) if count else torch.zeros(0, 2, 3, dtype=torch.float64)
-        got = hwc(face_paste.paste_back(image, restored, masks, affines, torch.zeros(count, dtype=torch.long), 2)[0])
+        got = hwc(face_blend.blend_restored_faces(image, restored, masks, affines, torch.zeros(count, dtype=torch.long), 2)[0])
         diff = np.abs(got.astype(int) - expected)
         if count == 0:  # no face: the 2x Lanczos-4 of the frame, bit for bit
             np.testing.assert_array_equal(got, expected)

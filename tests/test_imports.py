@@ -30,8 +30,8 @@ def rule(internal=(), external=(), stdlib=True) -> Rule:
 
 
 # The modules the glue may compose ("the modules above" in STYLE.md): everything but the entry points.
-LIBRARY = {"errors", "modes", "config", "outputs", "nets", "checkpoints", "coeffs", "engine", "media", "progress",
-           "stages"}
+LIBRARY = {"errors", "modes", "config", "outputs", "nets", "imaging", "checkpoints", "coeffs", "engine", "media",
+           "progress", "stages"}
 
 # One line per module (a `.*` line covers a subpackage). Keep it to what STYLE.md's table allows.
 RULES = {
@@ -44,9 +44,14 @@ RULES = {
     "sfr_cli.nets": rule({"nets"}, {"torch"}),
     # numpy: the enhancer nets' seeded test weights (PCG64 streams, as the reference scripts draw them)
     "sfr_cli.nets.*": rule({"nets"}, {"torch", "numpy"}),
+    # image operations beside nets/: OpenCV's resizes, warps and LMeDS, the seamless clone, the crop-box search
+    "sfr_cli.imaging": rule(),
+    "sfr_cli.imaging.*": rule({"imaging"}, {"torch"}),
+    # the face detector's random weights that find faces (`sfr checkpoints random --enhancer`, the tests)
+    "sfr_cli.detector_weights": rule({"nets", "imaging"}, {"torch", "numpy"}),
     "sfr_cli.checkpoints": rule({"nets", "config", "errors", "modes", "outputs"}, {"torch", "safetensors"}),
-    # an image operation beside nets/: RealESRGANer's tiles and their exact reuse (Lanczos-4 from nets.face_paste)
-    "sfr_cli.tiling": rule({"nets"}, {"torch"}),
+    # an image operation beside nets/: RealESRGANer's tiles and their exact reuse (Lanczos-4 from imaging.resize)
+    "sfr_cli.tiling": rule({"nets", "imaging"}, {"torch"}),
     "sfr_cli.coeffs": rule({"errors", "modes"}, {"numpy", "scipy"}),
     "sfr_cli.engine": rule({"nets", "checkpoints", "config", "errors", "modes"}, {"torch", "numpy"}),
     "sfr_cli.media": rule({"media"}),  # the package's public surface, from its own modules
@@ -56,13 +61,14 @@ RULES = {
     "sfr_cli.media.sinks": rule({"errors", "outputs", "media"}, {"numpy", "imageio"}),
     # one clip's sinks fed by a writer thread (what the pipeline's frames go into)
     "sfr_cli.media.writer": rule({"errors", "media"}, {"numpy"}),
-    # paste-back as a render stage: box and output size decided before the model loads; math in nets.paste
+    # paste-back as a render stage: box and output size decided before the model loads; math in imaging/
     "sfr_cli.stages": rule(),  # the stage registry: imports its stage modules by name, lazily
     # a stage module may declare its option rows (its OPTIONS, read by `options.table()`)
     # engine: the one out-of-memory back-off (`attempt`, `halve_after_oom`), shared with the engine
     # tiling: the background enhancer's tiles (an image operation beside nets/)
-    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "checkpoints", "options", "engine",
-                              "tiling"}, {"numpy", "torch", "click"}),
+    "sfr_cli.stages.*": rule({"stages", "media", "errors", "modes", "nets", "imaging", "checkpoints", "options",
+                              "engine", "detector_weights", "tiling"},
+                             {"numpy", "torch", "click"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads
     # models in one home: the cache, engine building, stage models, source images and states
@@ -80,15 +86,21 @@ RULES = {
     "sfr_cli.download": rule({"__init__", "errors", "outputs", "checkpoints", "config", "stages"}, {"torch"}),  # __version__: its User-Agent
     # The public Python API and `sfr batch`: glue over the library, like jobs and streaming.
     # the one option table (its Click types; the stages' rows, read from the stage registry)
-    "sfr_cli.options": rule({"errors", "modes", "coeffs", "stages"}, {"click"}),
+    # (and, when a value arrives, the checks that live with their data: coeffs' degrees and scale, media's fps)
+    "sfr_cli.options": rule({"errors", "modes", "coeffs", "media", "stages"}, {"click"}),
     "sfr_cli.renderer": rule(LIBRARY | {"jobs", "models", "streaming", "options"}, {"numpy"}),
-    "sfr_cli.batch": rule(LIBRARY | {"jobs", "options", "renderer"}, {"click"}),
+    # `sfr batch` in three rooms: the rows as written (manifest), the plan and its clash index (batch_plan),
+    # the run on a backend and the report (batch)
+    "sfr_cli.manifest": rule({"errors", "options"}),
+    "sfr_cli.batch_plan": rule(LIBRARY | {"jobs", "options", "manifest"}, {"click"}),
+    "sfr_cli.batch": rule(LIBRARY | {"jobs", "options", "renderer", "batch_plan"}),
     # The one dispatcher of the process backends (longest first, retry once, the failed row); the watchdog
     # that ends what a killed driver started (stdlib only: it runs as a small process of its own).
-    "sfr_cli.dispatch": rule({"batch", "jobs", "outputs"}),
+    "sfr_cli.dispatch": rule({"batch_plan", "jobs", "outputs"}),
     "sfr_cli.watchdog": rule({"processes"}),
-    "sfr_cli.workers": rule({"batch", "dispatch", "renderer"}, {"torch"}),  # a backend: worker processes
-    "sfr_cli.cluster": rule({"batch", "dispatch", "watchdog", "jobs", "renderer", "errors", "workers", "options"},
+    "sfr_cli.workers": rule({"batch", "batch_plan", "dispatch", "renderer"}, {"torch"}),  # a backend: worker processes
+    "sfr_cli.cluster": rule({"batch", "batch_plan", "dispatch", "watchdog", "jobs", "renderer", "errors", "workers",
+                             "options"},
                             {"ray", "torch"}),  # Ray actors
 }
 
@@ -230,6 +242,7 @@ def run_fresh_python(code: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.heavy
 def test_renderer_is_importable_from_the_package_without_importing_torch_early():
     code = ("import sys\n"
             "import sfr_cli\n"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from rich.console import Console
 
-from sfr_cli import batch as batching
+from sfr_cli import batch_plan
+from sfr_cli import manifest as manifests
 from sfr_cli import media
 from sfr_cli.cli import sfr
 from sfr_cli.errors import CheckpointError, ConfigError, MediaError
@@ -26,14 +26,9 @@ from sfr_cli.jobs import RenderJob, job_inputs
 from sfr_cli.stages import enhance as enhance_stage
 from sfr_cli.stages import paste as paste_stage
 
-from test_cli import assert_user_error, no_model_load  # noqa: F401  (a fixture)
+from conftest import assert_user_error
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 @pytest.fixture
@@ -157,6 +152,7 @@ def test_case8_libx264s_largest_side_is_the_limit(tmp_path):
 # Case 9: a drawn noise seed is reported by sfr batch and by Renderer.frames
 
 
+@pytest.mark.heavy
 def test_case9_the_drawn_seed_is_in_the_batch_report_and_the_frames(runner, golden, tiny_checkpoints,
                                                                    tiny_enhancer_weights, tmp_path):
     from sfr_cli import Renderer
@@ -184,15 +180,15 @@ def test_case9_the_drawn_seed_is_in_the_batch_report_and_the_frames(runner, gold
 
 
 def test_case10_a_row_turns_the_batch_enhancer_off(tmp_path):
-    defaults = batching.BatchDefaults(RenderJob.make(coeffs=Path("."), source=Path("."), enhancer="gfpgan"))
-    off = batching.row_job(batching.ManifestRow(1, {"coeffs": "c.npy", "source": "f.png", "enhancer": "none"}), defaults)
-    kept = batching.row_job(batching.ManifestRow(2, {"coeffs": "c.npy", "source": "f.png"}), defaults)
+    defaults = batch_plan.BatchDefaults(RenderJob.make(coeffs=Path("."), source=Path("."), enhancer="gfpgan"))
+    off = batch_plan.row_job(manifests.ManifestRow(1, {"coeffs": "c.npy", "source": "f.png", "enhancer": "none"}), defaults)
+    kept = batch_plan.row_job(manifests.ManifestRow(2, {"coeffs": "c.npy", "source": "f.png"}), defaults)
     assert off.option("enhancer") is None and kept.option("enhancer") == "gfpgan"
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"coeffs": "c.npy", "source": "f.png", "enhancer": null}\n'
                         '{"coeffs": "c.npy", "source": "f.png", "enhancer": "none"}\n')
-    rows = batching.read_manifest(manifest)
-    assert [batching.row_job(row, defaults).option("enhancer") for row in rows] == ["gfpgan", None]
+    rows = manifests.read_manifest(manifest)
+    assert [batch_plan.row_job(row, defaults).option("enhancer") for row in rows] == ["gfpgan", None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,6 +258,7 @@ def test_case12_progress_lines_when_stderr_is_no_terminal(monkeypatch):
     assert console.file.getvalue().count("frames/s") == 1  # the last count only: not a line per batch
 
 
+@pytest.mark.heavy
 def test_case12_sfr_render_prints_progress_lines_in_a_log(runner, golden, tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("SFR_PROGRESS_SECONDS", "0")
     result = runner.invoke(sfr, ["render", "--coeffs", str(golden / "coeffs.mat"), "--source", str(golden / "source.png"),
@@ -282,6 +279,7 @@ def demo_commands():
     return [shlex.split(line.strip().split(">")[0])[1:] for line in recipe.splitlines() if line.strip().startswith("$(BIN)/sfr ")]
 
 
+@pytest.mark.heavy
 def test_case13_make_demo_reruns(runner, tmp_path, monkeypatch):
     commands = demo_commands()
     assert [command[0] for command in commands] == ["checkpoints", "render"]
@@ -366,7 +364,7 @@ def test_case16_a_packed_rows_line_shows_its_own_seconds():
     progress = BatchProgress(console)
     progress.begin(3, 12)
     for row, (seconds, own) in enumerate(((45.8, 45.8), (91.2, 45.4), (137.8, 46.6)), start=1):
-        progress.settled(batching.RowResult(row, "c.mat", f"c{row}.mp4", "done", frames=4, seconds=seconds,
+        progress.settled(batch_plan.RowResult(row, "c.mat", f"c{row}.mp4", "done", frames=4, seconds=seconds,
                                             render_seconds=own))
     shown = re.findall(r"\(4 frames, ([\d.]+) s\)", console.file.getvalue())
     assert shown == ["45.8", "45.4", "46.6"]

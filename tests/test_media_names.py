@@ -10,12 +10,13 @@ from click.testing import CliRunner
 from sfr_cli import media
 from sfr_cli.cli import sfr
 
-from test_cli import DEMO_COEFFS, SOURCE
+from conftest import DEMO_COEFFS, SOURCE
 from test_media import HEIGHT_PX, WIDTH_PX, audio_seconds, frames, write_wav
 
 COLON_NAMES = ["2025-01-01T10:30.mp4", "take:2.mp4", "a:b:c.mp4"]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", COLON_NAMES)
 def test_mp4_writer_probe_and_count_take_colon_names_relative_and_absolute(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
@@ -30,6 +31,7 @@ def test_mp4_writer_probe_and_count_take_colon_names_relative_and_absolute(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"abs-{name}", name, "take:2.wav"])
 
 
+@pytest.mark.heavy
 def test_sfr_render_writes_every_colon_name_it_is_given(tmp_path, monkeypatch, tiny_checkpoints):
     """-o, --audio, --coeffs, --source-coeffs, --source and --frames-dir, each with a colon, relative to
     the working folder (where ffmpeg took them for protocols) and the MP4 is complete, with its audio."""

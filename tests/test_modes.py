@@ -134,20 +134,24 @@ def assert_sadtalkers_answer(frames, expected, crop_frames, what):
     assert frame_gap(expected, crop_frames)[0] > 1, f"{what}: expected frames barely differ from crop's"
 
 
+@pytest.mark.heavy
 def test_non_square_source_renders_square_frames(crop_frames):
     assert crop_frames.shape == (FRAMES, 256, 256, 3)
     assert crop_frames.std() > 1, "frames should not be flat"
 
 
+@pytest.mark.heavy
 def test_crop_frames_are_sadtalkers(job, plain_nets, source_image, crop_frames):
     assert_frames_close(crop_frames, expected_frames(job, plain_nets, source_image), "crop")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("coeffs", ["windows.npy", "windows4d.npy"])
 def test_windowed_inputs_give_the_same_frames(job, tiny_checkpoints, tmp_path, crop_frames, coeffs):
     np.testing.assert_array_equal(render(job, tiny_checkpoints, tmp_path / "f", coeffs=coeffs), crop_frames)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("preprocess", ["resize", "extcrop"])
 def test_crop_family_modes_render_like_crop(job, tiny_checkpoints, tmp_path, crop_frames, preprocess):
     frames = render(job, tiny_checkpoints, tmp_path / "f", "--preprocess", preprocess)
@@ -155,6 +159,7 @@ def test_crop_family_modes_render_like_crop(job, tiny_checkpoints, tmp_path, cro
 
 
 # extfull is full's twin in the modes table; make test-fast renders full only
+@pytest.mark.heavy
 @pytest.mark.parametrize("preprocess", ["full", pytest.param("extfull", marks=pytest.mark.slow)])
 def test_full_modes_use_the_73_coefficient_mapping(job, tiny_checkpoints, tmp_path, crop_frames, plain_nets,
                                                    source_image, preprocess):
@@ -163,6 +168,7 @@ def test_full_modes_use_the_73_coefficient_mapping(job, tiny_checkpoints, tmp_pa
     assert_sadtalkers_answer(frames, expected, crop_frames, preprocess)
 
 
+@pytest.mark.heavy
 def test_still_full_mode_keeps_the_source_pose_and_crop(job, tiny_checkpoints, tmp_path, crop_frames, plain_nets,
                                                         source_image):
     frames = render(job, tiny_checkpoints, tmp_path / "f", "--preprocess", "full", "--still",
@@ -187,6 +193,7 @@ CONTROLS = [
 ]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("options, semantics", CONTROLS,
                          ids=[" ".join(c.values[0] if hasattr(c, "values") else c[0]) for c in CONTROLS])
 def test_each_control_gives_sadtalkers_frames(job, tiny_checkpoints, tmp_path, crop_frames, plain_nets,
@@ -196,6 +203,7 @@ def test_each_control_gives_sadtalkers_frames(job, tiny_checkpoints, tmp_path, c
     assert_sadtalkers_answer(frames, expected, crop_frames, " ".join(options))
 
 
+@pytest.mark.heavy
 def test_expression_scale_one_is_the_default(job, tiny_checkpoints, tmp_path, crop_frames):
     frames = render(job, tiny_checkpoints, tmp_path / "f", "--expression-scale", "1.0")
     np.testing.assert_array_equal(frames, crop_frames)

@@ -2,6 +2,7 @@
 manifest's columns and the `Renderer`'s keywords all say what the table says, and a stage module's rows
 join it."""
 
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from sfr_cli import batch as batching
+from sfr_cli import batch_plan
+from sfr_cli import manifest as manifests
 from sfr_cli import options
 from sfr_cli.cli import batch, render
 from sfr_cli.errors import ConfigError
@@ -124,11 +127,32 @@ def test_required_rows_are_the_render_jobs_required_fields():
     assert required == {row.name for row in options.table() if row.required}
 
 
-def test_manifest_columns_are_the_tables():
-    rows = options.column_rows()
-    assert batching.ROW_FIELDS == tuple(row.name for row in rows)
-    assert set(batching.PATH_FIELDS) == {row.name for row in rows if row.path}
-    assert set(batching.REQUIRED_FIELDS) == {row.name for row in rows if row.required} == {"coeffs", "source"}
+def test_the_manifest_reader_takes_every_column_and_only_those(tmp_path):
+    """What a reader of a manifest does with its header, not the constants it is built from: every column
+    of the table is accepted, a name outside it is refused with the table's names, and a row missing a
+    required column is marked (coeffs and source: the only required columns)."""
+    names = [row.name for row in options.column_rows()]
+    every = tmp_path / "every.csv"
+    every.write_text(",".join(names) + "\n" + ",".join("c.npy" if name == "coeffs" else "" for name in names) + "\n")
+    (row,) = manifests.read_manifest(every)
+    assert row.error == "no source; every row needs coeffs and source"
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("coeffs,source,ouptut\nc.npy,f.png,a.mp4\n")
+    with pytest.raises(manifests.ManifestError) as caught:
+        manifests.read_manifest(unknown)
+    assert str(caught.value).endswith(f"unknown column(s) ouptut; columns are {', '.join(names)}")
+    keys = tmp_path / "unknown.jsonl"
+    keys.write_text('{"coeffs": "c.npy", "source": "f.png", "ouptut": "a.mp4"}\n')
+    with pytest.raises(manifests.ManifestError, match=f"keys are {re.escape(', '.join(names))}$"):
+        manifests.read_manifest(keys)
+    required = [row.name for row in options.column_rows() if row.required]
+    assert required == ["coeffs", "source"]
+    for name in required:
+        cells = {"coeffs": "c.npy", "source": "f.png", name: ""}
+        lonely = tmp_path / f"no-{name}.jsonl"
+        lonely.write_text(json.dumps(cells) + "\n")
+        (row,) = manifests.read_manifest(lonely)
+        assert row.error == f"no {name}; every row needs coeffs and source"
 
 
 def test_every_column_is_read_and_paths_are_taken_from_the_manifest(tmp_path):
@@ -139,9 +163,9 @@ def test_every_column_is_read_and_paths_are_taken_from_the_manifest(tmp_path):
     manifest = tmp_path / "sub" / "clips.csv"
     manifest.parent.mkdir()
     manifest.write_text(",".join(cells) + "\n" + ",".join(f'"{v}"' for v in cells.values()) + "\n")
-    (row,) = batching.read_manifest(manifest)
+    (row,) = manifests.read_manifest(manifest)
     assert row.error is None
-    job = batching.row_job(row, batching.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
+    job = batch_plan.row_job(row, batch_plan.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
     for column in (row for row in options.CORE_OPTIONS if row.column):
         value = job.option(column.name)
         if column.path:
@@ -152,18 +176,17 @@ def test_every_column_is_read_and_paths_are_taken_from_the_manifest(tmp_path):
 
 
 def test_a_bad_cell_gets_the_options_message(tmp_path):
-    (row,) = [batching.ManifestRow(1, {"coeffs": "c.npy", "source": "f.png", "fps": "0"})]
+    (row,) = [manifests.ManifestRow(1, {"coeffs": "c.npy", "source": "f.png", "fps": "0"})]
     with pytest.raises(Exception) as caught:
-        batching.row_job(row, batching.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
+        batch_plan.row_job(row, batch_plan.BatchDefaults(RenderJob(coeffs=Path("."), source=Path("."))))
     assert str(caught.value).startswith("fps: ") and "above 0" in str(caught.value)
 
 
 def test_renderer_settings_are_the_shared_rows(tmp_path):
-    from sfr_cli.renderer import PER_CLIP_FIELDS, SHARED_FIELDS, Renderer
+    from sfr_cli.renderer import Renderer
 
-    assert set(SHARED_FIELDS) == {row.name for row in options.shared_rows()}
-    assert set(PER_CLIP_FIELDS) == {row.name for row in options.clip_rows()}
-    assert not set(SHARED_FIELDS) & set(PER_CLIP_FIELDS)
+    SHARED_FIELDS = [row.name for row in options.shared_rows()]
+    assert not set(SHARED_FIELDS) & {row.name for row in options.clip_rows()}
     renderer = Renderer()
     assert set(renderer.settings) == set(SHARED_FIELDS)
     default = RenderJob(coeffs=Path("."), source=Path("."))
@@ -177,6 +200,9 @@ def test_renderer_settings_are_the_shared_rows(tmp_path):
     assert Renderer(**settings).settings == {name: template.option(name) for name in SHARED_FIELDS}
     with pytest.raises(ConfigError, match="unknown setting"):
         Renderer(fps=30)  # a clip's option, not a setting
+    for row in options.clip_rows():  # every clip option is refused as a setting, by its own keyword
+        with pytest.raises(ConfigError, match=f"unknown setting\\(s\\) {row.api_name};"):
+            Renderer(**{row.api_name: None})
 
 
 def test_renderer_job_takes_exactly_the_clip_rows(tmp_path):

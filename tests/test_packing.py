@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from sfr_cli import engine as engine_module
 from sfr_cli import media
-from sfr_cli.cli import sfr
 from sfr_cli.errors import MediaError
+
+from conftest import run_batch
 
 FRAME_COUNTS = (3, 5, 2)  # with batch size 4: batches [4, 4, 2], the first two spanning clip boundaries
 BATCH = 4
@@ -85,6 +85,7 @@ def assert_same_frames(got, want, what):
 # The engine
 
 
+@pytest.mark.heavy
 def test_packed_clips_render_the_frames_each_clip_renders_alone(folder, tiny_checkpoints, alone):
     r = renderer(tiny_checkpoints)
     from sfr_cli.engine import Clip
@@ -107,6 +108,7 @@ def test_packed_clips_render_the_frames_each_clip_renders_alone(folder, tiny_che
     assert not np.array_equal(unposed, alone[0])
 
 
+@pytest.mark.heavy
 def test_launch_ahead_keeps_every_frame_with_its_clip(folder, tiny_checkpoints, alone):
     """CUDA's order (the next batch launched before this one is handed out), run on the CPU: the same
     tags and frames."""
@@ -135,6 +137,7 @@ def test_launch_ahead_keeps_every_frame_with_its_clip(folder, tiny_checkpoints, 
         assert_same_frames(np.stack([f for owner, f in collected if owner == index]), want, f"clip {index}")
 
 
+@pytest.mark.heavy
 def test_render_jobs_writes_each_clip_with_its_own_sinks(folder, tiny_checkpoints, alone, tmp_path):
     r = renderer(tiny_checkpoints)
     started = []
@@ -150,6 +153,7 @@ def test_render_jobs_writes_each_clip_with_its_own_sinks(folder, tiny_checkpoint
     assert r.models.loads == 1
 
 
+@pytest.mark.heavy
 def test_a_clips_commit_overlaps_the_next_clips_frames(folder, tiny_checkpoints, tmp_path, monkeypatch):
     """ffmpeg finishing clip 0 does not hold up clip 1: clip 0's MP4 closes only once clip 1's frames are
     encoding (an event, with a time-out so a serial loop fails instead of hanging); reports stay in order."""
@@ -178,6 +182,7 @@ def test_a_clips_commit_overlaps_the_next_clips_frames(folder, tiny_checkpoints,
     assert [media.count_video_frames(tmp_path / f"{i}.mp4") for i in range(3)] == list(FRAME_COUNTS)
 
 
+@pytest.mark.heavy
 def test_groups_end_at_a_failed_check_and_at_the_size_cap(folder, tiny_checkpoints, tmp_path, monkeypatch,
                                                           packed_calls):
     from sfr_cli import renderer as renderer_module
@@ -231,12 +236,7 @@ def packed_calls(monkeypatch):
     return calls
 
 
-def run_batch(*args):
-    result = CliRunner().invoke(sfr, ["batch", *map(str, args)])
-    assert "Traceback" not in result.output
-    return result
-
-
+@pytest.mark.heavy
 def test_sfr_batch_packs_rows_sharing_a_face_and_writes_every_mp4(folder, tiny_checkpoints, tmp_path, packed_calls):
     out = tmp_path / "out"
     manifest = write_manifest(tmp_path / "m.csv", folder, out)
@@ -254,6 +254,7 @@ def test_sfr_batch_packs_rows_sharing_a_face_and_writes_every_mp4(folder, tiny_c
     assert sorted(line["row"] for line in lines) == [1, 2, 3]
 
 
+@pytest.mark.heavy
 def test_a_clip_whose_mp4_fails_mid_group_fails_alone(folder, tiny_checkpoints, tmp_path, monkeypatch,
                                                       packed_calls):
     """Rows render longest first: 1 (5 frames) and 2 (4) and 3 (3) in one stream, batches [4, 4, 4]; the
@@ -285,6 +286,7 @@ def test_a_clip_whose_mp4_fails_mid_group_fails_alone(folder, tiny_checkpoints, 
     assert ffmpeg_processes() == []
 
 
+@pytest.mark.heavy
 def test_an_engine_failure_mid_group_fails_the_clips_not_yet_written(folder, tiny_checkpoints, tmp_path,
                                                                      monkeypatch):
     """A bug in the render loop after the first clip was committed: that clip stays (complete), the
@@ -311,6 +313,7 @@ def test_an_engine_failure_mid_group_fails_the_clips_not_yet_written(folder, tin
 # Interrupts
 
 
+@pytest.mark.heavy
 def test_interrupt_mid_group_leaves_only_committed_clips(folder, tiny_checkpoints, tmp_path, monkeypatch):
     """Ctrl-C while the second clip streams (its MP4 and PNG frames open, the first clip committed)."""
     original = engine_module.Engine.launch_clips
@@ -342,6 +345,7 @@ def test_interrupt_mid_group_leaves_only_committed_clips(folder, tiny_checkpoint
 # Paste-back
 
 
+@pytest.mark.heavy
 def test_paste_back_clips_pack_like_any_other(reference_dir, tiny_checkpoints, tmp_path):
     """Full mode pasted into the original picture: each clip's paste stage blends its own frames, so
     two clips of the golden case packed at batch size 2 (batches [2, 2, 2]) equal one rendered alone."""

@@ -12,7 +12,7 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
-from sfr_cli.nets import paste
+from sfr_cli.imaging import box_search, resize, seamless_clone
 
 DATA = Path(__file__).resolve().parent / "data" / "opencv_paste_cases.npz"
 
@@ -28,20 +28,20 @@ def test_resize_matches_opencv_bit_for_bit():
     for i in indices:
         image = torch.from_numpy(data[f"resize{i}_in"])[None]
         expected = data[f"resize{i}_out"]
-        got = paste.resize_linear(image, expected.shape[1], expected.shape[0])[0].numpy()
+        got = resize.resize_linear(image, expected.shape[1], expected.shape[0])[0].numpy()
         np.testing.assert_array_equal(got, expected, err_msg=f"resize case {i}")
 
 
 def test_resize_identity_halving_and_batch_independence():
     rng = np.random.default_rng(0)
     frames = torch.from_numpy(rng.integers(0, 256, (3, 20, 18, 3), dtype=np.uint8))
-    assert torch.equal(paste.resize_linear(frames, 18, 20), frames)
-    halved = paste.resize_linear(frames, 9, 10).int()
+    assert torch.equal(resize.resize_linear(frames, 18, 20), frames)
+    halved = resize.resize_linear(frames, 9, 10).int()
     f = frames.int()
     expected = (f[:, 0::2, 0::2] + f[:, 1::2, 0::2] + f[:, 0::2, 1::2] + f[:, 1::2, 1::2] + 2) >> 2
     assert torch.equal(halved, expected)
-    one_by_one = torch.cat([paste.resize_linear(frames[i : i + 1], 31, 7) for i in range(3)])
-    assert torch.equal(paste.resize_linear(frames, 31, 7), one_by_one)
+    one_by_one = torch.cat([resize.resize_linear(frames[i : i + 1], 31, 7) for i in range(3)])
+    assert torch.equal(resize.resize_linear(frames, 31, 7), one_by_one)
 
 
 def test_blend_matches_opencv_seamless_clone():
@@ -50,7 +50,7 @@ def test_blend_matches_opencv_seamless_clone():
         picture = torch.from_numpy(data[f"clone{i}_picture"])
         patch = torch.from_numpy(data[f"clone{i}_patch"])[None]
         box = tuple(int(v) for v in data[f"clone{i}_box"])
-        got = paste.paste_frames(patch, picture, box, torch.float64)[0].numpy()
+        got = seamless_clone.paste_frames(patch, picture, box, torch.float64)[0].numpy()
         diff = np.abs(got.astype(int) - data[f"clone{i}_out"])
         # float rounding may move a value across an integer before truncation: at most one level, rarely
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"clone case {i}"
@@ -98,7 +98,7 @@ def test_blend_solves_the_same_equations_as_a_sparse_solver(h, w):
     patch = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
     region = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
     for dtype, tol in ((torch.float64, 1e-8), (torch.float32, 2e-3)):
-        got = paste.clone_solution(torch.from_numpy(patch), torch.from_numpy(region), dtype).double().numpy()
+        got = seamless_clone.clone_solution(torch.from_numpy(patch), torch.from_numpy(region), dtype).double().numpy()
         for b in range(2):
             for c in range(3):
                 expected = sparse_reference(patch[b, :, :, c], region[b, :, :, c])
@@ -109,7 +109,7 @@ def test_blend_of_the_picture_itself_changes_nothing():
     rng = np.random.default_rng(3)
     picture = torch.from_numpy(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
     box = (5, 4, 30, 26)
-    out = paste.paste_frames(picture[4:26, 5:30][None], picture, box, torch.float64)[0]
+    out = seamless_clone.paste_frames(picture[4:26, 5:30][None], picture, box, torch.float64)[0]
     # exact integers in, exact solution out; truncation may lose one level where float lands just below
     assert int((out.int() - picture.int()).abs().max()) <= 1
 
@@ -118,11 +118,11 @@ def test_box_past_the_picture_edge_is_clipped_not_refused():
     rng = np.random.default_rng(4)
     picture = torch.from_numpy(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
     frames = torch.from_numpy(rng.integers(0, 256, (1, 20, 20, 3), dtype=np.uint8))
-    out = paste.paste_frames(frames, picture, (-5, 20, 15, 40), torch.float32)
+    out = seamless_clone.paste_frames(frames, picture, (-5, 20, 15, 40), torch.float32)
     assert out.shape == (1, 30, 40, 3)
     assert torch.equal(out[0, :21], picture[:21])  # above the box (and its outer ring) untouched
     with pytest.raises(ValueError):
-        paste.paste_frames(frames, picture, (-19, -19, 1, 1), torch.float32)
+        seamless_clone.paste_frames(frames, picture, (-19, -19, 1, 1), torch.float32)
 
 
 @pytest.fixture
@@ -130,6 +130,7 @@ def face_picture(reference_dir):
     return torch.from_numpy(iio.imread(reference_dir / "sample_face_640x896.png")[..., :3].copy())
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "box",
     [
@@ -143,31 +144,33 @@ def face_picture(reference_dir):
 def test_find_box_recovers_the_exact_box(box, face_picture):
     picture = face_picture
     x1, y1, x2, y2 = box
-    crop = paste.resize_linear(picture[y1:y2, x1:x2][None].contiguous(), 256, 256)[0]
-    match = paste.find_box(crop, picture)
+    crop = resize.resize_linear(picture[y1:y2, x1:x2][None].contiguous(), 256, 256)[0]
+    match = box_search.find_box(crop, picture)
     assert match.box == box and match.exact
 
 
+@pytest.mark.heavy
 def test_find_box_reports_a_crop_that_is_not_there(face_picture):
     picture = face_picture
     rng = np.random.default_rng(5)
     crop = torch.from_numpy(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
-    match = paste.find_box(crop, picture)
+    match = box_search.find_box(crop, picture)
     assert not match.exact and match.mean_abs_levels > 20
 
 
+@pytest.mark.heavy
 def test_golden_paste_with_the_box_sfr_finds(reference_dir):
     GOLDEN = reference_dir / "golden-paste"
     meta = json.loads((GOLDEN / "meta.json").read_text())
     picture = torch.from_numpy(iio.imread(GOLDEN / "original.png")[..., :3].copy())
     crop = torch.from_numpy(iio.imread(GOLDEN / "crop.png")[..., :3].copy())
-    match = paste.find_box(crop, picture)
+    match = box_search.find_box(crop, picture)
     assert match.exact and list(match.box) == meta["box_x1y1x2y2"]
     frames = sorted((GOLDEN / "frames").glob("*.png"))
     expected = sorted((GOLDEN / "full_frames").glob("*.png"))
     assert len(frames) == len(expected) == meta["frames"]
     rendered = torch.from_numpy(np.stack([iio.imread(f)[..., :3] for f in frames]))
-    got = paste.paste_back(rendered, picture, match.box).numpy().astype(np.float64)
+    got = seamless_clone.clone_into_picture(rendered, picture, match.box).numpy().astype(np.float64)
     want = np.stack([iio.imread(f)[..., :3] for f in expected]).astype(np.float64)
     diff = np.abs(got - want)
     psnr = 10 * np.log10(255.0**2 / max((diff**2).mean(), 1e-12))

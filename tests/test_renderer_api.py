@@ -10,7 +10,7 @@ from PIL import Image
 
 from sfr_cli.errors import SfrError
 
-from test_cli import DEMO_COEFFS, SOURCE
+from conftest import DEMO_COEFFS, SOURCE
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def frames_of(renderer, coeffs, source=SOURCE, **options):
     return np.stack(list(renderer.frames(coeffs=coeffs, source=source, **options)))
 
 
+@pytest.mark.heavy
 def test_lists_arrays_and_paths_of_coefficients_give_the_same_frames(renderer, clip):
     rows = np.load(clip / "clip.npy")
     want = frames_of(renderer, clip / "clip.npy")
@@ -41,6 +42,7 @@ def test_lists_arrays_and_paths_of_coefficients_give_the_same_frames(renderer, c
         np.testing.assert_array_equal(frames_of(renderer, coeffs), want)
 
 
+@pytest.mark.heavy
 def test_source_coeffs_as_a_path_an_array_a_row_or_a_list_give_the_same_frames(renderer, clip):
     own = np.load(clip / "own.npy")
     want = frames_of(renderer, clip / "clip.npy", source_coeffs=clip / "own.npy")
@@ -49,6 +51,7 @@ def test_source_coeffs_as_a_path_an_array_a_row_or_a_list_give_the_same_frames(r
         np.testing.assert_array_equal(frames_of(renderer, clip / "clip.npy", source_coeffs=source_coeffs), want)
 
 
+@pytest.mark.heavy
 def test_a_pil_image_is_a_source(renderer, clip):
     with Image.open(SOURCE) as image:
         picture = image.convert("RGB")

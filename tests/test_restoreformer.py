@@ -72,6 +72,7 @@ def test_attention_block_is_multi_head_attention(cross):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_tiny_restoreformer_restores_faces_batch_independently(tiny_restoreformer, reference_dir):
     from conftest import assert_frames_close
 

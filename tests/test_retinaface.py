@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sfr_cli import detector_weights
 from sfr_cli.nets import retinaface as rf
 
 from conftest import one_torch_thread
@@ -20,7 +21,7 @@ POINT_TOL_PX = 0.01
 SCORE_TOL = 1e-4
 # Tiny random weights (rf.TINY_RETINAFACE) screened like the golden's seed: 1-3 faces on each golden face
 # frame and 2 on sample_face_256.png, scores at least 0.001 from 0.97 there; the flat frame peaks at 0.12.
-TINY_SEED = rf.TINY_SEED
+TINY_SEED = detector_weights.TINY_SEED
 
 
 def read_rgb(path) -> torch.Tensor:
@@ -47,7 +48,7 @@ def full_net(enhancer_reference_weights):
 @pytest.fixture(scope="module")
 def tiny_net():
     net = rf.build_retinaface(tiny=True)
-    net.load_state_dict(rf.random_state_dict(net, TINY_SEED), strict=True)
+    net.load_state_dict(detector_weights.random_state_dict(net, TINY_SEED), strict=True)
     return net
 
 
@@ -75,7 +76,7 @@ def test_full_size_module_has_the_weight_files_keys_and_shapes(reference_dir):
 
 
 def test_module_prefix_is_accepted_with_and_without(tiny_net):
-    plain = rf.random_state_dict(tiny_net, TINY_SEED)
+    plain = detector_weights.random_state_dict(tiny_net, TINY_SEED)
     prefixed = {"module." + key: value for key, value in plain.items()}
     mixed = {("module." + key if i % 2 else key): value for i, (key, value) in enumerate(plain.items())}
     for state in (plain, prefixed, mixed):
@@ -88,6 +89,7 @@ def test_module_prefix_is_accepted_with_and_without(tiny_net):
 
 
 # ------------------------------------------------------------------------------------- the golden run
+@pytest.mark.heavy
 def test_golden_frames_give_upstreams_faces(full_net, golden):
     """Each golden frame alone: facexlib's faces, in its order, within 0.01 px and 1e-4; the flat one none."""
     frames, wanted, meta = golden
@@ -99,6 +101,7 @@ def test_golden_frames_give_upstreams_faces(full_net, golden):
     assert [len(w) for w in wanted] == [1, 1, 2, 0]
 
 
+@pytest.mark.heavy
 def test_a_batch_detects_what_each_frame_does_alone(full_net, golden):
     frames, wanted, meta = golden
     with one_torch_thread():
@@ -116,7 +119,7 @@ def test_random_weights_at_full_width_are_the_reference_file(enhancer_reference_
         torch.load(enhancer_reference_weights / "detection_Resnet50_Final.pth", weights_only=True))
     with torch.device("meta"):
         net = rf.build_retinaface()
-    mine = rf.random_state_dict(net, 14)
+    mine = detector_weights.random_state_dict(net, 14)
     assert list(mine) == list(state)
     different = [key for key in state if not torch.equal(mine[key], state[key])]
     assert not different, f"{len(different)} tensors differ, first {different[:3]}"
@@ -233,7 +236,7 @@ def test_faces_with_close_eyes_are_dropped(tiny_net, golden):
     """Landmark heads moved so that both eyes land on one point: every face goes at 5 px, none at 0."""
     frames, _, _ = golden
     net = rf.build_retinaface(tiny=True)
-    state = rf.random_state_dict(net, TINY_SEED)
+    state = detector_weights.random_state_dict(net, TINY_SEED)
     for level in range(len(rf.PRIOR_STEPS)):
         state[f"LandmarkHead.{level}.conv1x1.weight"].zero_()
         bias = state[f"LandmarkHead.{level}.conv1x1.bias"].view(rf.ANCHORS_PER_CELL, 5, 2)
@@ -246,9 +249,9 @@ def test_faces_with_close_eyes_are_dropped(tiny_net, golden):
 
 
 def test_random_state_dict_is_deterministic_and_conditioned(tiny_net):
-    a = rf.random_state_dict(tiny_net, 3)
-    b = rf.random_state_dict(tiny_net, 3)
-    c = rf.random_state_dict(tiny_net, 4)
+    a = detector_weights.random_state_dict(tiny_net, 3)
+    b = detector_weights.random_state_dict(tiny_net, 3)
+    c = detector_weights.random_state_dict(tiny_net, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["body.layer1.0.conv2.weight"], c["body.layer1.0.conv2.weight"])
     for key, value in a.items():

@@ -35,6 +35,7 @@ def frames_of(iterator):
     return np.stack(list(iterator))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("case", [
     dict(),
     dict(yaw=[0, 20, -10], pitch=[5], roll=[-10, 10], still_mode=True, expression_scale=1.5),
@@ -57,6 +58,7 @@ def test_crop_mode_gives_sfrs_frames(case, reference_dir, tiny_checkpoints):
     assert_frames_close(got, want, f"AnimateFromCoeff vs sfr render, {case}")
 
 
+@pytest.mark.heavy
 def test_full_mode_pastes_back_with_sadtalkers_crop_info(reference_dir, tiny_checkpoints):
     golden = reference_dir / "golden-paste"
     meta = json.loads((golden / "meta.json").read_text())
@@ -90,6 +92,7 @@ def video_info(path: Path):
     return frames, width, height, "Audio:" in result.stderr
 
 
+@pytest.mark.heavy
 def test_generate_writes_the_video_sadtalker_returns(tmp_path, reference_dir, tiny_checkpoints,
                                                      tiny_enhancer_weights, monkeypatch):
     golden = reference_dir / "golden-crop"
@@ -175,6 +178,7 @@ def stand_in_checkout(root: Path, preprocess_source: str = "class CropAndExtract
     return root / "inference.py"
 
 
+@pytest.mark.heavy
 def test_the_runner_renders_inference_py_with_sfr(tmp_path, reference_dir, tiny_checkpoints):
     golden = reference_dir / "golden-crop"
     inference = stand_in_checkout(tmp_path / "SadTalker")

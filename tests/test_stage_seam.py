@@ -174,6 +174,7 @@ def mirrored(frames: np.ndarray) -> np.ndarray:
     return frames[:, :, ::-1]
 
 
+@pytest.mark.heavy
 def test_the_stage_module_brings_its_flag_to_every_command(seam):
     out, _ = seam
     for command in ("render", "batch", "enhance"):

@@ -46,6 +46,7 @@ def stream_seconds(ffmpeg: str, path: Path, selector: str) -> float:
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
+@pytest.mark.heavy
 def test_golden_crop_inputs_to_mp4(reference_dir, tiny_checkpoints, tmp_path):
     golden = reference_dir / "golden-crop"
     out_dir = tmp_path / "out"

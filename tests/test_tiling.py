@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfr_cli.nets.face_paste import resize_lanczos4
+from sfr_cli.imaging.resize import resize_lanczos4
 from sfr_cli.nets.rrdbnet import TINY_RRDBNET_CONFIG, RRDBNet
 from sfr_cli.tiling import TileUpsampler, mod_pad, reflect_pad, tile_grid
 
@@ -94,12 +94,14 @@ def test_tiles_equal_the_plain_realesrganer_steps(tiny_net, height, width):
     assert upsampler.tiles_computed == 2 * grid and upsampler.tiles_reused == 0
 
 
+@pytest.mark.heavy
 def test_sadtalkers_400_px_tiles_on_a_frame_larger_than_one_tile(tiny_net):
     frame = random_frames(1, 420, 410, seed=3)
     got = TileUpsampler(tiny_net)(frame)
     assert torch.equal(got[0], realesrganer_reference(tiny_net, frame[0], 400, 10))
 
 
+@pytest.mark.heavy
 def test_reuse_gives_the_same_frames_and_computes_only_changed_tiles(tiny_net):
     # 96 x 128 frames, 32 px tiles: a 3 x 4 grid; the changing box lies inside tile (1, 1) and its context
     # reaches tiles (0..2, 0..2) whose padded inputs overlap it

@@ -105,9 +105,9 @@ class LanczosBackground:
         return {}
 
     def __call__(self, frames):
-        from ..nets import face_paste
+        from ..imaging import face_blend
 
-        return face_paste.upsample_background(frames, self.upscale)
+        return face_blend.upsample_background(frames, self.upscale)
 
 
 class UpsampledBackground:

@@ -8,11 +8,11 @@ size. Per frame, the same steps here, on batches of frames and of faces:
    faces kept in score order (`nets.retinaface`);
 2. per face the similarity to the FFHQ 5-point template at 512 as OpenCV's
    `estimateAffinePartial2D(LMEDS)` gives it, and the aligned 512 crop (bilinear, constant border
-   (135, 133, 132) BGR) (`nets.face_align`);
+   (135, 133, 132) BGR) (`imaging.face_align`);
 3. GFPGANv1Clean on the crop, clamped and rounded as basicsr's `tensor2img` (`nets.gfpgan`);
 4. ParseNet's soft mask of the restored face (`nets.parsenet`);
 5. the background resized 2x with Lanczos-4 (or kept, `--enhancer-upscale 1`), each face warped back
-   and blended in, restricted to the face's box (`nets.face_paste`).
+   and blended in, restricted to the face's box (`imaging.face_blend`).
 A frame without faces is the resized background alone.
 
 Why no OpenCV, gfpgan, facexlib, basicsr or torchvision: gfpgan 1.3.8 / basicsr 1.4.2 no longer import
@@ -411,6 +411,7 @@ def write_random_weights(out_dir, enhancer: str = "gfpgan", seed: int = 14) -> F
     conditioned to find faces."""
     import torch
 
+    from .. import detector_weights
     from ..checkpoints import save_atomically
     from ..nets import parsenet, retinaface
 
@@ -418,10 +419,10 @@ def write_random_weights(out_dir, enhancer: str = "gfpgan", seed: int = 14) -> F
     out_dir.mkdir(parents=True, exist_ok=True)
     restorer, tiny = restorer_of(enhancer)
     nets = build_nets(enhancer)
-    detector_seed = retinaface.TINY_SEED if tiny and seed == 14 else seed
+    detector_seed = detector_weights.TINY_SEED if tiny and seed == 14 else seed
     files = FaceFiles(*(out_dir / name for name in weights_files(enhancer)))
     save_atomically(files.restorer, lambda p: torch.save(restorer.wrap(restorer.random_state_dict(nets.restorer, seed)), p))
-    detector = retinaface.random_state_dict(nets.detector, detector_seed)
+    detector = detector_weights.random_state_dict(nets.detector, detector_seed)
     save_atomically(files.detector, lambda p: torch.save(
         {retinaface.DATAPARALLEL_PREFIX + k: v for k, v in detector.items()}, p))
     save_atomically(files.parser, lambda p: torch.save(parsenet.random_state_dict(nets.parser, seed), p))
@@ -627,7 +628,7 @@ class FaceEnhancer:
     def __call__(self, frames):
         import torch
 
-        from ..nets import face_align, face_paste
+        from ..imaging import face_align, face_blend
         from ..nets.retinaface import detect_faces
 
         nets = self._nets
@@ -651,8 +652,8 @@ class FaceEnhancer:
         matrices_t = torch.stack(matrices)
         index_t = torch.tensor(frame_index, dtype=torch.int64, device=rgb.device)
         restored, masks = self._restore(rgb, matrices_t, index_t, face_number)
-        inverse = face_paste.paste_inverse_affines(matrices_t, self.upscale)
-        out = face_paste.paste_faces(background, restored, masks, inverse, index_t)
+        inverse = face_blend.paste_inverse_affines(matrices_t, self.upscale)
+        out = face_blend.paste_faces(background, restored, masks, inverse, index_t)
         return out.permute(0, 2, 3, 1)
 
     def _restore(self, rgb, matrices, frame_index, face_number):
@@ -661,7 +662,7 @@ class FaceEnhancer:
         import torch
 
         from ..engine import OUT_OF_MEMORY, attempt, halve_after_oom
-        from ..nets import face_align
+        from ..imaging import face_align
         from ..nets.parsenet import face_masks
 
         restorer = restorer_of(self.variant)[0]

@@ -3,7 +3,7 @@
 SadTalker's full modes end with two steps after the 256x256 face: `animate.py` resizes each frame to
 the face box's aspect `(size, int(size * h / w))` (stage `aspect`, also alone with `--crop-box` and no
 picture: SadTalker's `<name>.mp4`) and `paste_pic.py` resizes that to the box and blends it into the
-original picture with `seamlessClone` (stage `paste`). The math is in `nets/paste.py`; pictures are read
+original picture with `seamlessClone` (stage `paste`). The math is in `imaging/`; pictures are read
 by `media`; `plan` decides and checks, before any model loads, which box and which stages.
 """
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # numpy and media are imported where used: this module is imported for its options by `sfr --help`.
 from ..errors import MediaError
 from ..modes import get_mode
-from ..options import RENDER, CropBox, OptionRow
+from ..options import RENDER, OptionRow, ParsedText
 
 Box = Tuple[int, int, int, int]
 # A crop written by SadTalker from this very picture matches exactly; a JPEG original decoded by
@@ -30,37 +30,6 @@ CROP_MATCH_MAX_MEAN_LEVELS = 2.0
 # (libx264's largest side) at 256 and 512 px; SadTalker's boxes are near square.
 MAX_BOX_ASPECT = 32
 BOX_HINT = "pass the box as --crop-box x1,y1,x2,y2 (SadTalker's ox1,oy1,ox2,oy2 from crop_info)"
-
-
-OPTIONS = (
-    OptionRow("paste_into", ("--paste-into",),
-              "Paste the face back into this original picture, SadTalker's full-mode way (seamless clone); "
-              "frames and MP4 take its size. --source must then be SadTalker's crop of it.",
-              path=True, metavar="PICTURE", column=True, commands=(RENDER,)),
-    OptionRow("crop_box", ("--crop-box",),
-              "The face box in the original picture (SadTalker's ox1,oy1,ox2,oy2). With --paste-into: skip the "
-              "search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.",
-              type=CropBox(), column=True, commands=(RENDER,)),
-)
-
-
-@dataclass(frozen=True)
-class Options:
-    """A job's paste-back options (`job.stages["paste"]`), one field per row of `OPTIONS`."""
-
-    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
-    crop_box: Optional[Box] = None  # x1,y1,x2,y2 in it; None with paste_into: found
-
-
-def input_files(options: Options, job) -> List[Tuple[Path, str]]:
-    """The files paste-back reads, `(path, role)`: the original picture, and SadTalker's crop (`job.source`)
-    when the box is searched for."""
-    if not isinstance(options.paste_into, (str, os.PathLike)):
-        return []
-    files = [(Path(options.paste_into), "--paste-into")]
-    if options.crop_box is None and isinstance(getattr(job, "source", None), (str, os.PathLike)):
-        files.append((Path(job.source), "--source"))
-    return files
 
 
 def format_box(box: Box) -> str:
@@ -86,16 +55,51 @@ def parse_box(text: str) -> Box:
     return x1, y1, x2, y2
 
 
+# `x1,y1,x2,y2`: SadTalker's face box in the original picture (ox1,oy1,ox2,oy2), exclusive ends.
+CROP_BOX = ParsedText("X1,Y1,X2,Y2", parse_box)
+
+
+OPTIONS = (
+    OptionRow("paste_into", ("--paste-into",),
+              "Paste the face back into this original picture, SadTalker's full-mode way (seamless clone); "
+              "frames and MP4 take its size. --source must then be SadTalker's crop of it.",
+              path=True, metavar="PICTURE", column=True, commands=(RENDER,)),
+    OptionRow("crop_box", ("--crop-box",),
+              "The face box in the original picture (SadTalker's ox1,oy1,ox2,oy2). With --paste-into: skip the "
+              "search; alone: frames resized to the box's aspect, as SadTalker's <name>.mp4.",
+              type=CROP_BOX, column=True, commands=(RENDER,)),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """A job's paste-back options (`job.stages["paste"]`), one field per row of `OPTIONS`."""
+
+    paste_into: Optional[Path] = None  # the original picture: frames are pasted back into it (its size)
+    crop_box: Optional[Box] = None  # x1,y1,x2,y2 in it; None with paste_into: found
+
+
+def input_files(options: Options, job) -> List[Tuple[Path, str]]:
+    """The files paste-back reads, `(path, role)`: the original picture, and SadTalker's crop (`job.source`)
+    when the box is searched for."""
+    if not isinstance(options.paste_into, (str, os.PathLike)):
+        return []
+    files = [(Path(options.paste_into), "--paste-into")]
+    if options.crop_box is None and isinstance(getattr(job, "source", None), (str, os.PathLike)):
+        files.append((Path(job.source), "--source"))
+    return files
+
+
 def aspect_size(size_px: int, box: Box) -> Tuple[int, int]:
     """(width, height) of SadTalker's `<name>.mp4` frames for this box: `(size, int(size * h / w))`."""
-    from ..nets.paste import aspect_height_px
+    from ..imaging.resize import aspect_height_px
 
     return size_px, aspect_height_px(size_px, box[2] - box[0], box[3] - box[1])
 
 
 def find_crop_box(crop_path: Path, picture_path: Path, crop_what: str = "--source",
                   picture_what: str = "--paste-into"):
-    """Locate SadTalker's crop PNG in the original picture. Returns `nets.paste.BoxMatch`; raises
+    """Locate SadTalker's crop PNG in the original picture. Returns `imaging.box_search.BoxMatch`; raises
     MediaError, suggesting --crop-box, when the picture does not hold the crop."""
     from .. import media
 
@@ -107,13 +111,13 @@ def find_crop_box(crop_path: Path, picture_path: Path, crop_what: str = "--sourc
 def locate_crop(crop: np.ndarray, picture: np.ndarray, crop_path: Path, picture_path: Path):
     import torch
 
-    from ..nets import paste
+    from ..imaging import box_search
 
     height_px, width_px = picture.shape[:2]
-    if min(height_px, width_px) < paste.MIN_BOX_PX:
+    if min(height_px, width_px) < box_search.MIN_BOX_PX:
         raise MediaError(f"{picture_path}: a {width_px}x{height_px} picture is too small to hold a face crop")
     try:
-        match = paste.find_box(torch.from_numpy(crop), torch.from_numpy(picture))
+        match = box_search.find_box(torch.from_numpy(crop), torch.from_numpy(picture))
     except ValueError as exc:  # no candidate box fits the picture at all
         raise MediaError(f"{picture_path}: cannot hold the crop {crop_path} ({exc}); {BOX_HINT}") from exc
     if match.mean_abs_levels > CROP_MATCH_MAX_MEAN_LEVELS:
@@ -146,9 +150,9 @@ class AspectResize:
         """No weights."""
 
     def __call__(self, frames):
-        from ..nets import paste
+        from ..imaging.resize import resize_to_box_aspect
 
-        return paste.resize_to_box_aspect(frames, self.box[2] - self.box[0], self.box[3] - self.box[1])
+        return resize_to_box_aspect(frames, self.box[2] - self.box[0], self.box[3] - self.box[1])
 
 
 @dataclass
@@ -180,10 +184,11 @@ class PasteBack:
         self._picture_t = torch.from_numpy(picture).to(device)
 
     def __call__(self, frames):
-        from ..nets import paste
+        from ..imaging.resize import resize_linear
+        from ..imaging.seamless_clone import paste_frames
 
         x1, y1, x2, y2 = self.box
-        return paste.paste_frames(paste.resize_linear(frames, x2 - x1, y2 - y1), self._picture_t, self.box)
+        return paste_frames(resize_linear(frames, x2 - x1, y2 - y1), self._picture_t, self.box)
 
 
 def plan(options: Options, job, size_px: int, note: Callable[[str], None]) -> List:

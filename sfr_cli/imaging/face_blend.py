@@ -1,14 +1,14 @@
-"""Paste-back of restored faces, exact to facexlib's FaceRestoreHelper.paste_faces_to_input_image
-(`use_parse=True`, the branch GFPGAN takes) and the OpenCV 4.14 calls it makes:
+"""Restored faces blended back into their frames, exact to facexlib's
+FaceRestoreHelper.paste_faces_to_input_image (`use_parse=True`, the branch GFPGAN takes) and the OpenCV 4.14
+calls it makes:
 
-- `resize_lanczos4`: `cv2.resize(..., interpolation=cv2.INTER_LANCZOS4)` for uint8, bit for bit, any size
-  (the background: the frame upscaled `upscale` times);
+- `upsample_background`: the frame upscaled `upscale` times with `resize.resize_lanczos4`;
 - `paste_inverse_affines`: `cv2.invertAffineTransform(M) * upscale` plus facexlib's extra offset;
 - `paste_faces`: each restored face and its soft parse mask warped back into the upscaled frame and blended,
   `mask * face + (1 - mask) * background` in float64 face after face, truncated to uint8 at the end, all
   computed only inside each face's footprint (outside it the warped mask is exactly 0 and the background
   is kept bit for bit);
-- `paste_back`: the three together, for `--enhancer-upscale` 1 or 2.
+- `blend_restored_faces`: the three together, for `--enhancer-upscale` 1 or 2.
 
 No file access and no device choice: tensors stay where the caller put them. Images are `(B, C, H, W)`
 with any channel order (every channel is treated alike); affine matrices `(N, 2, 3) float64`.
@@ -16,88 +16,12 @@ with any channel order (every channel is treated alike); affine matrices `(N, 2,
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Tuple
 
 import torch
 
 from .face_align import invert_affine, warp_affine, warp_footprint
-
-# cv::resize: Lanczos-4 taps as float32, scaled to 11-bit fixed point; the two passes' products drop
-# 22 bits with rounding at the end.
-LANCZOS_TAPS = 8
-RESIZE_COEF_BITS = 11
-RESIZE_COEF_SCALE = 1 << RESIZE_COEF_BITS
-_FLT_EPSILON = 1.1920928955078125e-07
-_S45 = 0.70710678118654752440084436210485
-_LANCZOS_CS = ((1, 0), (-_S45, -_S45), (0, 1), (_S45, -_S45), (-1, 0), (_S45, _S45), (0, -1), (-_S45, _S45))
-
-
-# --------------------------------------------------------------------------------------------------
-# cv2.resize(INTER_LANCZOS4) for uint8
-# --------------------------------------------------------------------------------------------------
-def _lanczos4_taps(src_px: int, dst_px: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Source indices `(dst_px, 8)` int64 (replicated at the edges) and 11-bit weights `(dst_px, 8)` int32.
-
-    As cv::resize: position `(float)((d + 0.5) * scale - 0.5)` with `scale = 1 / (dst / src)` in double,
-    its floor and float32 fraction; interpolateLanczos4 of the fraction (sin/cos in double, each tap
-    stored as float32, their float32 sum's reciprocal applied in float32); taps rounded half to even.
-    """
-    scale = 1.0 / (dst_px / src_px)
-    pos = ((torch.arange(dst_px, dtype=torch.float64) + 0.5) * scale - 0.5).to(torch.float32)
-    start = torch.floor(pos)
-    frac = pos - start  # float32, exact
-    shifted = frac + 3  # float arithmetic in OpenCV too: x + 3 and x + 3 - i round to float32
-    taps = []
-    y0 = -shifted.to(torch.float64) * math.pi * 0.25
-    s0, c0 = torch.sin(y0), torch.cos(y0)
-    for i, (cs_sin, cs_cos) in enumerate(_LANCZOS_CS):
-        y = -(shifted - i).to(torch.float64) * math.pi * 0.25
-        taps.append(((cs_sin * s0 + cs_cos * c0) / (y * y)).to(torch.float32))
-    total = torch.zeros(dst_px, dtype=torch.float32)
-    for tap in taps:
-        total = total + tap
-    total = 1.0 / total
-    coeffs = torch.stack([tap * total for tap in taps], 1)
-    exact = torch.zeros(LANCZOS_TAPS, dtype=torch.float32)
-    exact[3] = 1
-    coeffs = torch.where((frac < _FLT_EPSILON)[:, None], exact, coeffs)
-    weights = torch.round(coeffs * RESIZE_COEF_SCALE).to(torch.int32)
-    index = start.to(torch.int64)[:, None] + torch.arange(-3, 5)[None, :]
-    return index.clamp_(0, src_px - 1).to(device), weights.to(device)
-
-
-def resize_lanczos4(images: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """`cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LANCZOS4)`, bit for bit.
-
-    images: `(B, C, H, W) uint8`; returns `(B, C, out_h, out_w) uint8` on the same device (a copy when
-    the size does not change, as OpenCV). Horizontal pass first (int32 sums of 11-bit taps), then the
-    vertical one, `(sum + 2^21) >> 22` saturated to [0, 255]; edge pixels are replicated. All in int32, as
-    OpenCV: no input can overflow it (the largest sum is 255 * (P^2 + N^2) < 2.11e9 for the taps' positive
-    and negative parts P and N).
-    """
-    if images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError(f"resize_lanczos4 takes (B, C, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
-    _, _, src_h, src_w = images.shape
-    if (src_h, src_w) == (out_h, out_w):
-        return images.clone()
-    x_index, x_weights = _lanczos4_taps(src_w, out_w, images.device)
-    y_index, y_weights = _lanczos4_taps(src_h, out_h, images.device)
-    # the horizontal pass gathers whole columns: transposed, they are contiguous rows (4x faster on a CPU)
-    columns = images.transpose(2, 3).to(torch.int32).contiguous()
-    rows = _weighted_rows(columns, x_index, x_weights).transpose(2, 3).contiguous()
-    out = _weighted_rows(rows, y_index, y_weights)
-    shift = 2 * RESIZE_COEF_BITS
-    return ((out + (1 << (shift - 1))) >> shift).clamp_(0, 255).to(torch.uint8)
-
-
-def _weighted_rows(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`out[..., i, :] = sum_k weights[i, k] * values[..., index[i, k], :]`, int32 like OpenCV's sums."""
-    out = None
-    for k in range(LANCZOS_TAPS):
-        term = values.index_select(2, index[:, k]).mul_(weights[:, k, None])
-        out = term if out is None else out.add_(term)
-    return out
+from .resize import resize_lanczos4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,9 +126,9 @@ def paste_faces(background: torch.Tensor, restored_faces: torch.Tensor, soft_mas
     return out
 
 
-def paste_back(frames: torch.Tensor, restored_faces: torch.Tensor, soft_masks: torch.Tensor,
-               affine_matrices: torch.Tensor, frame_index: torch.Tensor, upscale: float = 2,
-               blend_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def blend_restored_faces(frames: torch.Tensor, restored_faces: torch.Tensor, soft_masks: torch.Tensor,
+                         affine_matrices: torch.Tensor, frame_index: torch.Tensor, upscale: float = 2,
+                         blend_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """paste_faces_to_input_image end to end: frames `(B, C, H, W) uint8`, the faces' restored crops,
     soft masks and face-to-template `affine_matrices` `(N, 2, 3)` (from `similarity_lmeds`), frame_index
     `(N,)`. Returns `(B, C, int(H * upscale), int(W * upscale)) uint8`; a frame without faces is just its
