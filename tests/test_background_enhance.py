@@ -59,6 +59,7 @@ def enhance(runner, frames, weights, out, *options, env=None):
     return read_png_frames(out), json.loads(result.stdout)
 
 
+@pytest.mark.heavy
 def test_background_alone_upscales_whole_frames_as_realesrganer(runner, reference_dir, weights, tmp_path):
     """`sfr enhance --enhancer none --background-enhancer realesrgan-tiny`: every frame is the tile runner's
     2x picture (RealESRGANer's steps; `--enhancer-upscale 1`: its outscale=1, 2x then Lanczos-4 down)."""
@@ -77,6 +78,7 @@ def test_background_alone_upscales_whole_frames_as_realesrganer(runner, referenc
     assert same_size.shape == (4, 256, 256, 3)
 
 
+@pytest.mark.heavy
 def test_tile_reuse_on_and_off_give_the_same_frames(runner, reference_dir, weights, tmp_path):
     """A paste-back clip (640 x 1024, six 400-px tiles, the face box in four): with reuse the two tiles away
     from the box are computed once for the clip, without it every tile of every frame; the frames are the
@@ -98,6 +100,7 @@ def test_tile_reuse_on_and_off_give_the_same_frames(runner, reference_dir, weigh
     assert np.mean(reused == background) > 0.6 > np.mean(np.abs(reused - lanczos) <= 1)
 
 
+@pytest.mark.heavy
 def test_reuse_never_crosses_clips(reference_dir, weights):
     """A stage's `load` starts a clip: the same picture in the next clip is computed again, not reused."""
     files = enhance_stage.find_background_weights("realesrgan-tiny", weights)
@@ -112,6 +115,7 @@ def test_reuse_never_crosses_clips(reference_dir, weights):
     assert (stage.report()["background_tiles_computed"], stage.report()["background_tiles_reused"]) == (6, 0)
 
 
+@pytest.mark.heavy
 def test_render_and_batch_take_the_background_enhancer(runner, reference_dir, tiny_checkpoints, weights, tmp_path):
     """`sfr render --background-enhancer` without a face enhancer: whole rendered frames 2x; `sfr batch`'s
     `background_enhancer` column, a row's `none` turning the batch's default off; the Renderer keyword."""
@@ -148,6 +152,7 @@ def test_render_and_batch_take_the_background_enhancer(runner, reference_dir, ti
     np.testing.assert_array_equal(read_png_frames(tmp_path / "rows_off"), plain)
 
 
+@pytest.mark.heavy
 def test_restoreformer_runs_the_same_face_path(runner, reference_dir, weights, tmp_path):
     """`--enhancer restoreformer-tiny` runs the face path (detector, paste) with another restorer; `--enhancer-noise random` is noted as not applying; SadTalker's spelling
     `RestoreFormer` names the full-size restorer (whose file these tiny weights are not)."""
@@ -167,6 +172,7 @@ def test_restoreformer_runs_the_same_face_path(runner, reference_dir, weights, t
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.heavy
 def test_precision_other_than_fp32_is_noted_once(runner, reference_dir, tiny_checkpoints, weights, tmp_path):
     """Real-ESRGAN stays fp32 under `--precision bf16` (not yet shown within 40 dB of fp32), said once."""
     golden = reference_dir / "golden-crop"

@@ -113,6 +113,7 @@ def test_a_batch_detects_what_each_frame_does_alone(full_net, golden):
         assert_detections_close(got, want, f"frame {i} batched vs upstream")
 
 
+@pytest.mark.heavy
 def test_random_weights_at_full_width_are_the_reference_file(enhancer_reference_weights):
     """random_state_dict draws and conditions like make_enhancer_checkpoints.py: bit for bit at seed 14."""
     state = rf.strip_module_prefix(

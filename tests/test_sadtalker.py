@@ -114,6 +114,7 @@ def test_generate_writes_the_video_sadtalker_returns(tmp_path, reference_dir, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coeffs.mp4", "coeffs_enhanced.mp4"]
 
 
+@pytest.mark.heavy
 def test_generate_passes_restoreformer_and_realesrgan_through(tmp_path, reference_dir, tiny_checkpoints,
                                                               tiny_optional_enhancer_weights, monkeypatch):
     """SadTalker's `--enhancer RestoreFormer --background_enhancer realesrgan` reach sfr's stage (their tiny

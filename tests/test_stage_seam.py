@@ -181,6 +181,7 @@ def test_the_stage_module_brings_its_flag_to_every_command(seam):
         assert "--flip-weights" in out[command + "_help"], command
 
 
+@pytest.mark.heavy
 def test_a_missing_weights_file_is_a_clean_error_before_any_model_loads(seam):
     out, work = seam
     missing = out["missing"]
