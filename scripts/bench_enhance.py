@@ -182,7 +182,7 @@ def bench_speed(args) -> list:
 
 def memory_child(args) -> dict:
     """One clip of `args.memory_child` frames through `streaming.render_enhance`; its report as a dict."""
-    from sfr_cli import jobs, streaming
+    from sfr_cli import enhance_jobs, streaming
     from sfr_cli.engine import peak_rss_mib
     from sfr_cli.progress import SilentReporter
     from sfr_cli.models import ModelCache
@@ -195,10 +195,10 @@ def memory_child(args) -> dict:
         golden = sorted((Path(args.reference) / "golden-enhance" / "frames").glob("*.png"))
         for i in range(count):  # links, not copies: the input costs no memory or disk
             (frames_dir / f"{i:06d}.png").symlink_to(golden[i % len(golden)])
-        job = jobs.EnhanceJob.make(input=frames_dir, output=tmp / "out.mp4", enhancer="gfpgan-tiny",
+        job = enhance_jobs.EnhanceJob.make(input=frames_dir, output=tmp / "out.mp4", enhancer="gfpgan-tiny",
                               enhancer_dir=Path(args.weights), device=args.device, batch_size=args.batch)
         rss_before = peak_rss_mib()
-        prepared = jobs.prepare_enhance(job)
+        prepared = enhance_jobs.prepare_enhance(job)
         report = streaming.render_enhance(prepared, SilentReporter(), ModelCache())
         return {"frames": report.frames, "faces": report.stages.get("enhancer_faces"),
                 "peak_rss_mib": round(peak_rss_mib(), 1), "peak_rss_before_mib": round(rss_before, 1),

@@ -286,7 +286,7 @@ def enhance(input_path: Path, quiet: bool, as_json: bool, **given) -> None:
     existing ones refused without --overwrite, every input checked before any model loads. Prints the MP4
     path (or the frames folder), or with --json one JSON object.
     """
-    from .jobs import EnhanceJob, prepare_enhance
+    from .enhance_jobs import EnhanceJob, prepare_enhance
     from .models import ModelCache
     from .streaming import render_enhance
 

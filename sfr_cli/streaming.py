@@ -262,7 +262,7 @@ def render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
 
 
 def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
-    """`sfr enhance`: a checked `jobs.PreparedEnhance`'s frames, decoded in batches (the frame source),
+    """`sfr enhance`: a checked `enhance_jobs.PreparedEnhance`'s frames, decoded in batches (the frame source),
     through its stages on the device and into its sinks: the same lane and sinks as a render's. Nothing
     is left at the outputs on failure or interrupt; memory stays flat (frames are read, enhanced and
     written a batch at a time)."""
@@ -324,7 +324,7 @@ def _stream(group: Sequence, frames_of: Callable[[set], Iterator[Tuple[int, Unio
     error)`, as `run_chains` yields them; `skip` names jobs whose frames are no longer wanted) to each
     job's `ClipSinks`; yield `(index, frames written, seconds)` when a job is committed, `(index, error,
     seconds)` when it fails, in job order (see `render_prepared_group`). A job is a `jobs.PreparedJob`
-    or a `jobs.PreparedEnhance` (what `open_sinks` reads).
+    or an `enhance_jobs.PreparedEnhance` (what `open_sinks` reads).
 
     A job's sinks open with its first frame. After its last, its commit (the writer draining, ffmpeg
     finishing the file) runs in the background while the next job's frames render and encode, so

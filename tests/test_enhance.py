@@ -14,7 +14,7 @@ import torch
 
 from sfr_cli.stages import enhance as enhance_stage
 from sfr_cli.errors import CheckpointError, ConfigError
-from sfr_cli.jobs import EnhanceJob, prepare_enhance
+from sfr_cli.enhance_jobs import EnhanceJob, prepare_enhance
 from sfr_cli.imaging import face_blend
 from sfr_cli.progress import SilentReporter
 from sfr_cli.models import ModelCache

@@ -169,7 +169,7 @@ def test_case15_tiny_weights_name_the_enhancer_not_a_config(runner, tiny_enhance
 
 def test_case15_an_empty_input_is_refused_and_a_dot_names_its_folder(runner, tiny_enhancer_weights, tmp_path,
                                                                     monkeypatch, no_model_load):
-    from sfr_cli.jobs import default_enhanced_name
+    from sfr_cli.enhance_jobs import default_enhanced_name
 
     monkeypatch.chdir(make_frames(tmp_path / "takes", ["0.png"]))
     result = runner.invoke(sfr, enhance_args(tiny_enhancer_weights, "--input", ""))

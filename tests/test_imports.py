@@ -71,6 +71,7 @@ RULES = {
                              {"numpy", "torch", "click"}),
     "sfr_cli.progress": rule((), {"rich"}),
     "sfr_cli.jobs": rule(LIBRARY, {"numpy"}),  # one job's checks before any model loads
+    "sfr_cli.enhance_jobs": rule(LIBRARY | {"jobs"}),  # `sfr enhance`'s job and its checks (jobs' shared ones)
     # models in one home: the cache, engine building, stage models, source images and states
     "sfr_cli.models": rule(LIBRARY, {"numpy"}),
     # the one pipeline: frame source (engine, decoded frames) -> stages -> sinks

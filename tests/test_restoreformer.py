@@ -123,7 +123,7 @@ def test_golden_restoreformer_two_face_frame_through_the_stage(restoreformer_ref
 
     from conftest import frame_gap, one_torch_thread, read_png_frames
 
-    from sfr_cli.jobs import EnhanceJob, prepare_enhance
+    from sfr_cli.enhance_jobs import EnhanceJob, prepare_enhance
     from sfr_cli.models import ModelCache
     from sfr_cli.progress import SilentReporter
     from sfr_cli.streaming import render_enhance
