@@ -38,7 +38,7 @@ import torch
 
 from sfr_cli.bench import job_inputs, load_or_random_networks, sync_device
 from sfr_cli.config import CONFIG_DIR, load_config
-from sfr_cli.engine import Clip, Engine, EngineOptions, configure_torch
+from sfr_cli.engine import ClipMotion, Engine, EngineOptions, configure_torch
 
 
 def alone(engine: Engine, source, clips):
@@ -133,7 +133,7 @@ def main() -> None:
     image, semantics = job_inputs(config.mapping.coeff_nc, args.frames * args.clips, args.size)
     source = engine.prepare_source(image, semantics.source_window())
     # the clips: consecutive stretches of one long smooth clip, each its own Semantics (own windows)
-    clips = [Clip(replace(semantics, driving=semantics.driving[i * args.frames:(i + 1) * args.frames]))
+    clips = [ClipMotion(replace(semantics, driving=semantics.driving[i * args.frames:(i + 1) * args.frames]))
              for i in range(args.clips)]
 
     ways = {"alone": alone, "packed": packed}

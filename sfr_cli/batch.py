@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import outputs
-from .batch_plan import DONE, FAILED, SKIPPED, TODO, Plan, RowResult, Task, optional_str
+from .batch_plan import DONE, FAILED, SKIPPED, TODO, Plan, RowResult, PlannedRow, optional_str
 from .errors import SfrError
 from .jobs import RenderJob, output_paths
 from .options import shared_rows
@@ -35,7 +35,7 @@ GLOB_REPORT_NAME = "sfr-batch.report.jsonl"
 # Running tasks
 
 
-def run_task(renderer, task: Task, *, reraise: bool = False) -> RowResult:
+def run_task(renderer, task: PlannedRow, *, reraise: bool = False) -> RowResult:
     """Render one task with `renderer` (a `Renderer`); any failure becomes the row's failed result.
     `reraise` (in-process with --debug) lets an unexpected error out with its traceback."""
     started = time.perf_counter()
@@ -46,7 +46,7 @@ def run_task(renderer, task: Task, *, reraise: bool = False) -> RowResult:
     return row_result(task, outcome, time.perf_counter() - started, reraise=reraise)
 
 
-def row_result(task: Task, outcome, seconds: float, *, reraise: bool = False) -> RowResult:
+def row_result(task: PlannedRow, outcome, seconds: float, *, reraise: bool = False) -> RowResult:
     """A task's report line from what rendering it gave: a `RenderReport` (done), an `SfrError` (the
     user's: failed with its message) or another exception (a bug: failed as an internal error, or
     raised with its traceback when `reraise`)."""
@@ -84,8 +84,8 @@ class InProcessBackend:
         self.debug = debug
         self.renderer = renderer  # a warm Renderer to reuse (the benchmark's), else one is made per run
 
-    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None],
-            note: Optional[Callable[[str], None]] = None):
+    def run(self, tasks: List[PlannedRow], on_start: Callable[[PlannedRow], None],
+            on_done: Callable[[PlannedRow, RowResult], None], note: Optional[Callable[[str], None]] = None):
         from .renderer import Renderer
 
         renderer = self.renderer if self.renderer is not None else Renderer(**self.renderer_settings)
@@ -166,7 +166,7 @@ def run_batch(plan: Plan, backend, report: ReportFile, progress) -> BatchSummary
         results.append(result)
         progress.settled(result)
 
-    def on_done(task: Task, result: RowResult) -> None:
+    def on_done(task: PlannedRow, result: RowResult) -> None:
         report.write(result)
         results.append(result)
         progress.settled(result, task.frames)

@@ -1,8 +1,9 @@
 """A batch's plan, made before any model loads: each row's `RenderJob` with the batch's defaults, the
 clash index (no row writes another row's input or output, through symlinks, `..` and hard links), rows
 already done (resume) or rendered by another live run skipped, every other row checked as `sfr render`
-checks it, and the tasks ordered longest first. The plan's `Task`s go to a backend; its settled rows and
-the backends' results are `RowResult`s, one report line each (`batch`)."""
+checks it, and the rows to render ordered longest first: a `ManifestRow` as written, a `PlannedRow` as
+planned (`plan.tasks`, a backend's tasks), a `RowResult` as settled (the skipped rows and the backends'
+results), one report line each (`batch`)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ TODO = "todo"  # --dry-run: would render
 
 
 @dataclass
-class Task:
-    """A checked row, ready for a backend: its job (outputs resolved), its length in frames and the job as
-    the plan checked it (`jobs.PreparedJob` without pixels, picklable: the render and the workers take it
-    as it is, not checking the row again; None: the backend plans it, as Ray's actors do)."""
+class PlannedRow:
+    """A checked row, ready for a backend (one of `plan.tasks`): its job (outputs resolved), its length in
+    frames and the job as the plan checked it (`jobs.PreparedJob` without pixels, picklable: the render and
+    the workers take it as it is, not checking the row again; None: the backend plans it, as Ray's actors
+    do)."""
 
     row: int
     job: RenderJob
@@ -185,7 +187,7 @@ class Plan:
     """What a batch will do: tasks to render (longest first) and rows already settled (skipped/failed);
     `reads`/`writes`: every path any row reads or writes (and the files all rows share), for `check_report`."""
 
-    tasks: List[Task] = field(default_factory=list)
+    tasks: List[PlannedRow] = field(default_factory=list)
     settled: List[RowResult] = field(default_factory=list)
     total: int = 0
     reads: List[Place] = field(default_factory=list)
@@ -300,7 +302,7 @@ def plan_rows(rows: Sequence[ManifestRow], defaults: BatchDefaults, *, prefix: s
             if path is not None and Path(path) not in shared_found:
                 shared_found.add(Path(path))
                 plan.reads.append(Place.of(0, path, role))
-        plan.tasks.append(Task(row.number, job, prepared.frame_count, prepared=prepared.without_pixels()))
+        plan.tasks.append(PlannedRow(row.number, job, prepared.frame_count, prepared=prepared.without_pixels()))
     plan.tasks.sort(key=lambda task: (-task.frames, task.row))
     return plan
 

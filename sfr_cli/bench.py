@@ -216,7 +216,7 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
     """sfr as ``sfr render`` runs it: ``streaming.stream_frames`` (the engine, the frame stages' lane, the
     one copy to the host) into ``media.ClipSinks`` (the writer thread and the H.264 encoder).
     One warm-up pass, one timed pass, one pass rendering alone, one pass for the stage split."""
-    from .engine import Clip
+    from .engine import ClipMotion
     from .media import find_ffmpeg
     from .media import ClipSinks
     from .streaming import stream_frames
@@ -224,7 +224,7 @@ def run_sfr(nets: Networks, options: EngineOptions, image: np.ndarray, semantics
     device = resolve_device(options.device)
     _reset_cuda(device)
     frames_out = []
-    clip = Clip(semantics)
+    clip = ClipMotion(semantics)
 
     def frames(engine, source):
         for _, frame in stream_frames(engine, source, [clip], [[]]):

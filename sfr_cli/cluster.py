@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .batch import run_task
-from .batch_plan import RowResult, Task
+from .batch_plan import RowResult, PlannedRow
 from .dispatch import DIED, DONE, READY, Event, dispatch
 from .errors import SfrError
 from .jobs import output_paths
@@ -50,7 +50,7 @@ class _RowActor:
         """This actor's process id; answered once the models are loaded (the actor is ready)."""
         return os.getpid()
 
-    def run(self, task: Task) -> RowResult:
+    def run(self, task: PlannedRow) -> RowResult:
         return run_task(self.renderer, task)
 
 
@@ -84,8 +84,8 @@ class RayBackend:
                                "`ray start --head`, or use --ray local") from exc
         return ray
 
-    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None],
-            note: Optional[Callable[[str], None]] = None):
+    def run(self, tasks: List[PlannedRow], on_start: Callable[[PlannedRow], None],
+            on_done: Callable[[PlannedRow, RowResult], None], note: Optional[Callable[[str], None]] = None):
         if not tasks:
             return
         watchdog = DriverWatchdog() if self.address == "local" else None
@@ -158,7 +158,7 @@ class _ActorPool:
         self.calls[actor.pid.remote()] = (self.started, None)
         return self.started
 
-    def submit(self, worker: int, task: Task) -> None:
+    def submit(self, worker: int, task: PlannedRow) -> None:
         self.calls[self.actors[worker].run.remote(_absolute(task))] = (worker, task)
 
     def stop(self, worker: int) -> None:
@@ -200,7 +200,7 @@ class _ActorPool:
             wait_for_exit(list(self.pids.values()), timeout_seconds=JOIN_SECONDS)
 
 
-def _absolute(task: Task) -> Task:
+def _absolute(task: PlannedRow) -> PlannedRow:
     """The task with absolute paths: an actor's working folder is not the driver's. The actor plans the
     job again (the driver's plan names files by the driver's paths)."""
     from .jobs import with_options

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Hashable, List, Optional, Protocol
 
-from .batch_plan import FAILED, RowResult, Task
+from .batch_plan import FAILED, RowResult, PlannedRow
 from .jobs import output_paths
 from .outputs import remove_leftovers, resolved
 
@@ -51,7 +51,7 @@ class Pool(Protocol):
     def start(self) -> Hashable:
         """Start a worker; it reports READY (or DIED) through `wait`."""
 
-    def submit(self, worker: Hashable, task: Task) -> None:
+    def submit(self, worker: Hashable, task: PlannedRow) -> None:
         """Hand an idle worker a task; its DONE (or DIED) comes through `wait`."""
 
     def stop(self, worker: Hashable) -> None:
@@ -67,8 +67,8 @@ class Pool(Protocol):
         """Stop every worker (idle or not) and wait for them to end."""
 
 
-def dispatch(tasks: List[Task], pool: Pool, on_start: Callable[[Task], None],
-             on_done: Callable[[Task, RowResult], None], *, workers: int,
+def dispatch(tasks: List[PlannedRow], pool: Pool, on_start: Callable[[PlannedRow], None],
+             on_done: Callable[[PlannedRow, RowResult], None], *, workers: int,
              note: Optional[Callable[[str], None]] = None) -> None:
     """Run `tasks` (longest first) on at most `workers` workers of `pool`, calling `on_start` when a task
     is handed out and `on_done` with each row's result (once per task). `note` gets one line per worker
@@ -78,12 +78,12 @@ def dispatch(tasks: List[Task], pool: Pool, on_start: Callable[[Task], None],
     note = note or _print_note
     pending = collections.deque(tasks)  # longest first; a retried task goes back in front (still the longest)
     live: set = set()  # started and neither dead nor stopped
-    assigned: Dict[Hashable, Task] = {}
+    assigned: Dict[Hashable, PlannedRow] = {}
     deaths: Dict[int, str] = {}  # row -> its first worker's death, for the report line
     remaining = len(tasks)
     idle_deaths = 0
 
-    def settle(task: Task, result: RowResult) -> None:
+    def settle(task: PlannedRow, result: RowResult) -> None:
         nonlocal remaining
         remaining -= 1
         if task.row in deaths:
@@ -143,7 +143,7 @@ def dispatch(tasks: List[Task], pool: Pool, on_start: Callable[[Task], None],
             _remove_dead_temporaries(task)
 
 
-def failed_result(task: Task, message: str) -> RowResult:
+def failed_result(task: PlannedRow, message: str) -> RowResult:
     """The failed result of a task that no worker could finish."""
     output, frames_dir = output_paths(task.job)
     return RowResult(task.row, str(task.job.coeffs), None if output is None else str(output), FAILED,
@@ -163,7 +163,7 @@ def _print_note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _remove_dead_temporaries(task: Task) -> None:
+def _remove_dead_temporaries(task: PlannedRow) -> None:
     """What a dead worker left for its task's outputs: its MP4's and frames folder's temporaries and locks
     (taking a dead run's lock removes its temporaries; giving it back removes the lock file)."""
     output, frames_dir = output_paths(task.job)

@@ -119,9 +119,9 @@ POSE_NAMES = ("yaw", "pitch", "roll")
 
 
 @dataclass(frozen=True)
-class Clip:
-    """One clip of a render: its ``coeffs.Semantics`` and, optionally, per-frame head angles in degrees
-    ``(N,) float32`` that replace the predicted ones (``yaw``, ``pitch``, ``roll``)."""
+class ClipMotion:
+    """What drives one clip of a render: its ``coeffs.Semantics`` and, optionally, per-frame head angles in
+    degrees ``(N,) float32`` that replace the predicted ones (``yaw``, ``pitch``, ``roll``)."""
 
     semantics: object
     yaw: Optional[np.ndarray] = None
@@ -144,7 +144,7 @@ class Clip:
 class _ClipStream:
     """Clips laid end to end as one stream of frames; ``batch(start, stop)`` cuts any stretch of it."""
 
-    def __init__(self, clips: Sequence[Clip]):
+    def __init__(self, clips: Sequence[ClipMotion]):
         self.clips = list(clips)
         counts = [clip.frame_count for clip in self.clips]
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
@@ -398,10 +398,10 @@ class Engine:
                progress: Optional[Callable[[int], None]] = None) -> Iterator[np.ndarray]:
         """Yield every frame of ``semantics`` in order, ``(S, S, 3) uint8`` on the host, in batches: the
         one-clip case of ``render_clips``. (No frame stages: ``streaming`` runs those.)"""
-        for _, frame in self.render_clips(source, [Clip(semantics, yaw, pitch, roll)], progress=progress):
+        for _, frame in self.render_clips(source, [ClipMotion(semantics, yaw, pitch, roll)], progress=progress):
             yield frame
 
-    def render_clips(self, source: SourceState, clips: Sequence["Clip"], *,
+    def render_clips(self, source: SourceState, clips: Sequence["ClipMotion"], *,
                      progress: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[int, np.ndarray]]:
         """``launch_clips`` with each batch copied to the host: ``(clip index, (S, S, 3) uint8 frame)``."""
         for batch in self.launch_clips(source, clips):
@@ -411,7 +411,7 @@ class Engine:
             if progress is not None:
                 progress(len(frames))
 
-    def launch_clips(self, source: SourceState, clips: Sequence["Clip"]) -> Iterator[DeviceFrames]:
+    def launch_clips(self, source: SourceState, clips: Sequence["ClipMotion"]) -> Iterator[DeviceFrames]:
         """Yield every frame of every clip as batches on the render device (``DeviceFrames``), clip after
         clip, each clip's frames in order. All clips share ``source``; the clips are one stream of frames
         cut into batches, so a batch may end one clip and begin the next (``stats.batch_sizes`` shows it):

@@ -99,11 +99,11 @@ class Renderer:
         """Yield the clip's frames in order, `(H, W, 3) uint8 RGB`: what `sfr render --frames-dir` writes,
         every frame stage included (paste-back with `paste_into`/`crop_box`, ...). Everything is checked
         and loaded before the first frame (this is not lazy about errors)."""
-        from .engine import Clip
+        from .engine import ClipMotion
 
         prepared = prepare_job(self.job(coeffs, source, **options), in_memory=True, sources=self.models.source_images)
         engine, state = load_group([prepared], self.models)
-        clip = Clip(prepared.semantics, prepared.yaw, prepared.pitch, prepared.roll)
+        clip = ClipMotion(prepared.semantics, prepared.yaw, prepared.pitch, prepared.roll)
         return ClipFrames(_frames_only(stream_frames(engine, state, [clip], [prepared.stages])), prepared)
 
     def render(self, coeffs, source, output=None, frames_dir=None, audio=None, *,

@@ -73,7 +73,7 @@ def render_prepared_group(group: Sequence[PreparedJob], reporter: Reporter, mode
 
 def _render_group(group: Sequence[PreparedJob], reporter: Reporter, models
                   ) -> Iterator[Tuple[int, Union[RenderReport, Exception]]]:
-    from .engine import Clip, peak_rss_mib
+    from .engine import ClipMotion, peak_rss_mib
 
     if not group:
         return
@@ -99,7 +99,7 @@ def _render_group(group: Sequence[PreparedJob], reporter: Reporter, models
 
     # 3. Frames: engine -> stages -> host -> bounded queue -> writer thread -> MP4 and/or PNG frames, per job.
     reporter.start(total)
-    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
+    clips = [ClipMotion(p.semantics, p.yaw, p.pitch, p.roll) for p in group]
     chains = [p.stages for p in group]
 
     def frames(skip: set):
@@ -230,7 +230,7 @@ def run_chains(batches: Iterator, device, chains: Sequence[Sequence], progress=N
 
 def stream_frames(engine, state, clips: Sequence, chains: Sequence[Sequence], progress=None, skip=None
                   ) -> Iterator[Tuple[int, Union[np.ndarray, Exception]]]:
-    """`run_chains` with the engine as the frame source: every frame of `clips` (`engine.Clip`s sharing
+    """`run_chains` with the engine as the frame source: every frame of `clips` (`engine.ClipMotion`s sharing
     `state`). `sfr render`, `sfr batch`, `Renderer.frames` and `sfr bench`."""
     return run_chains(engine.launch_clips(state, clips), engine.device, chains, progress, skip, engine.record_memory)
 
@@ -307,8 +307,9 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
 
 
 @dataclass
-class _Job:
-    """One job of a stream: its sinks while open, frames written, when its frames began and ended."""
+class _JobInFlight:
+    """A checked job while a stream writes it: its sinks while open, frames written, whether it is settled,
+    when its frames began and ended."""
 
     prepared: PreparedJob
     sinks: Optional["ClipSinks"] = None
@@ -330,7 +331,7 @@ def _stream(group: Sequence, frames_of: Callable[[set], Iterator[Tuple[int, Unio
     finishing the file) runs in the background while the next job's frames render and encode, so
     neither the engine nor the GPU waits for the encoder between clips; at most
     `COMMITS_IN_FLIGHT` commits run at once (then the oldest is waited for)."""
-    jobs = [_Job(prepared) for prepared in group]
+    jobs = [_JobInFlight(prepared) for prepared in group]
     jobs[0].begun = time.perf_counter()
     settling: "collections.deque[Tuple[int, Optional[ClipSinks], object]]" = collections.deque()  # job order
     skip: set = set()

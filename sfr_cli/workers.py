@@ -27,7 +27,7 @@ from multiprocessing.connection import wait
 from typing import Callable, Dict, List, Optional
 
 from .batch import run_task
-from .batch_plan import RowResult, Task
+from .batch_plan import RowResult, PlannedRow
 from .dispatch import DIED, DONE, READY, Event, describe_exit, dispatch
 
 JOIN_SECONDS = 10.0
@@ -108,8 +108,8 @@ class WorkerPoolBackend:
         self.devices = devices
         self.threads = None if devices else same_threads()
 
-    def run(self, tasks: List[Task], on_start: Callable[[Task], None], on_done: Callable[[Task, RowResult], None],
-            note: Optional[Callable[[str], None]] = None):
+    def run(self, tasks: List[PlannedRow], on_start: Callable[[PlannedRow], None],
+            on_done: Callable[[PlannedRow, RowResult], None], note: Optional[Callable[[str], None]] = None):
         if not tasks:
             return
         pool = _ProcessPool(self.renderer_settings, self.threads, self.devices)
@@ -145,7 +145,7 @@ class _ProcessPool:
         self.workers[process.pid] = (process, ours)
         return process.pid
 
-    def submit(self, worker: int, task: Task) -> None:
+    def submit(self, worker: int, task: PlannedRow) -> None:
         _send(self.workers[worker][1], task)  # a dead worker's sentinel reports it
 
     def stop(self, worker: int) -> None:

@@ -88,14 +88,14 @@ def assert_same_frames(got, want, what):
 @pytest.mark.heavy
 def test_packed_clips_render_the_frames_each_clip_renders_alone(folder, tiny_checkpoints, alone):
     r = renderer(tiny_checkpoints)
-    from sfr_cli.engine import Clip
+    from sfr_cli.engine import ClipMotion
     from sfr_cli.jobs import prepare_job
 
     prepared = [prepare_job(job, in_memory=True) for job in jobs(r, folder, folder / "unused")]
     assert len({r.models.pack_key(p) for p in prepared}) == 1, "one face, one model: one packing key"
     engine = r.models.engine(prepared[0])
     state = r.models.source_state(engine, prepared[0])
-    clips = [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in prepared]
+    clips = [ClipMotion(p.semantics, p.yaw, p.pitch, p.roll) for p in prepared]
     tagged = list(engine.render_clips(state, clips))
 
     assert engine.stats.batch_sizes == [4, 4, 2]  # batches across clip boundaries, not [3, 4, 1, 2]
@@ -104,7 +104,7 @@ def test_packed_clips_render_the_frames_each_clip_renders_alone(folder, tiny_che
         got = np.stack([frame for owner, frame in tagged if owner == index])
         assert_same_frames(got, want, f"clip {index} packed vs alone")
     # the options matter: the first clip without its yaw is another clip
-    unposed = np.stack([f for _, f in engine.render_clips(state, [Clip(prepared[0].semantics)])])
+    unposed = np.stack([f for _, f in engine.render_clips(state, [ClipMotion(prepared[0].semantics)])])
     assert not np.array_equal(unposed, alone[0])
 
 
@@ -114,7 +114,7 @@ def test_launch_ahead_keeps_every_frame_with_its_clip(folder, tiny_checkpoints, 
     tags and frames."""
     from dataclasses import replace
 
-    from sfr_cli.engine import Clip
+    from sfr_cli.engine import ClipMotion
     from sfr_cli.jobs import prepare_job
 
     r = renderer(tiny_checkpoints)
@@ -130,7 +130,7 @@ def test_launch_ahead_keeps_every_frame_with_its_clip(folder, tiny_checkpoints, 
         return original(*args, **kwargs)
 
     engine.launch_batch = launch
-    for tagged in engine.render_clips(state, [Clip(p.semantics, p.yaw, p.pitch, p.roll) for p in prepared]):
+    for tagged in engine.render_clips(state, [ClipMotion(p.semantics, p.yaw, p.pitch, p.roll) for p in prepared]):
         collected.append(tagged)
     assert launched == [0, 0, 4]  # the second batch launched before the first was collected
     for index, want in enumerate(alone):
