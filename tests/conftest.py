@@ -82,6 +82,15 @@ def render_args(coeffs, out_dir, checkpoint_dir, *extra):
             "--checkpoint-dir", str(checkpoint_dir), "--config", "tiny", "--batch-size", "2", *extra]
 
 
+def error_line(result) -> str:
+    """The one line a user's mistake prints (exit 1, no traceback): `Error: ...`."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
 def assert_user_error(result, out_dir, *needles, exit_code=1):
     """Exit code, one `Error:` line naming the problem, no traceback, empty stdout, nothing written."""
     assert result.exit_code == exit_code, result.output

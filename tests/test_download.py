@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import error_line
 from sfr_cli.cli import sfr
 from sfr_cli.download import RELEASES
 from sfr_cli.errors import CheckpointError
@@ -30,14 +31,6 @@ def served(served_tiny_weights):
 def download(url, out_dir, *args, env=None):
     return CliRunner().invoke(sfr, ["checkpoints", "download", str(out_dir), "--config", "tiny", "--quiet",
                                     "--url", url, *args], env=env)
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def leftovers(folder: Path):

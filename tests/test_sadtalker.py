@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import assert_frames_close
+from conftest import assert_frames_close, error_line
 from sadtalker_data import facerender_data
 from sfr_cli.cli import sfr
 from sfr_cli.errors import SadTalkerError
@@ -194,14 +194,6 @@ def test_the_runner_renders_inference_py_with_sfr(tmp_path, reference_dir, tiny_
     assert f"The generated video is named: {video}" in result.output
     assert video_info(video) == (4, 256, 256, True)
     assert "src" not in sys.modules and str(inference.parent) not in sys.path  # the checkout's imports are undone
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def test_a_path_that_is_no_sadtalker_checkout_is_one_clear_error(tmp_path):

@@ -241,9 +241,4 @@ def random_state_dict(net: GFPGANv1Clean, seed: int) -> Dict[str, torch.Tensor]:
     N(0, 1/fan_in), to_rgb x 0.12; StyleConv / to_rgb biases N(0, 0.05^2); constant input and stored noise
     N(0, 1); noise strengths U(0.1, 0.3). For the full-size net these are that script's values.
     """
-    out = {}
-    for key, like in net.state_dict().items():
-        out[key] = _random_tensor(key, tuple(like.shape), draws.stream(seed, f"{CHECKPOINT_NAME}:{key}"))
-        if tuple(out[key].shape) != tuple(like.shape):
-            raise AssertionError(f"{key}: drew {tuple(out[key].shape)}, module has {tuple(like.shape)}")
-    return out
+    return draws.draw_state_dict(net, seed, CHECKPOINT_NAME, _random_tensor)

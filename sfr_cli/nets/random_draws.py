@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 
@@ -62,3 +62,17 @@ def zero_sum(weight: torch.Tensor) -> torch.Tensor:
     array = weight.numpy()
     mean = array.reshape(array.shape[0], -1).mean(axis=1).reshape((-1,) + (1,) * (array.ndim - 1))
     return torch.from_numpy(array - mean)
+
+
+def draw_state_dict(net: torch.nn.Module, seed: int, file_name: str,
+                    draw_tensor: Callable[[str, tuple, object], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``net``'s state dict of random float32 tensors: each key's ``draw_tensor(key, shape, rng)`` from its own
+    stream ``"<file_name>:<key>"`` under ``seed`` (the reference script's naming), checked against the
+    module's shape."""
+    out = {}
+    for key, like in net.state_dict().items():
+        tensor = draw_tensor(key, tuple(like.shape), stream(seed, f"{file_name}:{key}")).contiguous()
+        if tuple(tensor.shape) != tuple(like.shape):
+            raise AssertionError(f"{key}: drew {tuple(tensor.shape)}, module has {tuple(like.shape)}")
+        out[key] = tensor
+    return out

@@ -380,9 +380,4 @@ def _random_tensor(key: str, shape: Tuple[int, ...], rng) -> torch.Tensor:
 def random_state_dict(net: RestoreFormer, seed: int) -> Dict[str, torch.Tensor]:
     """Deterministic, well-conditioned random float32 weights for ``net``'s state dict (any widths; the
     reference script's values at full size), each tensor from the stream ``"RestoreFormer.pth:<key>"``."""
-    out = {}
-    for key, like in net.state_dict().items():
-        out[key] = _random_tensor(key, tuple(like.shape), draws.stream(seed, f"{CHECKPOINT_NAME}:{key}")).contiguous()
-        if tuple(out[key].shape) != tuple(like.shape):
-            raise AssertionError(f"{key}: drew {tuple(out[key].shape)}, module has {tuple(like.shape)}")
-    return out
+    return draws.draw_state_dict(net, seed, CHECKPOINT_NAME, _random_tensor)
