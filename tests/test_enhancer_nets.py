@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from conftest import assert_frames_close, frame_gap, one_torch_thread
 from sfr_cli.nets import gfpgan, parsenet, stylegan2
+from sfr_cli.stages.restorers import RESTORERS
+
+GFPGAN = RESTORERS["gfpgan"]  # its weights file's layout: params_ema, else params (GFPGANer's rule)
 
 DATA = Path(__file__).resolve().parent / "data" / "opencv_face_mask_cases.npz"
 GOLDEN_FACES = ("000000_0", "000002_1")  # a one-face frame and the second face of a two-face frame
@@ -77,10 +80,10 @@ def test_full_size_modules_have_the_checkpoints_keys_and_shapes(reference_dir):
 
 def test_unwrap_state_dict_takes_params_ema_then_params():
     ema, plain = {"a": torch.zeros(1)}, {"a": torch.ones(1)}
-    assert gfpgan.unwrap_state_dict({"params_ema": ema, "params": plain}) == ema
-    assert gfpgan.unwrap_state_dict({"params": plain}) == plain
+    assert GFPGAN.unwrap({"params_ema": ema, "params": plain}) == ema
+    assert GFPGAN.unwrap({"params": plain}) == plain
     with pytest.raises(KeyError, match="params_ema"):
-        gfpgan.unwrap_state_dict({"conv_body_first.weight": torch.zeros(1)})
+        GFPGAN.unwrap({"conv_body_first.weight": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("which", ["gfpgan", "parsenet"])
@@ -274,7 +277,7 @@ def full_size_nets(enhancer_reference_weights):
     with one_torch_thread():
         restorer = gfpgan.GFPGANv1Clean(**gfpgan.GFPGANER_CLEAN_CONFIG).eval()
         checkpoint = torch.load(enhancer_reference_weights / "GFPGANv1.4.pth", weights_only=True)
-        restorer.load_state_dict(gfpgan.unwrap_state_dict(checkpoint), strict=True)
+        restorer.load_state_dict(GFPGAN.unwrap(checkpoint), strict=True)
         parser = parsenet.ParseNet(**parsenet.FACEXLIB_PARSENET_CONFIG).eval()
         parser.load_state_dict(torch.load(enhancer_reference_weights / "parsing_parsenet.pth", weights_only=True),
                                strict=True)

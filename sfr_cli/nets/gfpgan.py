@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,6 @@ GFPGANER_CLEAN_CONFIG = dict(out_size=512, num_style_feat=512, channel_multiplie
 # The same architecture at small widths (decoder 16..2 channels, U-Net 8..1), still 512 px in and out:
 # for fast tests and demos with random weights.
 TINY_GFPGAN_CONFIG = dict(GFPGANER_CLEAN_CONFIG, num_style_feat=16, narrow=1 / 32, num_mlp=2)
-CHECKPOINT_WRAPPERS = ("params_ema", "params")  # GFPGANer loads 'params_ema', else 'params'
 CHECKPOINT_NAME = "GFPGANv1.4.pth"  # names the random streams, as make_enhancer_checkpoints.py does
 
 # Random-weight recipe (make_enhancer_checkpoints.py's, so that outputs are sane at any width)
@@ -178,19 +177,6 @@ def restore_faces(net: GFPGANv1Clean, faces_rgb: torch.Tensor,
     """
     x = faces_to_input(faces_rgb).to(net.conv_body_first.weight.dtype)
     return output_to_faces(net(x, noise=noise))
-
-
-# --------------------------------------------------------------------------------------------------
-# state dicts
-# --------------------------------------------------------------------------------------------------
-def unwrap_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
-    """The state dict inside a GFPGAN checkpoint: ``checkpoint['params_ema']``, else ``['params']``
-    (GFPGANer's rule). Raises ``KeyError`` naming the keys found when neither is there."""
-    for wrapper in CHECKPOINT_WRAPPERS:
-        if wrapper in checkpoint:
-            return dict(checkpoint[wrapper])
-    found = ", ".join(sorted(map(str, checkpoint))[:5])
-    raise KeyError(f"a GFPGAN checkpoint holds its weights under 'params_ema' or 'params'; found: {found}")
 
 
 def _random_tensor(key: str, shape, rng) -> torch.Tensor:
