@@ -278,11 +278,9 @@ def _render_enhance(prepared, reporter: Reporter, models) -> RenderReport:
         stage.load(device, models)
     reporter.finish()
     batch = job.batch_size or (CUDA_ENHANCE_BATCH if device.type == "cuda" else CPU_ENHANCE_BATCH)
-    from .stages.enhance import CUDA_FACES_PER_CALL
-
-    faces = f"up to {CUDA_FACES_PER_CALL} faces at a time" if device.type == "cuda" else "one face at a time"
+    details = "".join(f", {stage.describe()}" for stage in prepared.stages if hasattr(stage, "describe"))
     reporter.note(f"{prepared.frame_count} frames of {prepared.source.width_px}x{prepared.source.height_px} "
-                  f"on {device}: {batch} frames read at a time, {faces}")
+                  f"on {device}: {batch} frames read at a time{details}")
     reporter.start(prepared.frame_count, "enhancing")
 
     def frames(skip: set):

@@ -20,6 +20,7 @@ A stage object:
   cache `models` (`models.stage_model(key, build)`: built once per process and key, shared by the clips
   of a batch); called once a job's frame source is known, before its first frame;
 - `report()` (optional): what the stage tells a job's report (`--json`), e.g. the enhancer's faces;
+- `describe()` (optional, once loaded): a few words on how it batches, for the job's notes;
 - `__call__(frames) -> frames`: a batch `(B, H, W, 3) uint8` on the render device -> `(B, H', W', 3) uint8`
   on the same device (a batch may hold any number of frames of one clip).
 

@@ -616,6 +616,10 @@ class FaceEnhancer:
         return {"enhancer": self.variant, "enhancer_upscale": self.upscale, "enhancer_faces": self.faces,
                 "enhancer_noise_seed": self.noise_seed, **background.report()}
 
+    def describe(self) -> str:
+        """How it batches, once loaded, for the job's notes."""
+        return "one face at a time" if self._faces_per_call == 1 else f"up to {self._faces_per_call} faces at a time"
+
     def load(self, device, models) -> None:
         """The three nets on `device`, once per process (the model cache keys them by files and device)."""
         key = ("enhancer", self.variant, *map(str, self.files.paths()), str(device))
